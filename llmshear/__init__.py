@@ -1,0 +1,1 @@
+"""llmshear: targeted structured pruning and continued pre-training of LLaMA-family models."""

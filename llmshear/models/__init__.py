@@ -1,0 +1,1 @@
+"""LLaMA-family model, L0 masks, cutting and Hugging Face conversion."""
