@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test lint demo
+.PHONY: setup test demo
 
 setup: $(VENV)/.installed
 
@@ -16,7 +16,5 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q tests
-
-lint: setup
 	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests
