@@ -1,0 +1,1 @@
+"""Composer callbacks: the pruning schedule and logs, dynamic domain loading."""

@@ -1,0 +1,128 @@
+"""Drive the L0 schedule from Composer's clock, log the pruning state, and save the masks at every evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+from torch import nn
+
+from llmshear.models.l0 import L0Module, params_of_masks
+from llmshear.models.prune import plan_cut
+
+log = logging.getLogger(__name__)
+
+SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "intermediate_size")
+
+
+def unwrap_l0(state: State) -> L0Module:
+    """The L0 module of ``state.model`` (a :class:`ComposerLlama`, or the DDP wrapper around one).
+
+    Raises:
+        ValueError: the model has no L0 module (the callback belongs to pruning runs only).
+    """
+    model = state.model.module if isinstance(state.model, nn.parallel.DistributedDataParallel) else state.model
+    l0 = getattr(model, "l0", None)
+    if l0 is None:
+        raise ValueError("PruningCallback needs a model with an L0 module (set pruning.target in the config)")
+    return l0
+
+
+@contextlib.contextmanager
+def full_parameters(module: nn.Module) -> Iterator[None]:
+    """Make an FSDP2-sharded module hold its full parameters for the duration (a no-op otherwise).
+
+    Every rank must enter it together: gathering the shards is a collective.
+    """
+    unshard = getattr(module, "unshard", None)
+    if unshard is None:
+        yield
+        return
+    unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+class PruningCallback(Callback):
+    """The pruning run's bookkeeping around the :class:`~llmshear.models.l0.L0Module`.
+
+    * ``batch_start``: tells the L0 module the current batch, from which it computes the target sparsity
+      (linear Lagrangian warm-up) and clamps its gate logits.
+    * ``batch_end``: logs per structure the expected and target sparsity and ``λ1``, ``λ2``, and the expected
+      parameter count (``l0/...`` keys).
+    * ``eval_end``: writes the deterministic masks to ``<folder>/masks/ba<N>.pt`` and, next to it,
+      ``ba<N>.json`` with the shape and parameter count they cut to (rank 0 only; an existing file is never
+      replaced, a re-run evaluation gets a numbered suffix).
+
+    Args:
+        folder: the run's folder; ``None`` logs but saves no masks.
+    """
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = Path(folder) if folder is not None else None
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        unwrap_l0(state).set_step(int(state.timestamp.batch))
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        l0 = unwrap_l0(state)
+        with full_parameters(l0):
+            metrics = l0.metrics()
+        logger.log_metrics(metrics)
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        l0 = unwrap_l0(state)
+        with full_parameters(l0):
+            masks = {name: mask.detach().cpu().clone() for name, mask in l0.deterministic_masks().items()}
+        batch = int(state.timestamp.batch)
+        summary = mask_summary(l0, masks, batch)
+        logger.log_metrics({"l0/deterministic_params": summary["params"]})
+        if self.folder is not None and dist.get_global_rank() == 0:
+            path = save_masks(self.folder / "masks", f"ba{batch}", masks, summary)
+            log.info("batch %d: masks saved to %s (would cut to %s)", batch, path, summary["shape"])
+
+
+def mask_summary(l0: L0Module, masks: dict[str, torch.Tensor], batch: int) -> dict:
+    """What the deterministic ``masks`` cut ``l0.source`` to: the shape, its exact parameter count, the target."""
+    cut = plan_cut(l0.source, masks).config(l0.source)
+    indicators = {name: (mask != 0).double() for name, mask in masks.items()}
+    return {
+        "batch": batch,
+        "shape": {key: getattr(cut, key) for key in SHAPE_KEYS},
+        "target": {key: getattr(l0.target, key) for key in SHAPE_KEYS},
+        "params": int(params_of_masks(l0.source, indicators)),
+    }
+
+
+def save_masks(directory: Path, stem: str, masks: dict[str, torch.Tensor], summary: dict) -> Path:
+    """Write ``<stem>.pt`` and ``<stem>.json`` into ``directory`` without replacing any existing file.
+
+    When ``<stem>.pt`` or ``<stem>.json`` exists (an evaluation re-run after a resume), ``<stem>-1``,
+    ``<stem>-2``, ... is used instead.
+
+    Returns:
+        The path of the ``.pt`` file written.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1000):
+        name = stem if attempt == 0 else f"{stem}-{attempt}"
+        pt, js = directory / f"{name}.pt", directory / f"{name}.json"
+        if js.exists():
+            continue
+        try:
+            with open(pt, "xb") as handle:
+                torch.save(masks, handle)
+        except FileExistsError:
+            continue
+        js.write_text(json.dumps(summary, indent=2) + "\n")
+        return pt
+    raise FileExistsError(f"{directory}: no free file name for {stem}.pt after 1000 attempts")

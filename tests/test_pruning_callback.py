@@ -1,0 +1,106 @@
+"""The pruning callback: schedule from Composer's clock, logged sparsities and λ, masks saved at evaluation."""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+from composer.core import State, Time
+from composer.devices import DeviceCPU
+from composer.loggers import Logger, LoggerDestination
+
+from llmshear.callbacks.pruning import PruningCallback, save_masks, unwrap_l0
+from llmshear.models.composer_llama import ComposerLlama
+from llmshear.models.hf import build_model, load_config
+from llmshear.models.l0 import STRUCTURES, L0Module, TargetShape
+
+TARGET = {"d_model": 64, "n_layers": 3, "n_heads": 2, "n_kv_heads": 1, "intermediate_size": 96}
+
+
+class Recorder(LoggerDestination):
+    def __init__(self):
+        self.metrics = {}
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+
+def make_state(warmup: int = 10) -> State:
+    source = load_config("tiny-gqa")
+    l0 = L0Module(source, TargetShape.from_dict(TARGET, source), lagrangian_warmup=warmup)
+    model = ComposerLlama(build_model(source, seed=0), l0=l0)
+    return State(model=model, rank_zero_seed=0, run_name="t", device=DeviceCPU(), max_duration="20ba")
+
+
+def at_batch(state: State, batch: int) -> None:
+    state.timestamp = state.timestamp.copy(batch=Time(batch, "ba"))
+
+
+def test_batch_start_feeds_the_schedule():
+    state = make_state(warmup=10)
+    callback, logger = PruningCallback(None), Logger(state, [])
+    at_batch(state, 5)
+    callback.batch_start(state, logger)
+    assert state.model.l0.step.item() == 5
+    final = {s.name: s.final_sparsity for s in state.model.l0.specs}
+    assert state.model.l0.target_sparsity() == pytest.approx({n: 0.5 * f for n, f in final.items()})
+
+
+def test_batch_end_logs_every_structure():
+    state = make_state()
+    recorder = Recorder()
+    callback, logger = PruningCallback(None), Logger(state, [recorder])
+    at_batch(state, 4)
+    callback.batch_start(state, logger)
+    with torch.no_grad():
+        state.model.l0.lagrangian.lambda1["layer"].fill_(-0.25)
+    callback.batch_end(state, logger)
+    m = recorder.metrics
+    assert set(STRUCTURES) == {s.name for s in state.model.l0.specs}
+    for name in STRUCTURES:
+        for kind in ("expected_sparsity", "target_sparsity", "lambda1", "lambda2"):
+            assert f"l0/{name}/{kind}" in m
+    assert m["l0/layer/lambda1"] == -0.25
+    assert m["l0/layer/target_sparsity"] == pytest.approx(0.4 * 0.25)  # 1 of 4 layers, 4/10 of the ramp
+    assert 0 < m["l0/expected_params"] <= state.model.model.num_params()
+
+
+def test_eval_end_saves_masks_and_shape_without_overwriting(tmp_path):
+    state = make_state()
+    callback, logger = PruningCallback(tmp_path), Logger(state, [])
+    at_batch(state, 7)
+    callback.eval_end(state, logger)
+    masks = torch.load(tmp_path / "masks" / "ba7.pt")
+    summary = json.loads((tmp_path / "masks" / "ba7.json").read_text())
+    assert summary["shape"] == summary["target"] == TARGET
+    assert summary["batch"] == 7
+    assert masks["layer"].count_nonzero() == 3 and masks["head"].shape == (4, 2, 4)
+    first = (tmp_path / "masks" / "ba7.pt").read_bytes()
+    with torch.no_grad():
+        state.model.l0.log_alpha["layer"].copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    callback.eval_end(state, logger)  # the same batch evaluated again (a resumed run)
+    assert (tmp_path / "masks" / "ba7.pt").read_bytes() == first
+    again = torch.load(tmp_path / "masks" / "ba7-1.pt")
+    assert again["layer"].nonzero().flatten().tolist() == [1, 2, 3]
+    assert (tmp_path / "masks" / "ba7-1.json").is_file()
+
+
+def test_save_masks_never_replaces_a_file(tmp_path):
+    (tmp_path / "ba1.json").write_text("mine")
+    path = save_masks(tmp_path, "ba1", {"layer": torch.ones(2)}, {"batch": 1})
+    assert path.name == "ba1-1.pt"
+    assert (tmp_path / "ba1.json").read_text() == "mine"
+
+
+def test_unwraps_ddp_and_refuses_a_model_without_l0(tmp_path):
+    state = make_state()
+    torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0, world_size=1)
+    try:
+        l0 = state.model.l0
+        state.model = torch.nn.parallel.DistributedDataParallel(state.model)
+        assert unwrap_l0(state) is l0
+    finally:
+        torch_dist.destroy_process_group()
+    state.model = ComposerLlama(build_model(load_config("tiny-gqa"), seed=0))
+    with pytest.raises(ValueError, match="pruning.target"):
+        unwrap_l0(state)
