@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llmshear.models.build import PRESETS, build_model
-from llmshear.models.hf import load_config, save_pretrained
+from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.l0 import L0Module, TargetShape, params_of_masks
 from llmshear.models.prune import cut_model, load_pruning_checkpoint, plan_cut, prune_checkpoint, prune_summary
 
@@ -107,6 +107,28 @@ def test_llama2_7b_cuts_to_the_sheared_llama_shapes_on_meta(target, params):
     assert cut.cfg == target.to_config(cfg)
     assert cut.num_params() == params == params_of_masks(cfg, {k: (v != 0).float() for k, v in masks.items()})
     assert model.num_params() == _sheared_params(4096, 32, 32, 11008)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M with its real weights (GGUF, ~15 s), loaded once for this module."""
+    return load_model("smollm2")
+
+
+def test_smollm2_cuts_to_the_demo_target_with_real_weights(smollm2):
+    cfg = smollm2.cfg
+    target = TargetShape(d_model=384, n_layers=20, n_heads=6, n_kv_heads=2, intermediate_size=1024)
+    masks = _random_masks(cfg, TargetShape.from_dict(vars(target), cfg))
+    tokens = _tokens(cfg)
+    with torch.no_grad():
+        masked = smollm2(tokens, masks)
+        cut = cut_model(smollm2, masks)
+        cut_logits = cut(tokens)
+    assert cut.cfg == target.to_config(cfg)
+    assert cut.num_params() == params_of_masks(cfg, {k: (v != 0).float() for k, v in masks.items()})
+    # A randomly pruned real model amplifies fp32 rounding to ~1e-3 absolute (masked fp32 vs fp64 differs as
+    # much), so the bound is relative to the logit scale; a real mismatch would be of order one.
+    assert (masked - cut_logits).abs().max() <= 1e-4 * masked.abs().max()
 
 
 def test_plan_cut_rejects_masks_that_are_not_a_valid_gqa_model():
