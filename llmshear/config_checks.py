@@ -1,0 +1,224 @@
+"""Checks of a typed run config against numbers, files and the machine, each problem naming its key.
+
+Only configs and indexes are read here (the source's ``config.json``, MDS ``index.json``, a checkpoint's zip
+directory), never weights or samples, so a bad run fails in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmshear.datasets.mds import open_domains
+from llmshear.models.hf import load_config
+from llmshear.models.l0 import TargetShape
+
+if TYPE_CHECKING:
+    from llmshear.config import RunConfig
+
+PROPORTION_TOLERANCE = 1e-4
+LATEST_CHECKPOINT = "latest-rank0.pt"
+
+
+def check_numbers(cfg: RunConfig) -> list[str]:
+    """Values out of range: sizes, rates, intervals."""
+    t, o, d = cfg.train, cfg.optimizer, cfg.data
+    rules = [
+        ("train.max_batches", t.max_batches, t.max_batches > 0, "must be positive"),
+        ("train.global_batch_size", t.global_batch_size, t.global_batch_size > 0, "must be positive"),
+        ("train.micro_batch_size", t.micro_batch_size, t.micro_batch_size > 0, "must be positive"),
+        ("train.eval_interval", t.eval_interval, t.eval_interval > 0, "must be positive"),
+        ("train.log_interval", t.log_interval, t.log_interval > 0, "must be positive"),
+        ("train.eval_batch_size", t.eval_batch_size, t.eval_batch_size is None or t.eval_batch_size > 0,
+         "must be positive"),
+        ("data.seq_len", d.seq_len, d.seq_len >= 2, "must be at least 2"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, "must not be negative"),
+        ("data.eta", d.eta, d.eta > 0, "must be positive"),
+        ("data.smoothing", d.smoothing, 0 <= d.smoothing < 1, "must lie in [0, 1)"),
+        ("optimizer.lr", o.lr, o.lr > 0, "must be positive"),
+        ("optimizer.lag_lr", o.lag_lr, o.lag_lr >= 0, "must not be negative"),
+        ("optimizer.betas", o.betas, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+         "must be two numbers in [0, 1)"),
+        ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "must not be negative"),
+        ("scheduler.warmup", cfg.scheduler.warmup, 0 <= cfg.scheduler.warmup <= t.max_batches,
+         "must lie in [0, train.max_batches]"),
+        ("scheduler.alpha_f", cfg.scheduler.alpha_f, 0 <= cfg.scheduler.alpha_f <= 1, "must lie in [0, 1]"),
+        ("checkpoint.save_interval", cfg.checkpoint.save_interval, cfg.checkpoint.save_interval >= 0,
+         "must not be negative (0: only at the end)"),
+    ]
+    if cfg.pruning is not None:
+        rules.append(("pruning.lagrangian_warmup", cfg.pruning.lagrangian_warmup, cfg.pruning.lagrangian_warmup >= 0,
+                      "must not be negative"))
+    if cfg.distill is not None:
+        rules.append(("distill.alpha", cfg.distill.alpha, 0 <= cfg.distill.alpha <= 1, "must lie in [0, 1]"))
+        rules.append(("distill.temperature", cfg.distill.temperature, cfg.distill.temperature > 0,
+                      "must be positive"))
+    return [f"{key}={value!r} {why}" for key, value, ok, why in rules if not ok]
+
+
+def check_batches(cfg: RunConfig, world_size: int) -> list[str]:
+    """The global batch must split into whole micro-batches on every rank."""
+    t = cfg.train
+    if t.global_batch_size <= 0 or t.micro_batch_size <= 0:
+        return []
+    if t.global_batch_size % (t.micro_batch_size * world_size):
+        return [f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+                f"{t.micro_batch_size} x world size {world_size}"]
+    return []
+
+
+def check_model(cfg: RunConfig) -> list[str]:
+    """The source (and teacher) configs load, and the pruning target fits in the source."""
+    problems = []
+    try:
+        source = load_config(cfg.model.pretrained)
+    except (OSError, ValueError) as err:
+        return [f"model.pretrained={cfg.model.pretrained!r}: {err}"]
+    if cfg.pruning is not None:
+        try:
+            TargetShape.from_dict(cfg.pruning.target, source, cfg.pruning.structures)
+        except ValueError as err:
+            problems += [f"pruning.{line.strip()}" for line in str(err).splitlines()[1:]]
+    if cfg.distill is not None:
+        try:
+            teacher = load_config(cfg.distill.teacher)
+        except (OSError, ValueError) as err:
+            problems.append(f"distill.teacher={cfg.distill.teacher!r}: {err}")
+        else:
+            if teacher.vocab_size != source.vocab_size:
+                problems.append(f"distill.teacher: vocabulary {teacher.vocab_size} differs from the student's "
+                                f"{source.vocab_size}")
+    return problems
+
+
+def read_proportions_file(path: str | Path, domains: list[str]) -> list[float]:
+    """Proportions in ``domains`` order from a JSON file ``{"domains": [...], "proportions": [...]}``.
+
+    This is the ``proportions.json`` a run writes into its folder at the end (see ``train.py``).
+
+    Raises:
+        ValueError: unreadable file, or its domains are not the same set as ``domains``.
+    """
+    try:
+        content = json.loads(Path(path).read_text())
+        mapping = dict(zip(content["domains"], content["proportions"], strict=True))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read proportions from {path}: {err}") from err
+    if set(mapping) != set(domains):
+        raise ValueError(f"{path} has domains {sorted(mapping)}, the config has {sorted(domains)}")
+    return [float(mapping[d]) for d in domains]
+
+
+def check_proportions(cfg: RunConfig) -> list[str]:
+    """Resolve ``data.proportions_from`` into ``data.proportions``; check sums and lengths."""
+    d = cfg.data
+    problems = []
+    if len(set(d.domains)) != len(d.domains) or not d.domains:
+        problems.append(f"data.domains={d.domains}: must be a non-empty list of distinct names")
+    if (d.proportions is None) == (d.proportions_from is None):
+        return problems + ["data.proportions / data.proportions_from: set exactly one of them"]
+    if d.proportions_from is not None:
+        try:
+            d.proportions = read_proportions_file(d.proportions_from, d.domains)
+        except ValueError as err:
+            return problems + [f"data.proportions_from: {err}"]
+    key = "data.proportions" if d.proportions_from is None else "data.proportions_from"
+    if len(d.proportions) != len(d.domains):
+        problems.append(f"{key}: {len(d.proportions)} values for {len(d.domains)} data.domains")
+    if any(p < 0 for p in d.proportions) or not math.isclose(sum(d.proportions), 1.0, abs_tol=PROPORTION_TOLERANCE):
+        problems.append(f"{key}={d.proportions}: must be non-negative and sum to 1 (sum {sum(d.proportions):.6g})")
+    if d.reference_losses is None and d.update == "doremi":
+        problems.append("data.reference_losses: required by data.update=doremi")
+    elif d.reference_losses is not None and len(d.reference_losses) != len(d.domains):
+        problems.append(f"data.reference_losses: {len(d.reference_losses)} values for {len(d.domains)} data.domains")
+    return problems
+
+
+def check_data(cfg: RunConfig) -> list[str]:
+    """Every ``data.path/<split>/<domain>`` is non-empty MDS of ``data.seq_len`` sequences with all its shards."""
+    root = Path(cfg.data.path)
+    if not root.is_dir():
+        return [f"data.path={str(root)!r}: no such directory"]
+    problems = []
+    for split_key in ("train_split", "eval_split"):
+        split = getattr(cfg.data, split_key)
+        for domain in cfg.data.domains:
+            directory = root / split / domain
+            if not (directory / "index.json").is_file():
+                problems.append(f"data.domains: {domain!r} has no MDS data for data.{split_key}={split!r} "
+                                f"({directory}/index.json is missing)")
+                continue
+            try:
+                open_domains([directory], cfg.data.seq_len)
+            except (OSError, ValueError) as err:
+                problems.append(f"data.path: {err}")
+    return problems
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a readable checkpoint (missing, a directory, truncated, corrupt), or None."""
+    if not path.exists():
+        return f"{path} does not exist"
+    if path.is_dir():
+        return f"{path} is a directory (sharded checkpoints are not supported; use a .pt file)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as err:
+        return f"{path} is truncated or corrupt ({err})"
+    return f"{path} is corrupt (member {bad} fails its checksum)" if bad else None
+
+
+def check_checkpoint(cfg: RunConfig) -> list[str]:
+    """``load_path`` readable; a resumable latest checkpoint readable; no foreign checkpoints overwritten."""
+    c = cfg.checkpoint
+    problems = []
+    if c.load_path is not None and "://" not in c.load_path:
+        problem = checkpoint_problem(Path(c.load_path))
+        if problem:
+            problems.append(f"checkpoint.load_path: {problem}")
+    folder = Path(c.save_folder)
+    if folder.exists() and not folder.is_dir():
+        return problems + [f"checkpoint.save_folder={c.save_folder!r} is a file"]
+    existing = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
+    if c.autoresume and (folder / LATEST_CHECKPOINT).exists():
+        problem = checkpoint_problem((folder / LATEST_CHECKPOINT).resolve())
+        if problem:
+            problems.append(f"checkpoint.autoresume: the latest checkpoint {problem}; remove it to resume from an "
+                            f"earlier one")
+    elif existing and not c.autoresume:
+        problems.append(f"checkpoint.save_folder={c.save_folder!r} already holds checkpoints {existing[:3]}; set "
+                        f"checkpoint.autoresume=true to continue that run, or choose another folder")
+    return problems
+
+
+def check_runtime(cfg: RunConfig, cuda: bool) -> list[str]:
+    """Settings the machine or the chosen parallelism cannot honour."""
+    problems = []
+    if cfg.train.precision != "fp32" and not cuda:
+        problems.append(f"train.precision={cfg.train.precision!r} needs a GPU (none visible); use fp32 on CPU")
+    if cfg.train.device == "gpu" and not cuda:
+        problems.append("train.device='gpu' but no GPU is visible")
+    if cfg.fsdp.enabled and cfg.fsdp.version == 1 and not cuda:
+        problems.append("fsdp.version=1 needs a GPU; FSDP on CPU works with fsdp.version=2")
+    if cfg.fsdp.activation_checkpointing and not cfg.fsdp.enabled:
+        problems.append("fsdp.activation_checkpointing needs fsdp.enabled=true")
+    if cfg.model.init_device == "meta" and not cfg.fsdp.enabled:
+        problems.append("model.init_device='meta' needs fsdp.enabled=true (rank 0 loads, FSDP broadcasts)")
+    return problems
+
+
+def check_run(cfg: RunConfig, world_size: int, cuda: bool) -> list[str]:
+    """All semantic checks; a check that trips over a value of the wrong type (already reported) is skipped."""
+    checks = [check_numbers, lambda c: check_batches(c, world_size), check_model, check_proportions, check_data,
+              check_checkpoint, lambda c: check_runtime(c, cuda)]
+    problems = []
+    for check in checks:
+        try:
+            problems += check(cfg)
+        except (TypeError, AttributeError):
+            continue
+    return problems
