@@ -6,6 +6,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from composer import Trainer
+from composer.models import ComposerModel
+from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM
 
 from llmshear.models.build import PRESETS, build_model
@@ -216,3 +220,35 @@ def test_prune_checkpoint_refuses_bad_input_and_writes_nothing(tmp_path):
         prune_checkpoint(tmp_path / "missing.pt", tmp_path / "new")
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "out", "plain.pt", "truncated.pt"]
+
+
+class _PruningModel(ComposerModel):
+    """The layout of ComposerLlama that checkpoints depend on: the LlamaLM as ``.model``, the L0Module as ``.l0``."""
+
+    def __init__(self, model, l0):
+        super().__init__()
+        self.model, self.l0 = model, l0
+
+    def forward(self, batch):
+        return self.model(batch[0], self.l0())
+
+    def loss(self, outputs, batch):
+        ce = F.cross_entropy(outputs[:, :-1].flatten(0, 1), batch[0][:, 1:].flatten())
+        return ce + self.l0.lagrangian_loss().sum()
+
+
+def test_prune_a_checkpoint_written_by_composers_trainer(tmp_path):
+    cfg = PRESETS["tiny-qwen2"]()
+    l0 = L0Module(cfg, TargetShape.from_dict(_target_for(cfg, "all"), cfg))
+    model = _PruningModel(build_model(cfg, seed=0), l0)
+    data = DataLoader(TensorDataset(torch.randint(0, cfg.vocab_size, (4, 16))), batch_size=2)
+    trainer = Trainer(model=model, train_dataloader=data, max_duration="2ba", save_folder=str(tmp_path / "ckpt"),
+                      optimizers=torch.optim.Adam(model.parameters(), lr=0.05), device="cpu", progress_bar=False)
+    trainer.fit()
+    trainer.close()
+    summary = prune_checkpoint(tmp_path / "ckpt" / "latest-rank0.pt", tmp_path / "out")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    tokens = _tokens(cfg)
+    with torch.no_grad():
+        assert (hf(tokens).logits - model.model(tokens, l0.eval()())).abs().max() <= TOL
+    assert summary["pruned"] == {k: getattr(l0.target.to_config(cfg), k) for k in summary["pruned"]}

@@ -3,18 +3,10 @@
 Masks are data: :func:`mask_specs` turns a source :class:`~llmshear.models.llama.LlamaConfig` and a
 :class:`TargetShape` into one table of :class:`MaskSpec` rows, and every other function loops over that table.
 
-=================  ==================================  ==========================  =======================
-structure          shape                               one row (top-k runs along)  kept per row
-=================  ==================================  ==========================  =======================
-``layer``          ``(n_layers,)``                     all layers                  ``target.n_layers``
-``kv_group``       ``(n_layers, n_kv_heads)``          the KV heads of one layer   ``target.n_kv_heads``
-``head``           ``(n_layers, n_kv_heads, q_per_kv)``  query heads of one group  ``target.q_per_kv``
-``intermediate``   ``(n_layers, intermediate_size)``   the channels of one layer   ``target.intermediate_size``
-``hidden``         ``(d_model,)``                      all hidden dimensions       ``target.d_model``
-=================  ==================================  ==========================  =======================
-
-Keeping the same number of query heads in every (layer, KV group) row is what makes the cut model a valid
-Hugging Face GQA model (``n_heads = n_kv_heads * q_per_kv`` in every layer).
+Top-k runs along the last axis of each structure's gates: ``layer`` and ``hidden`` keep ``target.n_layers`` /
+``target.d_model`` overall, ``kv_group`` and ``intermediate`` keep ``target.n_kv_heads`` /
+``target.intermediate_size`` in every layer, and ``head`` keeps ``target.q_per_kv`` query heads in every (layer,
+KV group): the same number everywhere, which is what makes the cut model a valid Hugging Face GQA model.
 """
 
 from __future__ import annotations
@@ -73,11 +65,9 @@ class TargetShape:
             sizes["n_kv_heads"] = _default_kv_heads(sizes["n_heads"], source)
         problems += [f"target.{k}={v!r} must be a positive integer" for k, v in sizes.items()
                      if not isinstance(v, int) or isinstance(v, bool) or v < 1]
-        if not problems:
-            target = cls(**sizes)
-            problems = target.check(source, structures)
-        if problems:
-            raise ValueError("invalid pruning target:\n  " + "\n  ".join(problems))
+        _raise_if(problems)
+        target = cls(**sizes)
+        _raise_if(target.check(source, structures))
         return target
 
     def check(self, source: LlamaConfig, structures: Iterable[str] = STRUCTURES) -> list[str]:
@@ -95,9 +85,9 @@ class TargetShape:
                 f"from the source's groups of {source.q_per_kv} query heads"
             )
         if not problems:
-            problems = [f"target.{key}={getattr(self, key)} needs structure {name!r}, which is not in structures "
-                        f"{structures}" for name, key, keep, units in _rows(source, self)
-                        if keep < units and name not in structures]
+            problems = [f"target.{s.key}={getattr(self, s.key)} needs structure {s.name!r}, which is not in "
+                        f"structures {structures}" for s in _all_specs(source, self)
+                        if s.keep < s.units and s.name not in structures]
         return problems
 
     def to_config(self, source: LlamaConfig) -> LlamaConfig:
@@ -111,39 +101,41 @@ def _default_kv_heads(n_heads: int, source: LlamaConfig) -> int:
     return next((k for k in range(least, source.n_kv_heads + 1) if n_heads % k == 0), least)
 
 
-def _rows(source: LlamaConfig, target: TargetShape) -> list[tuple[str, str, int, int]]:
-    """(structure, target key, kept per row, units per row) in :data:`STRUCTURES` order."""
-    return [
-        ("layer", "n_layers", target.n_layers, source.n_layers),
-        ("kv_group", "n_kv_heads", target.n_kv_heads, source.n_kv_heads),
-        ("head", "n_heads", target.q_per_kv, source.q_per_kv),
-        ("intermediate", "intermediate_size", target.intermediate_size, source.intermediate_size),
-        ("hidden", "d_model", target.d_model, source.d_model),
-    ]
-
-
 @dataclass(frozen=True)
 class MaskSpec:
-    """One learned structure: ``shape`` of its gates; each row (last axis) of ``units`` keeps ``keep``."""
+    """One structure: gates of ``shape``; each row (last axis) of ``units`` keeps ``keep``, set by ``target.<key>``."""
 
     name: str
     shape: tuple[int, ...]
     gates: str
     units: int
     keep: int
+    key: str
 
     @property
     def final_sparsity(self) -> float:
         return 1.0 - self.keep / self.units
 
 
-_GATES = {
-    "layer": "attention and MLP output of one decoder layer",
-    "kv_group": "one KV head and all query heads that share it",
-    "head": "one query head inside its KV group",
-    "intermediate": "one SwiGLU channel",
-    "hidden": "one residual-stream dimension",
-}
+def _all_specs(source: LlamaConfig, target: TargetShape) -> list[MaskSpec]:
+    """Every structure's spec in :data:`STRUCTURES` order, also those whose target equals the source."""
+    n_layers = source.n_layers
+    table = [  # name, gate shape, what one unit gates, kept per row, target key
+        ("layer", (n_layers,), "attention and MLP output of one decoder layer", target.n_layers, "n_layers"),
+        ("kv_group", (n_layers, source.n_kv_heads), "one KV head and all query heads that share it",
+         target.n_kv_heads, "n_kv_heads"),
+        ("head", (n_layers, source.n_kv_heads, source.q_per_kv), "one query head inside its KV group",
+         target.q_per_kv, "n_heads"),
+        ("intermediate", (n_layers, source.intermediate_size), "one SwiGLU channel", target.intermediate_size,
+         "intermediate_size"),
+        ("hidden", (source.d_model,), "one residual-stream dimension", target.d_model, "d_model"),
+    ]
+    return [MaskSpec(name, shape, gates, shape[-1], keep, key) for name, shape, gates, keep, key in table]
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("invalid pruning target:\n  " + "\n  ".join(problems))
 
 
 def mask_specs(source: LlamaConfig, target: TargetShape, structures: Iterable[str] = STRUCTURES) -> list[MaskSpec]:
@@ -153,18 +145,8 @@ def mask_specs(source: LlamaConfig, target: TargetShape, structures: Iterable[st
         ValueError: the target is invalid for ``source`` and ``structures`` (see :meth:`TargetShape.check`).
     """
     structures = list(structures)
-    problems = target.check(source, structures)
-    if problems:
-        raise ValueError("invalid pruning target:\n  " + "\n  ".join(problems))
-    shapes = {
-        "layer": (source.n_layers,),
-        "kv_group": (source.n_layers, source.n_kv_heads),
-        "head": (source.n_layers, source.n_kv_heads, source.q_per_kv),
-        "intermediate": (source.n_layers, source.intermediate_size),
-        "hidden": (source.d_model,),
-    }
-    return [MaskSpec(name, shapes[name], _GATES[name], units, keep)
-            for name, _, keep, units in _rows(source, target) if name in structures and keep < units]
+    _raise_if(target.check(source, structures))
+    return [s for s in _all_specs(source, target) if s.name in structures and s.keep < s.units]
 
 
 def sample_gates(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -345,11 +327,13 @@ class L0Module(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         # The learned tensors only make sense for the run's own target: refuse to resume a different one.
+        # Options (schedule, limits) may change on resume: the run's config wins.
         mine = self.get_extra_state()
         for key in ("target", "structures"):
             if state[key] != mine[key]:
                 raise ValueError(f"checkpoint L0 {key} {state[key]} differs from this run's {mine[key]}")
-        self.options = dict(state["options"])
+        if state["options"] != mine["options"]:
+            logger.warning("L0 options changed since the checkpoint: %s -> %s", state["options"], mine["options"])
 
 
 def l0_from_state_dict(state: Mapping[str, object]) -> L0Module:
