@@ -85,9 +85,10 @@ def test_missing_or_non_llama_model_directory(script, capsys, tmp_path):
     assert code == 2 and "'gpt2'" in report["error"]
 
 
-def test_command_line_prints_one_json_object_last():
-    done = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny-smollm2", "--seed", "1"],
+def test_command_line_exit_code_and_json_last():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--model", "tiny-gqa", "--target", "n_kv_heads=3"],
                           capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 2
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["ok"] and report["model"] == "tiny-smollm2" and report["cut_config"]["n_kv_heads"] == 2
+    assert not report["ok"] and "target.n_kv_heads=3 is larger" in report["error"]
+    assert "target.n_kv_heads=3" in done.stderr  # logged as well
