@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.l0 import L0Module, TargetShape, params_of_masks
+from llmshear.models.llama import LlamaConfig
 from llmshear.models.prune import cut_model, load_pruning_checkpoint, plan_cut, prune_checkpoint, prune_summary
 
 TOL = 1e-4
@@ -88,6 +89,19 @@ def test_masked_equals_cut_equals_hf_reload(name, structure, tmp_path):
     indicators = {k: (v != 0).float() for k, v in masks.items()}
     assert params_of_masks(cfg, indicators).item() == cut.num_params() == hf.num_parameters()
     assert (cut.lm_head.weight is cut.model.embed_tokens.weight) == cfg.tie_word_embeddings
+
+
+def test_bf16_masked_equals_cut_when_more_than_256_hidden_dims_are_kept():
+    # The RMSNorm divides by the number of kept dimensions; in bf16 that count (577) would round to 576.
+    cfg = LlamaConfig(vocab_size=64, d_model=600, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=8,
+                      intermediate_size=16)
+    model = build_model(cfg, seed=0, dtype=torch.bfloat16)
+    hidden = torch.ones(cfg.d_model)
+    hidden[:23] = 0
+    tokens = _tokens(cfg)
+    with torch.no_grad():
+        diff = (model(tokens, {"hidden": hidden}).float() - cut_model(model, {"hidden": hidden})(tokens).float())
+    assert diff.abs().max() <= 1e-3
 
 
 def _sheared_params(d: int, layers: int, heads: int, intermediate: int, vocab: int = 32000, hd: int = 128) -> int:

@@ -266,9 +266,9 @@ class LlamaLM(nn.Module):
         if hidden is not None:
             # The embedding is only selected, never scaled: with tied embeddings a scale could not be folded
             # into the shared matrix. Layer outputs carry the hidden gate's values.
-            keep = (hidden != 0).to(x.dtype)
-            kept = keep.sum()
-            x = x * keep
+            keep = hidden != 0
+            kept = keep.sum().float()  # counted in fp32: bf16 rounds integers above 256 (577 -> 576)
+            x = x * keep.to(x.dtype)
         cos, sin = self.rotary(input_ids.shape[1], x.device, x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, self._layer_gates(masks, i, kept))
