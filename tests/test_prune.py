@@ -248,7 +248,7 @@ class _PruningModel(ComposerModel):
 
     def loss(self, outputs, batch):
         ce = F.cross_entropy(outputs[:, :-1].flatten(0, 1), batch[0][:, 1:].flatten())
-        return ce + self.l0.lagrangian_loss().sum()
+        return ce + self.l0.lagrangian_loss()
 
 
 def test_prune_a_checkpoint_written_by_composers_trainer(tmp_path):

@@ -302,11 +302,11 @@ class L0Module(nn.Module):
         return params_of_masks(self.source, self.probabilities())
 
     def lagrangian_loss(self) -> torch.Tensor:
-        """Sum over structures of ``λ1 (ŝ - t) + λ2 (ŝ - t)^2``, shape ``(1,)`` (zero without structures)."""
+        """Sum over structures of ``λ1 (ŝ - t) + λ2 (ŝ - t)^2``, a scalar (zero without structures)."""
         expected, target = self.expected_sparsity(), self.target_sparsity()
-        loss = self.step.new_zeros(1, dtype=torch.float32)
+        loss = self.step.new_zeros((), dtype=torch.float32)
         for name in expected:
-            loss = loss + self.lagrangian(name, expected[name] - target[name])
+            loss = loss + self.lagrangian(name, expected[name] - target[name]).squeeze(0)
         return loss
 
     @torch.no_grad()
