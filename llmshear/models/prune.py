@@ -24,6 +24,8 @@ from llmshear.models.llama import LlamaConfig, LlamaLM, Masks
 
 logger = logging.getLogger(__name__)
 
+_SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "vocab_size")
+
 
 @dataclass
 class LayerKeep:
@@ -206,9 +208,6 @@ def prune_summary(model: LlamaLM, masks: Masks, cut: LlamaLM | None = None) -> d
         "layers": [{"source_layer": keep.source_index, "kv_groups": keep.kv_groups.tolist(),
                     "heads": keep.heads.tolist(), "channels": len(keep.channels)} for keep in plan.layers],
     }
-
-
-_SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "vocab_size")
 
 
 def load_pruning_checkpoint(path: str | os.PathLike) -> tuple[LlamaLM, L0Module]:
