@@ -20,3 +20,24 @@ def redpajama_dir() -> Path:
     if not REDPAJAMA.is_dir():
         pytest.skip(f"RedPajama sample not found at {REDPAJAMA}")
     return REDPAJAMA
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Our ``LlamaLM`` with SmolLM2-135M's real weights (fp32, eval mode), loaded once. Do not modify it."""
+    from llmshear.models.hf import load_model
+
+    return load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """``transformers``' own ``LlamaForCausalLM`` of the same GGUF (fp32, eval mode), loaded once. Do not modify it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmshear.models.sources import resolve_source
+
+    location = resolve_source("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(location.directory, gguf_file=location.gguf_file, dtype=torch.float32)
+    return model.eval()
