@@ -1,0 +1,152 @@
+"""Composer wrapper: LM cross-entropy (+ the Lagrangian while pruning), per-domain metrics, FSDP/AC hooks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+from composer.models import ComposerModel
+from torch import nn
+
+from llmshear.metrics import DomainMetric, build_domain_metrics
+from llmshear.models.llama import DecoderLayer, LlamaLM
+
+IGNORE_INDEX = -100
+SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size")
+
+
+def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align position t's logits with token t+1: ``(B, T, V), (B, T)`` → ``(B, T-1, V), (B, T-1)``."""
+    return logits[:, :-1].contiguous(), labels[:, 1:].contiguous()
+
+
+class Distillation:
+    """Logit distillation from a frozen teacher that sees the same batch.
+
+    The teacher is deliberately not a submodule: it must not enter the optimizer, the checkpoints or the
+    gradient sync, so it is kept outside the module tree and moved to the batch's device on first use.
+
+    Args:
+        teacher: the frozen model (usually the source model before pruning).
+        alpha: weight of the distillation term; the LM loss gets ``1 - alpha``.
+        temperature: both distributions are softened by it; the KL is scaled by ``temperature**2`` so its
+            gradient scale does not shrink as the temperature grows.
+    """
+
+    def __init__(self, teacher: LlamaLM, alpha: float = 0.5, temperature: float = 1.0):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"distill.alpha must lie in [0, 1], got {alpha}")
+        if temperature <= 0:
+            raise ValueError(f"distill.temperature must be positive, got {temperature}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.alpha = alpha
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def teacher_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher logits ``(B, T-1, V)`` aligned with the student's shifted logits."""
+        param = next(self.teacher.parameters())
+        if param.device != input_ids.device:
+            self.teacher.to(input_ids.device)
+        return self.teacher(input_ids)[:, :-1].float()
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """``T² · KL(teacher ‖ student)`` averaged over the tokens that are not ignored.
+
+        Args:
+            logits: student logits ``(B, T-1, V)``, already shifted.
+            labels: ``(B, T-1)``; positions equal to ``-100`` are excluded.
+            input_ids: ``(B, T)``, what the teacher reads.
+        """
+        t = self.temperature
+        teacher_logp = F.log_softmax(self.teacher_logits(input_ids) / t, dim=-1)
+        student_logp = F.log_softmax(logits.float() / t, dim=-1)
+        per_token = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+        keep = labels != IGNORE_INDEX
+        return per_token[keep].mean() * t * t
+
+
+class ComposerLlama(ComposerModel):
+    """A :class:`LlamaLM` trained by Composer, optionally with an L0 module that masks it.
+
+    Args:
+        model: the language model (``.model`` in checkpoints, HF parameter names below it).
+        l0: the pruning masks and their Lagrangian (``.l0`` in checkpoints), or ``None`` for plain training.
+        domains: domain names, in the order of the batches' ``domain`` index, for per-domain eval metrics.
+        distill: optional :class:`Distillation` (a frozen teacher whose logits the student also matches).
+    """
+
+    def __init__(
+        self,
+        model: LlamaLM,
+        l0: nn.Module | None = None,
+        domains: list[str] | tuple = (),
+        distill: Distillation | None = None,
+    ):
+        super().__init__()
+        # Composer's FSDP wrapping and activation checkpointing look for these hooks on the direct children.
+        model.fsdp_wrap_fn = is_decoder_layer
+        model.activation_checkpointing_fn = is_decoder_layer
+        self.model = model
+        self.l0 = l0
+        self.domains = list(domains)
+        self.distill = distill
+        self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX)}
+        self.eval_metrics = {
+            "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+            "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
+            **build_domain_metrics(self.domains),
+        }
+
+    def get_extra_state(self) -> dict:
+        """The LM's config travels with the weights, so a checkpoint alone can be exported (``export_hf.py``)."""
+        return {"model_config": self.model.cfg.to_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        mine = self.model.cfg.to_dict()
+        stored = state["model_config"]
+        different = sorted(k for k in SHAPE_KEYS if stored.get(k) != mine[k])
+        if different:
+            raise ValueError("checkpoint holds a model of another shape: " + ", ".join(
+                f"{k} {stored.get(k)} (this run: {mine[k]})" for k in different))
+
+    def masks(self) -> dict[str, torch.Tensor] | None:
+        """Sampled masks in training mode, deterministic ones in eval mode, ``None`` without pruning."""
+        return None if self.l0 is None else self.l0()
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Logits ``(B, T, vocab)`` for ``batch['input_ids']`` ``(B, T)``."""
+        return self.model(batch["input_ids"], self.masks())
+
+    def loss(self, outputs: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Returns ``ce`` (LM loss), ``distill`` and ``lagrangian`` when enabled, and the ``total`` to minimise."""
+        logits, labels = shift_for_next_token(outputs, batch["labels"])
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        losses = {"ce": ce}
+        total = ce
+        if self.distill is not None:
+            losses["distill"] = self.distill.loss(logits, labels, batch["input_ids"])
+            total = (1 - self.distill.alpha) * ce + self.distill.alpha * losses["distill"]
+        if self.l0 is not None:
+            losses["lagrangian"] = self.l0.lagrangian_loss()
+            total = total + losses["lagrangian"]
+        losses["total"] = total
+        return losses
+
+    def eval_forward(self, batch: dict, outputs: torch.Tensor | None = None) -> torch.Tensor:
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict:
+        return self.train_metrics if is_train else self.eval_metrics
+
+    def update_metric(self, batch: dict, outputs: torch.Tensor, metric) -> None:
+        logits, labels = shift_for_next_token(outputs, batch["labels"])
+        if isinstance(metric, DomainMetric):
+            metric.update(logits, labels, batch["domain"])
+        else:
+            metric.update(logits, labels)
+
+
+def is_decoder_layer(module: nn.Module) -> bool:
+    """FSDP wrapping and activation checkpointing both go block by block."""
+    return isinstance(module, DecoderLayer)
