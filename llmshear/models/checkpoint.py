@@ -71,13 +71,13 @@ def read_gguf_weights(path: Path, model: LlamaLM) -> LazyStateDict:
         CheckpointMismatchError: a tensor of the file has no HF parameter name.
     """
     from gguf import GGUFReader, dequantize
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     reader = GGUFReader(path)
     field = reader.fields["general.architecture"]
     arch = bytes(field.parts[field.data[0]]).decode()
     cfg = model.cfg
-    names = get_gguf_hf_weights_map(model, model_type=arch, num_layers=cfg.n_layers)
+    names = _gguf_names(model, arch, path)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(
         config={"num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads})
 
@@ -97,6 +97,23 @@ def read_gguf_weights(path: Path, model: LlamaLM) -> LazyStateDict:
     if unknown:
         raise CheckpointMismatchError(f"{path}: GGUF tensors with no model parameter: {_listed(unknown)}")
     return lazy
+
+
+def _gguf_names(model: LlamaLM, arch: str, path: Path) -> dict[str, str]:
+    """``{gguf tensor name: HF parameter name}`` for every parameter of ``model`` (tied aliases included)."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    arch_ids = [key for key, name in MODEL_ARCH_NAMES.items() if name == arch]
+    if not arch_ids:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is unknown to the installed gguf package")
+    name_map = get_tensor_name_map(arch_ids[0], model.cfg.n_layers)
+    names = {}
+    for hf_name, _ in model.named_parameters(remove_duplicate=False):
+        module, _, kind = hf_name.rpartition(".")
+        gguf_module = name_map.get_name(module)
+        if gguf_module is not None:
+            names[f"{gguf_module}.{kind}"] = hf_name
+    return names
 
 
 def _listed(keys: list[str], limit: int = 10) -> str:
