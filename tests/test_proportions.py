@@ -11,13 +11,12 @@ from llmshear.datasets.proportions import (
     RULES,
     bounds_errors,
     clip_proportions,
-    fit_scaling_law,
-    predict_loss,
     proportion_errors,
     reference_loss_errors,
     update_proportions,
     validate_proportions,
 )
+from llmshear.datasets.reference import fit_scaling_law, predict_loss
 
 # Worked example, by hand: w = (0.5, 0.3, 0.2), ℓ − ℓ_ref = (0.2, −0.1, 0.5), η = 1, c = 1e-4.
 #   w·e^Δ = (0.5·e^0.2, 0.3·e^−0.1, 0.2·e^0.5) = (0.610701, 0.271451, 0.329744), sum 1.211897

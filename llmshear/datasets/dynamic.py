@@ -52,9 +52,10 @@ def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 def _sample(tokens: np.ndarray, domain: int, sample_id: int) -> dict:
-    """One training sample: ``input_ids`` / ``labels`` ``(T,)`` int64, ``domain`` and ``sample_id`` ints."""
+    """One sample: ``input_ids`` ``(T,)`` int64, ``labels`` (the same tensor: the DataLoader's collate stacks
+    each key into its own batch tensor), ``domain`` and ``sample_id`` ints."""
     ids = torch.from_numpy(tokens.astype(np.int64))
-    return {"input_ids": ids, "labels": ids.clone(), "domain": domain, "sample_id": sample_id}
+    return {"input_ids": ids, "labels": ids, "domain": domain, "sample_id": sample_id}
 
 
 class DynamicDomainDataset(IterableDataset):
@@ -222,7 +223,7 @@ class DomainEvalDataset(IterableDataset):
             yield _sample(self.sources[d][i], d, sample_id)
         for _ in range(len(self) - len(mine)):
             pad = _sample(self.sources[0][0], -1, -1)
-            pad["labels"].fill_(IGNORE_INDEX)
+            pad["labels"] = torch.full_like(pad["input_ids"], IGNORE_INDEX)
             yield pad
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import mmap
 import shutil
 from pathlib import Path
 
@@ -125,8 +126,9 @@ def prepare(input_dir: str | Path, tokenizer: str | Path, out: str | Path, seq_l
 class MDSDomain:
     """Random access to the token sequences of one MDS directory written by :func:`prepare`.
 
-    Reads shards with streaming's own shard readers (no shared memory, no worker processes), so opening
-    is cheap and any sample can be read in any order.
+    The index is parsed by streaming's own shard readers (which also decode samples); the shard files are
+    memory-mapped on first use, so reading a sample is two slices of the page cache, in any order, with no
+    shared memory, no file handle per read and no worker process.
 
     Args:
         directory: the directory holding ``index.json``.
@@ -151,6 +153,7 @@ class MDSDomain:
         for shard in self.shards:
             self._check_shard(shard)
         self.starts = np.cumsum([0] + [shard.samples for shard in self.shards]).tolist()
+        self._maps: dict[int, np.ndarray] = {}
         self.seq_len = len(self[0]) if len(self) else 0
 
     def _check_shard(self, shard) -> None:
@@ -169,7 +172,21 @@ class MDSDomain:
         if not 0 <= index < len(self):
             raise IndexError(f"{self.directory}: sample {index} out of range [0, {len(self)})")
         shard = bisect.bisect_right(self.starts, index) - 1
-        return self.shards[shard].get_item(index - self.starts[shard])[TOKENS]
+        data = self._map(shard)
+        offset = (1 + index - self.starts[shard]) * 4  # an MDS shard: count, then n + 1 uint32 sample offsets
+        begin, end = data[offset:offset + 8].view(np.uint32)
+        return self.shards[shard].decode_sample(data[begin:end].tobytes())[TOKENS]
+
+    def _map(self, shard: int) -> np.ndarray:
+        """The shard file as a read-only uint8 array over a memory map (the file handle is closed at once)."""
+        if shard not in self._maps:
+            with open(self.directory / self.shards[shard].raw_data.basename, "rb") as handle:
+                self._maps[shard] = np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+        return self._maps[shard]
+
+    def __getstate__(self) -> dict:
+        """Pickle without the memory maps (they are re-opened on first read)."""
+        return {**self.__dict__, "_maps": {}}
 
 
 def open_domains(directories: list[str | Path], seq_len: int | None = None) -> list[MDSDomain]:

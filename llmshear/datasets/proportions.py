@@ -1,4 +1,4 @@
-"""Domain proportions: validation, update rules keyed by name, floor / cap, and the scaling-law reference fit.
+"""Domain proportions: validation, update rules keyed by name, and floor / cap.
 
 Everything here is a pure function of its arguments (numpy float64 in, float64 out), so every rank that feeds
 it the same all-reduced losses computes the same proportions.
@@ -179,54 +179,3 @@ def update_proportions(rule: str, proportions: Sequence[float], losses: Sequence
         kwargs = {name: params[name] for name in RULE_PARAMS[rule] if name in params}
         out[present] = RULES[rule](weights[present] / mass, loss[present], reference, **kwargs) * mass
     return clip_proportions(out, floor, cap)
-
-
-def fit_scaling_law(sizes: Sequence[float], losses: Sequence[float]) -> tuple[float, float, float]:
-    """Least-squares fit of ``L(N) = a / N**b + c`` with ``a >= 0``, ``b`` in (0, 3].
-
-    For a fixed ``b`` the model is linear in ``(a, c)``, so ``b`` is searched (a log grid, then a
-    golden-section refinement) and ``(a, c)`` solved exactly for each: no starting point to get wrong.
-
-    Args:
-        sizes: parameter counts, at least three distinct positive values.
-        losses: the loss at each size.
-
-    Returns:
-        ``(a, b, c)``.
-
-    Raises:
-        ValueError: fewer than three distinct sizes, or non-finite / non-positive values.
-    """
-    n = np.asarray(sizes, dtype=np.float64)
-    y = np.asarray(losses, dtype=np.float64)
-    if len(n) != len(y) or len(np.unique(n)) < 3:
-        raise ValueError(f"need losses at three or more distinct sizes, got sizes {list(n)} and {len(y)} losses")
-    if not (np.all(np.isfinite(n)) and np.all(n > 0) and np.all(np.isfinite(y))):
-        raise ValueError(f"sizes must be positive and losses finite: {list(n)}, {list(y)}")
-    scale = float(np.exp(np.log(n).mean()))
-    x = n / scale
-
-    def solve(b: float) -> tuple[float, float, float]:
-        design = np.stack([x ** -b, np.ones_like(x)], axis=1)
-        (a, c), *_ = np.linalg.lstsq(design, y, rcond=None)
-        if a < 0:  # losses that grow with size: the best non-increasing law is flat
-            a, c = 0.0, float(y.mean())
-        residual = float(np.sum((a * x ** -b + c - y) ** 2))
-        return residual, a, c
-
-    grid = np.logspace(-3, math.log10(3.0), 200)
-    best = int(np.argmin([solve(b)[0] for b in grid]))
-    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-    ratio = (math.sqrt(5) - 1) / 2
-    for _ in range(60):
-        m1, m2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        lo, hi = (lo, m2) if solve(m1)[0] <= solve(m2)[0] else (m1, hi)
-    b = (lo + hi) / 2
-    _, a, c = solve(b)
-    return float(a * scale ** b), float(b), float(c)
-
-
-def predict_loss(fit: tuple[float, float, float], size: float) -> float:
-    """``a / size**b + c`` for ``fit = (a, b, c)``."""
-    a, b, c = fit
-    return a / size ** b + c
