@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import yaml
 from llmshear.config_checks import check_run
+from llmshear.datasets.proportions import RULES
 from llmshear.models.l0 import STRUCTURES
 
 
@@ -73,6 +74,8 @@ class DataSection:
     update: str = "doremi"
     eta: float = 1.0
     smoothing: float = 1e-4
+    floor: float = 0.0
+    cap: float = 1.0
     train_split: str = "train"
     eval_split: str = "eval"
     num_workers: int = 0
@@ -155,7 +158,7 @@ class RunConfig:
 CHOICES = {
     "model.init_device": ("cpu", "meta"),
     "model.attn_impl": ("sdpa", "flash"),
-    "data.update": ("doremi", "constant"),
+    "data.update": tuple(RULES),
     "train.precision": ("fp32", "amp_bf16", "amp_fp16"),
     "train.device": ("cpu", "gpu", None),
     "fsdp.version": (1, 2),

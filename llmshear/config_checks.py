@@ -7,19 +7,18 @@ directory), never weights or samples, so a bad run fails in seconds.
 from __future__ import annotations
 
 import json
-import math
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmshear.datasets.mds import open_domains
+from llmshear.datasets.proportions import bounds_errors, proportion_errors, reference_loss_errors
 from llmshear.models.hf import load_config
 from llmshear.models.l0 import TargetShape
 
 if TYPE_CHECKING:
     from llmshear.config import RunConfig
 
-PROPORTION_TOLERANCE = 1e-4
 LATEST_CHECKPOINT = "latest-rank0.pt"
 
 
@@ -35,7 +34,8 @@ def check_numbers(cfg: RunConfig) -> list[str]:
         ("train.eval_batch_size", t.eval_batch_size, t.eval_batch_size is None or t.eval_batch_size > 0,
          "must be positive"),
         ("data.seq_len", d.seq_len, d.seq_len >= 2, "must be at least 2"),
-        ("data.num_workers", d.num_workers, d.num_workers >= 0, "must not be negative"),
+        ("data.num_workers", d.num_workers, d.num_workers == 0,
+         "must be 0: worker processes would see proportion updates late and break exact resumption"),
         ("data.eta", d.eta, d.eta > 0, "must be positive"),
         ("data.smoothing", d.smoothing, 0 <= d.smoothing < 1, "must lie in [0, 1)"),
         ("optimizer.lr", o.lr, o.lr > 0, "must be positive"),
@@ -126,14 +126,9 @@ def check_proportions(cfg: RunConfig) -> list[str]:
         except ValueError as err:
             return problems + [f"data.proportions_from: {err}"]
     key = "data.proportions" if d.proportions_from is None else "data.proportions_from"
-    if len(d.proportions) != len(d.domains):
-        problems.append(f"{key}: {len(d.proportions)} values for {len(d.domains)} data.domains")
-    if any(p < 0 for p in d.proportions) or not math.isclose(sum(d.proportions), 1.0, abs_tol=PROPORTION_TOLERANCE):
-        problems.append(f"{key}={d.proportions}: must be non-negative and sum to 1 (sum {sum(d.proportions):.6g})")
-    if d.reference_losses is None and d.update == "doremi":
-        problems.append("data.reference_losses: required by data.update=doremi")
-    elif d.reference_losses is not None and len(d.reference_losses) != len(d.domains):
-        problems.append(f"data.reference_losses: {len(d.reference_losses)} values for {len(d.domains)} data.domains")
+    problems += proportion_errors(d.proportions, d.domains, key=key)
+    problems += reference_loss_errors(d.reference_losses, d.domains, rule=d.update)
+    problems += bounds_errors(d.floor, d.cap, len(d.domains))
     return problems
 
 

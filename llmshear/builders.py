@@ -1,0 +1,153 @@
+"""A validated :class:`~llmshear.config.RunConfig` → the model, optimizer, loaders, callbacks and Composer Trainer.
+
+Nothing here validates: :func:`llmshear.config.load` has already rejected every bad value, so the builders
+only translate. The order in :func:`build_trainer` is cheap first (schedules, callbacks), then weights, then
+data, then the Trainer (which initialises the process group and resumes).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from composer import Trainer
+from composer.core import Evaluator
+from composer.utils import dist
+from composer.utils.parallelism import FSDP2Config
+
+from llmshear.callbacks.dynamic_loading import DynamicLoadingCallback
+from llmshear.callbacks.pruning import PruningCallback
+from llmshear.callbacks.resume_rng import ResumeRNG
+from llmshear.config import RunConfig
+from llmshear.datasets.dynamic import build_eval_dataloader, build_train_dataloader
+from llmshear.loggers import JSONLinesLogger
+from llmshear.models.composer_llama import ComposerLlama, Distillation
+from llmshear.models.hf import build_model, load_config, load_model
+from llmshear.models.l0 import L0Module, TargetShape
+from llmshear.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+EVAL_LABEL = "eval"
+
+
+def build_l0(cfg: RunConfig, source) -> L0Module | None:
+    """The L0 module of a pruning run (on the CPU, it is small), or None for continued pre-training."""
+    if cfg.pruning is None:
+        return None
+    p = cfg.pruning
+    target = TargetShape.from_dict(p.target, source, p.structures)
+    return L0Module(source, target, p.structures, lagrangian_warmup=p.lagrangian_warmup,
+                    init_log_alpha=p.init_log_alpha, log_alpha_limit=p.log_alpha_limit)
+
+
+def build_composer_model(cfg: RunConfig, device: str | None = None) -> ComposerLlama:
+    """The :class:`ComposerLlama` of the run: the source loaded strictly, the L0 module, the teacher.
+
+    Args:
+        cfg: the validated config.
+        device: ``"meta"`` builds every weight without storage (shape checks, and the non-zero ranks of a
+            run with ``model.init_device=meta``, which FSDP fills from rank 0); default: from the config.
+    """
+    device = device or _init_device(cfg)
+    source = load_config(cfg.model.pretrained)
+    if device == "meta":
+        model = build_model(source, device="meta")
+    else:
+        model = load_model(cfg.model.pretrained).train()
+    model.cfg.attn_impl = cfg.model.attn_impl
+    distill = None
+    if cfg.distill is not None:
+        teacher = build_model(load_config(cfg.distill.teacher), device="meta") if device == "meta" else \
+            load_model(cfg.distill.teacher)
+        distill = Distillation(teacher, alpha=cfg.distill.alpha, temperature=cfg.distill.temperature)
+    return ComposerLlama(model, l0=build_l0(cfg, source), domains=cfg.data.domains, distill=distill)
+
+
+def _init_device(cfg: RunConfig) -> str:
+    """``meta`` on every rank but 0 when ``model.init_device=meta`` (FSDP broadcasts rank 0's weights)."""
+    return "meta" if cfg.model.init_device == "meta" and dist.get_global_rank() != 0 else "cpu"
+
+
+def build_loaders(cfg: RunConfig, world_size: int):
+    """The train dataloader (dynamic domain proportions) and the eval dataloader (every domain)."""
+    d = cfg.data
+    root = Path(d.path)
+    train = build_train_dataloader(
+        [root / d.train_split / domain for domain in d.domains], d.domains, d.proportions,
+        batch_size=cfg.train.global_batch_size // world_size, seq_len=d.seq_len, seed=cfg.seed,
+        num_workers=d.num_workers)
+    evaluation = build_eval_dataloader(
+        [root / d.eval_split / domain for domain in d.domains], d.domains,
+        batch_size=cfg.train.eval_batch_size or cfg.train.micro_batch_size, seq_len=d.seq_len)
+    return train, evaluation
+
+
+def build_callbacks(cfg: RunConfig) -> list:
+    """Dynamic loading, RNG restoration on resume, and the pruning callback (pruning runs)."""
+    d = cfg.data
+    callbacks = [DynamicLoadingCallback(d.domains, rule=d.update, reference_losses=d.reference_losses, eta=d.eta,
+                                        smoothing=d.smoothing, floor=d.floor, cap=d.cap, eval_label=EVAL_LABEL),
+                 ResumeRNG()]
+    if cfg.pruning is not None:
+        callbacks.append(PruningCallback(cfg.checkpoint.save_folder))
+    return callbacks
+
+
+def parallelism_config(cfg: RunConfig) -> dict | None:
+    """Composer's ``parallelism_config``: FSDP full shard (FSDP2 object, or FSDP1 settings), or None."""
+    f = cfg.fsdp
+    if not f.enabled:
+        return None
+    if f.version == 2:
+        return {"fsdp": FSDP2Config(activation_checkpointing=f.activation_checkpointing, state_dict_type="full",
+                                    mixed_precision=f.mixed_precision)}
+    return {"fsdp": {"sharding_strategy": "FULL_SHARD", "state_dict_type": "full", "mixed_precision":
+                     f.mixed_precision, "activation_checkpointing": f.activation_checkpointing,
+                     "activation_checkpointing_reentrant": False}}
+
+
+def checkpoint_kwargs(cfg: RunConfig) -> dict:
+    """Trainer arguments for saving and resuming; existing checkpoints are never overwritten."""
+    c = cfg.checkpoint
+    interval = c.save_interval or cfg.train.max_batches
+    return {"save_folder": c.save_folder, "save_interval": f"{interval}ba", "save_overwrite": False,
+            "save_num_checkpoints_to_keep": c.keep, "autoresume": c.autoresume, "load_path": c.load_path,
+            "load_weights_only": c.load_weights_only}
+
+
+def build_trainer(cfg: RunConfig, world_size: int | None = None) -> Trainer:
+    """Everything the run needs, assembled into a Composer :class:`Trainer` (not yet fitted)."""
+    world_size = world_size or dist.get_world_size()
+    t = cfg.train
+    model = build_composer_model(cfg)
+    o = cfg.optimizer
+    optimizer = build_optimizer(model, lr=o.lr, lag_lr=o.lag_lr, betas=o.betas, eps=o.eps,
+                                weight_decay=o.weight_decay)
+    train_loader, eval_loader = build_loaders(cfg, world_size)
+    log.info("model: %s parameters; %d batches of %d x %d tokens", f"{model.model.num_params():,}",
+             t.max_batches, t.global_batch_size, cfg.data.seq_len)
+    return Trainer(
+        model=model,
+        train_dataloader=train_loader,
+        eval_dataloader=Evaluator(label=EVAL_LABEL, dataloader=eval_loader),
+        eval_interval=f"{t.eval_interval}ba",
+        eval_subset_num_batches=t.eval_batches,
+        max_duration=f"{t.max_batches}ba",
+        optimizers=optimizer,
+        schedulers=build_scheduler(cfg.scheduler.warmup, cfg.scheduler.alpha_f),
+        step_schedulers_every_batch=True,
+        device_train_microbatch_size=t.micro_batch_size,
+        callbacks=build_callbacks(cfg),
+        loggers=[JSONLinesLogger(cfg.checkpoint.save_folder)],
+        run_name=cfg.run_name,
+        seed=cfg.seed,
+        precision=t.precision,
+        device=t.device,
+        parallelism_config=parallelism_config(cfg),
+        progress_bar=t.progress_bar,
+        log_to_console=not t.progress_bar,
+        console_log_interval=f"{t.log_interval}ba",
+        **checkpoint_kwargs(cfg),
+    )
+

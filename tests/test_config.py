@@ -1,0 +1,181 @@
+"""Recipes validate and build on the meta device; every kind of bad input is reported at once, naming its key."""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from recipe_fixtures import DOMAINS, tiny_recipe, write_config_dir, write_mds, write_proportions
+
+from llmshear.builders import build_composer_model
+from llmshear.config import ConfigError, load
+
+REDPAJAMA = ["cc", "github", "book", "stackexchange", "wiki", "arxiv", "c4-rp"]
+PAPER_TARGETS = {
+    "1.3b": {"d_model": 2048, "n_layers": 24, "n_heads": 16, "n_kv_heads": 16, "intermediate_size": 5504},
+    "2.7b": {"d_model": 2560, "n_layers": 32, "n_heads": 20, "n_kv_heads": 20, "intermediate_size": 6912},
+}
+
+
+@pytest.fixture(scope="module")
+def paper_env(tmp_path_factory) -> dict[str, str]:
+    """LLAMA2_7B (config only), DATA_DIR (one 4096-token sequence per domain and split), RUN_DIR with pruned dirs."""
+    root = tmp_path_factory.mktemp("paper")
+    runs = root / "runs"
+    for size, target in PAPER_TARGETS.items():
+        write_config_dir(runs / f"pruned_{size}", "llama2-7b", target)
+        write_proportions(runs / f"prune_{size}" / "proportions.json", REDPAJAMA)
+    return {"LLAMA2_7B": str(write_config_dir(root / "llama2-7b", "llama2-7b")),
+            "DATA_DIR": str(write_mds(root / "data", REDPAJAMA, 4096, n_train=1, n_eval=1)),
+            "RUN_DIR": str(runs)}
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return write_mds(tmp_path / "data", DOMAINS, 32, n_train=4, n_eval=2)
+
+
+@pytest.mark.parametrize("name", ["prune_1.3b", "prune_2.7b", "continue_1.3b", "continue_2.7b"])
+def test_paper_recipes_validate_and_build_on_meta(repo_root, paper_env, monkeypatch, name):
+    for key, value in paper_env.items():
+        monkeypatch.setenv(key, value)
+    path = repo_root / "yaml" / f"{name}.yaml"
+    assert path.read_text().startswith("# "), "a recipe opens with its purpose and command"
+    cfg = load(path, world_size=8, cuda=True)
+    model = build_composer_model(cfg, device="meta")
+    assert model.model.lm_head.weight.is_meta
+    size = name.split("_")[1]
+    if name.startswith("prune"):
+        assert cfg.pruning.lagrangian_warmup == 640 and cfg.train.max_batches == 3200
+        assert model.l0.target.d_model == PAPER_TARGETS[size]["d_model"]
+    else:
+        assert model.l0 is None and cfg.train.max_batches == 48000
+        assert model.model.cfg.d_model == PAPER_TARGETS[size]["d_model"]
+        assert cfg.data.proportions == pytest.approx([1 / 7] * 7)  # read from the pruning run's file
+
+
+def problems_of(path, overrides=(), **kwargs) -> list[str]:
+    """The problems reported, without the ``file:line:`` prefix of keys written in the file."""
+    with pytest.raises(ConfigError) as caught:
+        load(path, list(overrides), **kwargs)
+    return [re.sub(rf"^{re.escape(str(path))}:\d+: ", "", p) for p in caught.value.problems]
+
+
+def test_tiny_recipe_is_valid(tmp_path, data):
+    cfg = load(tiny_recipe(tmp_path, data))
+    assert cfg.pruning.target["n_layers"] == 3 and cfg.optimizer.lag_lr == 0.5 and cfg.fsdp.enabled is False
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("train.max_batchs=3", "train.max_batchs: unknown key"),
+    ("colour=red", "colour: unknown key"),
+    ("train.max_batches=many", "train.max_batches: expected int"),
+    ("optimizer.lr=[1]", "optimizer.lr: expected float"),
+    ("fsdp.version=3", "fsdp.version: 3 is not one of"),
+    ("pruning.target.d_model=4096", "pruning.target.d_model=4096 is larger than the source's 96"),
+    ("pruning.target.n_layer=2", "pruning.target.n_layer: unknown key"),
+    ("data.proportions=[0.5,0.3,0.3]", "data.proportions=[0.5, 0.3, 0.3]: must sum to 1"),
+    ("data.proportions=[1.2,-0.2,0.0]", "data.proportions=[1.2, -0.2, 0.0]: every value must be a finite number >= 0"),
+    ("data.proportions=[0.5,0.5]", "data.proportions: 2 values for 3 domains"),
+    ("data.reference_losses=[1.0]", "data.reference_losses: 1 values for 3 domains"),
+    ("data.reference_losses=null", "data.reference_losses: required by data.update=doremi"),
+    ("train.micro_batch_size=3", "train.global_batch_size=4 is not divisible by train.micro_batch_size=3"),
+    ("data.domains=[alpha,beta,delta]", "data.domains: 'delta' has no MDS data"),
+    ("data.seq_len=64", "data.seq_len=64 but"),
+    ("data.path=/nonexistent/data", "data.path='/nonexistent/data': no such directory"),
+    ("model.pretrained=/nonexistent/model", "model.pretrained='/nonexistent/model'"),
+    ("model.pretrained=${oc.env:LLMSHEAR_UNSET_VARIABLE}", "model.pretrained: cannot resolve"),
+    ("train.precision=amp_bf16", "train.precision='amp_bf16' needs a GPU"),
+    ("data.floor=0.5", "data.floor=0.5: 3 domains x floor exceeds 1"),
+    ("data.update=exponential", "data.update: 'exponential' is not one of"),
+    ("data.num_workers=2", "data.num_workers=2 must be 0"),
+    ("fsdp.activation_checkpointing=true", "fsdp.activation_checkpointing needs fsdp.enabled=true"),
+    ("scheduler.warmup=100", "scheduler.warmup=100 must lie in [0, train.max_batches]"),
+])
+def test_bad_value_names_its_key(tmp_path, data, override, key):
+    problems = problems_of(tiny_recipe(tmp_path, data), [override], cuda=False)
+    assert any(key in p for p in problems), problems
+
+
+def test_world_size_enters_the_batch_check(tmp_path, data):
+    problems = problems_of(tiny_recipe(tmp_path, data), world_size=3)
+    assert problems == [p for p in problems if "x world size 3" in p] and len(problems) == 1
+
+
+def test_all_problems_at_once_with_file_and_line(tmp_path, data):
+    path = tiny_recipe(tmp_path, data)
+    problems = problems_of(path, ["train.max_batchs=3", "data.proportions=[0.9,0.3,0.2]", "train.micro_batch_size=3",
+                                  "pruning.target.n_layers=9"])
+    assert len(problems) == 4, problems
+    with pytest.raises(ConfigError) as caught:
+        load(path, ["data.proportions=[0.9,0.3,0.2]"])
+    (problem,) = caught.value.problems
+    line = int(problem.removeprefix(f"{path}:").split(":")[0])
+    assert "proportions:" in path.read_text().splitlines()[line - 1]
+
+
+def test_missing_model_pretrained_and_missing_section(tmp_path, data):
+    path = tiny_recipe(tmp_path, data)
+    recipe = OmegaConf.to_container(OmegaConf.load(path))
+    del recipe["model"]["pretrained"]
+    del recipe["train"]
+    OmegaConf.save(OmegaConf.create(recipe), path)
+    problems = problems_of(path)
+    assert "model.pretrained: missing (required)" in problems and "train: missing (required)" in problems
+
+
+def test_missing_shard_is_named(tmp_path, data):
+    shard = next((data / "train" / "beta").glob("shard.*.mds"))
+    shard.unlink()
+    problems = problems_of(tiny_recipe(tmp_path, data))
+    assert any(p.startswith("data.path:") and shard.name in p for p in problems), problems
+
+
+def test_truncated_or_foreign_checkpoint_is_refused(tmp_path, data):
+    good = tmp_path / "good.pt"
+    torch.save({"state": {}}, good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:-40])
+    for path, why in ((truncated, "truncated or corrupt"), (tmp_path / "absent.pt", "does not exist")):
+        problems = problems_of(tiny_recipe(tmp_path, data), [f"checkpoint.load_path={path}"])
+        assert any(p.startswith("checkpoint.load_path:") and why in p for p in problems), problems
+    assert zipfile.is_zipfile(good)
+    load(tiny_recipe(tmp_path, data), [f"checkpoint.load_path={good}"])
+
+
+def test_existing_checkpoints_are_not_overwritten_without_autoresume(tmp_path, data):
+    path = tiny_recipe(tmp_path, data)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    torch.save({}, folder / "ep0-ba3-rank0.pt")
+    problems = problems_of(path)
+    assert any(p.startswith("checkpoint.save_folder=") and "autoresume" in p for p in problems), problems
+    load(path, ["checkpoint.autoresume=true"])
+
+
+def test_corrupt_latest_checkpoint_stops_autoresume(tmp_path, data):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "ep0-ba3-rank0.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    (folder / "latest-rank0.pt").symlink_to("ep0-ba3-rank0.pt")
+    problems = problems_of(tiny_recipe(tmp_path, data), ["checkpoint.autoresume=true"])
+    assert any(p.startswith("checkpoint.autoresume:") and "ep0-ba3-rank0.pt" in p for p in problems), problems
+
+
+def test_proportions_from_a_previous_run(tmp_path, data):
+    source = write_proportions(tmp_path / "prev" / "proportions.json", list(reversed(DOMAINS)))
+    cfg = load(tiny_recipe(tmp_path, data), ["data.proportions=null", f"data.proportions_from={source}"])
+    assert cfg.data.proportions == pytest.approx([1 / 3] * 3)
+    problems = problems_of(tiny_recipe(tmp_path, data), [f"data.proportions_from={source}"])
+    assert any("set exactly one" in p for p in problems)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  pretrained: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"line 3|line 2"):
+        load(path)

@@ -1,0 +1,102 @@
+"""A tiny pruning run through train.py's functions, then cut → continued pre-training → HF export → evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from recipe_fixtures import DOMAINS, tiny_recipe, train_module, write_mds
+from transformers import AutoModelForCausalLM
+
+from llmshear.config import load
+from llmshear.evaluation import evaluate_domains
+from llmshear.export import export_checkpoint, model_from_checkpoint
+from llmshear.loggers import read_metrics
+from llmshear.models.hf import load_model
+from llmshear.models.prune import prune_checkpoint
+
+train = train_module()
+TARGET = {"d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 1, "intermediate_size": 96}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Prune tiny-gqa for 6 batches, cut it, continue 4 batches from the cut model, export the result."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    data = write_mds(tmp / "data", DOMAINS, 32)
+    assert train.main([str(tiny_recipe(tmp, data, run="prune"))]) == 0
+    prune_folder = tmp / "prune"
+    prune_checkpoint(prune_folder / "latest-rank0.pt", tmp / "pruned")
+    recipe = tiny_recipe(tmp, data, run="continue", prune=False, model={"pretrained": str(tmp / "pruned")},
+                         data={"proportions": None, "proportions_from": str(prune_folder / "proportions.json")},
+                         train={"max_batches": 4, "eval_interval": 2}, checkpoint={"save_interval": 2})
+    assert train.main([str(recipe)]) == 0
+    summary = export_checkpoint(tmp / "continue" / "latest-rank0.pt", tmp / "final")
+    return {"tmp": tmp, "data": data, "summary": summary}
+
+
+def test_pruning_run_leaves_checkpoints_masks_metrics_and_proportions(pipeline):
+    folder = pipeline["tmp"] / "prune"
+    assert {p.name for p in folder.glob("*.pt")} == {"ep0-ba3-rank0.pt", "ep0-ba6-rank0.pt", "latest-rank0.pt"}
+    for batch in (3, 6):
+        summary = json.loads((folder / "masks" / f"ba{batch}.json").read_text())
+        assert summary["shape"] == TARGET and summary["batch"] == batch
+    rows = read_metrics(folder / "metrics.jsonl")
+    assert {r["batch"] for r in rows if "l0/layer/expected_sparsity" in r} == set(range(1, 7))
+    lambdas = [r["l0/kv_group/lambda1"] for r in rows if "l0/kv_group/lambda1" in r]
+    assert lambdas[-1] < lambdas[0] <= 0  # ascent: the multiplier grows while the target is missed
+    assert any(f"metrics/eval/DomainCE/{d}" in r for r in rows for d in DOMAINS) or any(
+        any(k.startswith("metrics/eval/") and d in k for k in r) for r in rows for d in DOMAINS)
+    proportions = json.loads((folder / "proportions.json").read_text())
+    assert proportions["domains"] == DOMAINS and math.isclose(sum(proportions["proportions"]), 1.0, abs_tol=1e-6)
+
+
+def test_continued_run_starts_from_the_cut_model_and_its_proportions(pipeline):
+    tmp = pipeline["tmp"]
+    cut = load_model(tmp / "pruned")
+    cfg = load(tmp / "continue.yaml", ["checkpoint.autoresume=true"])
+    first = torch.load(tmp / "continue" / "ep0-ba2-rank0.pt", weights_only=False)
+    before = first["state"]["model"]["model.lm_head.weight"]
+    assert before.shape == cut.lm_head.weight.shape  # the cut shape, not the source's
+    assert not any(k.startswith("l0.") for k in first["state"]["model"])
+    rows = read_metrics(tmp / "continue" / "metrics.jsonl")
+    first_ce = next(r["loss/train/ce"] for r in rows if "loss/train/ce" in r)
+    assert first_ce < math.log(256)  # started from trained (cut) weights, not random ones
+    assert cfg.data.proportions == json.loads((tmp / "prune" / "proportions.json").read_text())["proportions"]
+
+
+def test_export_loads_in_transformers_with_the_same_logits(pipeline):
+    tmp = pipeline["tmp"]
+    ours = model_from_checkpoint(tmp / "continue" / "latest-rank0.pt").eval()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp / "final").eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-4)
+    assert pipeline["summary"]["shape"] == TARGET
+    results = evaluate_domains(load_model(tmp / "final"), pipeline["data"] / "eval", DOMAINS)
+    assert set(results["domains"]) == set(DOMAINS) and all(math.isfinite(r["ppl"]) for r in results["domains"].values())
+
+
+def test_export_refuses_to_overwrite_and_refuses_pruning_checkpoints(pipeline):
+    tmp = pipeline["tmp"]
+    before = sorted(p.name for p in (tmp / "final").iterdir())
+    with pytest.raises(FileExistsError):
+        export_checkpoint(tmp / "continue" / "latest-rank0.pt", tmp / "final")
+    assert sorted(p.name for p in (tmp / "final").iterdir()) == before
+    with pytest.raises(ValueError, match="scripts/prune.py"):
+        export_checkpoint(tmp / "prune" / "latest-rank0.pt", tmp / "other")
+    truncated = tmp / "truncated.pt"
+    truncated.write_bytes((tmp / "continue" / "latest-rank0.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        export_checkpoint(truncated, tmp / "other")
+    assert not (tmp / "other").exists()
+
+
+def test_invalid_recipe_exits_2_before_any_work(tmp_path, caplog):
+    data = write_mds(tmp_path / "data", DOMAINS, 32, n_train=2, n_eval=1)
+    recipe = tiny_recipe(tmp_path, data)
+    assert train.main([str(recipe), "train.max_batchs=3", "data.proportions=[1,1,1]"]) == 2
+    assert "train.max_batchs" in caplog.text and "data.proportions" in caplog.text
+    assert not (tmp_path / "run").exists()

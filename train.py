@@ -1,0 +1,66 @@
+"""Prune or continue pre-training a LLaMA-family model with Composer.
+
+    composer train.py yaml/prune_1.3b.yaml [key=value ...]      # every GPU of this node (or: composer -n 2 ...)
+    python train.py yaml/demo/prune.yaml [key=value ...]        # one process
+
+The recipe and its overrides are validated before any weight or data is read (every problem at once, naming
+its key). At the end the run folder holds the checkpoints, ``metrics.jsonl``, ``masks/`` (pruning runs) and
+``proportions.json`` (the final domain proportions, which ``data.proportions_from`` of a later run reads).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from composer.utils import dist
+
+from llmshear.builders import build_trainer
+from llmshear.config import ConfigError, RunConfig, load
+
+log = logging.getLogger("train")
+
+PROPORTIONS_FILE = "proportions.json"
+
+
+def write_final_proportions(cfg: RunConfig, proportions: list[float]) -> Path | None:
+    """Write ``<save_folder>/proportions.json`` on rank 0 (replacing the one of an earlier, shorter fit)."""
+    if dist.get_global_rank() != 0:
+        return None
+    path = Path(cfg.checkpoint.save_folder) / PROPORTIONS_FILE
+    content = {"domains": cfg.data.domains, "proportions": [float(p) for p in proportions]}
+    path.write_text(json.dumps(content, indent=2) + "\n")
+    return path
+
+
+def run(cfg: RunConfig) -> None:
+    """Build everything, fit, and record the final proportions."""
+    trainer = build_trainer(cfg)
+    trainer.fit()
+    dataset = trainer.state.train_dataloader.dataset
+    path = write_final_proportions(cfg, dataset.proportions)
+    if path is not None:
+        log.info("final domain proportions: %s", path)
+    trainer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``train.py RECIPE.yaml [key=value ...]``; returns the exit status (2 for an invalid config)."""
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{dist.get_global_rank()} %(name)s: %(message)s")
+    if not args or args[0] in ("-h", "--help") or "=" in args[0]:
+        log.error("usage: train.py RECIPE.yaml [key=value ...]")
+        return 2
+    try:
+        cfg = load(args[0], args[1:])
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
