@@ -1,0 +1,51 @@
+"""Per-domain loss and perplexity of one or more models on MDS evaluation data.
+
+    python scripts/eval_ppl.py --model out/final --data out/data/eval
+    python scripts/eval_ppl.py --model smollm2 --model out/pruned --model out/final --data out/data/eval
+
+``--model`` is anything the model loader accepts (HF directory, ``.gguf``, ``smollm2``, a preset). Prints a
+perplexity table (domains x models), then one JSON line with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from llmshear.evaluation import evaluate_domains, format_table
+from llmshear.models.hf import load_model
+
+log = logging.getLogger("eval_ppl")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate every ``--model``; 2 on a bad argument."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", required=True, help="model source (repeatable)")
+    parser.add_argument("--data", required=True, type=Path, help="split directory with one MDS dir per domain")
+    parser.add_argument("--domains", nargs="+", help="domains to evaluate (default: every sub-directory)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-seqs", type=int, help="at most this many sequences per domain")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        domains = args.domains or sorted(p.name for p in args.data.iterdir() if (p / "index.json").is_file())
+        if not domains:
+            raise FileNotFoundError(f"--data {args.data}: no MDS domain directories (expected <domain>/index.json)")
+        results = {}
+        for source in args.model:
+            log.info("evaluating %s", source)
+            results[source] = evaluate_domains(load_model(source), args.data, domains, args.batch_size, args.max_seqs)
+    except (OSError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    print(format_table(results))
+    print(json.dumps({"data": str(args.data), "models": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
