@@ -1,0 +1,67 @@
+"""``composer -n 2`` on CPU, DDP and FSDP2 with activation checkpointing: the ranks agree on gates, λ, proportions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
+
+from llmshear.models.prune import load_pruning_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = {"train": {"max_batches": 4, "eval_interval": 2}, "checkpoint": {"save_interval": 4}}
+TARGET_D_MODEL = 64
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """One launch of 2 processes runs the DDP recipe, then the FSDP2 one (start-up dominates the time)."""
+    tmp = tmp_path_factory.mktemp("mp")
+    data = write_mds(tmp / "data", DOMAINS, 32, n_train=16)
+    recipes = [tiny_recipe(tmp, data, run="ddp", **SHORT),
+               tiny_recipe(tmp, data, run="fsdp", fsdp={"enabled": True, "activation_checkpointing": True}, **SHORT)]
+    launcher = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "composer"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    result = subprocess.run([str(launcher), "-n", "2", "--stderr", str(tmp / "rank{rank}.err"),
+                             str(REPO / "tests" / "mp_probe.py"), *map(str, recipes)],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + (tmp / "rank1.err").read_text()
+    return tmp
+
+
+def probes(folder: Path) -> tuple[dict, dict]:
+    return torch.load(folder / "probe-rank0.pt"), torch.load(folder / "probe-rank1.pt")
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_ranks_agree_on_gates_multipliers_and_proportions(runs, kind):
+    rank0, rank1 = probes(runs / kind)
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    assert rank0["l0"].keys() == rank1["l0"].keys()
+    assert {name.split(".")[0] for name in rank0["l0"]} == {"lagrangian", "log_alpha"}
+    for name, value in rank0["l0"].items():
+        assert torch.equal(value, rank1["l0"][name]), name
+    assert rank0["proportions"] == rank1["proportions"]
+    assert rank0["proportions"] != pytest.approx([0.5, 0.3, 0.2], abs=1e-3)  # the two updates moved them
+    assert rank0["l0"]["lagrangian.lambda1.layer"].item() != 0.0
+
+
+def test_ddp_and_fsdp_wrap_as_configured_and_train_alike(runs):
+    ddp, fsdp = probes(runs / "ddp")[0], probes(runs / "fsdp")[0]
+    assert ddp["wrapper"] == "DistributedDataParallel" and ddp["layer_types"] == ["DecoderLayer", "DecoderLayer"]
+    assert fsdp["layer_types"][0] == "CheckpointWrapper" and fsdp["layer_types"][1].startswith("FSDP")
+    assert fsdp["proportions"] == pytest.approx(ddp["proportions"], abs=1e-4)
+    for name, value in ddp["l0"].items():
+        if name.startswith("lagrangian."):
+            torch.testing.assert_close(fsdp["l0"][name], value, atol=1e-5, rtol=1e-5)
+        else:  # Adam turns rounding-level gradient differences of near-zero gradients into rare lr-sized steps
+            assert (fsdp["l0"][name] - value).abs().mean() < 1e-2, name
+
+
+def test_fsdp_checkpoint_is_a_full_state_dict_that_cuts(runs):
+    model, l0 = load_pruning_checkpoint(runs / "fsdp" / "latest-rank0.pt")
+    assert l0.target.d_model == TARGET_D_MODEL and model.cfg.d_model == 96

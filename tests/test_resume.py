@@ -1,0 +1,70 @@
+"""A pruning run killed (SIGKILL) after a checkpoint and resumed ends bit-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = {"train": {"max_batches": 6, "eval_interval": 2}, "checkpoint": {"save_interval": 2}}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def start(recipe: Path, *overrides: str) -> subprocess.Popen:
+    log = open(recipe.with_suffix(".log"), "a")  # noqa: SIM115 (the child owns it)
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), str(recipe), *overrides], stdout=log,
+                            stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
+
+
+def kill_after_first_checkpoint(process: subprocess.Popen, folder: Path, timeout: float = 240) -> None:
+    """SIGKILL the run as soon as its first checkpoint is complete (Composer links ``latest`` after writing)."""
+    deadline = time.monotonic() + timeout
+    while not (folder / "latest-rank0.pt").exists():
+        assert process.poll() is None, f"the run ended before its first checkpoint (exit {process.returncode})"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+
+
+def final_state(folder: Path) -> dict:
+    checkpoint = torch.load(folder / "ep0-ba6-rank0.pt", map_location="cpu", weights_only=False)
+    state = checkpoint["state"]
+    return {"model": state["model"], "optimizer": state["optimizers"], "data": state["dataset_state"],
+            "rng": checkpoint["rng"][0]["torch"]}
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    data = write_mds(tmp_path / "data", DOMAINS, 32, n_train=8)  # 8 per domain: domains start new passes
+    straight = tiny_recipe(tmp_path, data, run="straight", **SETTINGS)
+    killed = tiny_recipe(tmp_path, data, run="killed", **SETTINGS)
+    reference = start(straight)
+    victim = start(killed)
+    kill_after_first_checkpoint(victim, tmp_path / "killed")
+    assert not (tmp_path / "killed" / "ep0-ba6-rank0.pt").exists()
+    assert start(killed, "checkpoint.autoresume=true").wait(timeout=300) == 0, (tmp_path / "killed.log").read_text()
+    assert reference.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()
+    assert "Resuming" in (tmp_path / "killed.log").read_text() or "resum" in (tmp_path / "killed.log").read_text()
+
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "killed")
+    assert a["model"].keys() == b["model"].keys()
+    for key, value in a["model"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b["model"][key]), key
+    for name in ("l0.log_alpha.layer", "l0.lagrangian.lambda1.kv_group"):
+        assert name in a["model"]
+    assert a["data"]["train"] == b["data"]["train"]
+    assert a["data"]["train"]["proportions"] != [0.5, 0.3, 0.2]  # re-weighting happened
+    assert a["data"]["train"]["passes"] != [0, 0, 0]
+    flat_a = torch.utils._pytree.tree_leaves(a["optimizer"])
+    flat_b = torch.utils._pytree.tree_leaves(b["optimizer"])
+    for x, y in zip(flat_a, flat_b, strict=True):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    assert torch.equal(a["rng"], b["rng"])
