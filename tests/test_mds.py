@@ -199,3 +199,28 @@ def test_command_line(corpus, tiny_tokenizer, tmp_path):  # noqa: F811
     assert list(result["domains"]) == ["prose"] and result["domains"]["prose"]["eval_sequences"] == 2
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
+
+
+def test_demo_corpus_is_real_local_text_and_deterministic(tmp_path):
+    from llmshear.datasets.demo import make_demo_corpus
+
+    summary = make_demo_corpus(tmp_path / "one", max_chars=200_000, docs_per_file=7)
+    assert set(summary) == {"code", "docs", "readme"}
+    for name, info in summary.items():
+        files = sorted((tmp_path / "one" / name).glob("*.jsonl"))
+        assert len(files) == info["files"] >= 1 and info["characters"] >= 10_000
+        first = json.loads(files[0].read_text().splitlines()[0])
+        assert first["text"].strip() and first["source"].split("/")[0] in {"stdlib", "pydoc_data", "metadata"}
+    make_demo_corpus(tmp_path / "two", max_chars=200_000, docs_per_file=7)
+    for path in (tmp_path / "one").rglob("*.jsonl"):
+        assert path.read_bytes() == (tmp_path / "two" / path.relative_to(tmp_path / "one")).read_bytes()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        make_demo_corpus(tmp_path / "one")
+
+
+def test_demo_corpus_default_size_gives_over_a_million_tokens(tmp_path):
+    from llmshear.datasets.demo import make_demo_corpus
+
+    summary = make_demo_corpus(tmp_path / "demo")
+    # SmolLM2's tokenizer averages under 4 characters per token on this text (1.30M tokens measured)
+    assert sum(info["characters"] for info in summary.values()) >= 4_500_000
