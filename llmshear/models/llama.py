@@ -221,19 +221,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, gates: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        """``gates``: ``layer`` (scalar), ``head`` (n_heads,), ``channel`` (I,), ``hidden`` (d,), ``kept`` (count)."""
-        kept = gates.get("kept")
-        attn = self.self_attn(self.input_layernorm(x, kept), cos, sin, gates.get("head"))
-        x = x + self._gate_output(attn, gates)
-        mlp = self.mlp(self.post_attention_layernorm(x, kept), gates.get("channel"))
-        return x + self._gate_output(mlp, gates)
+        """``gates``: ``head`` (n_heads,), ``channel`` (I,), ``out`` (d,) or (1,), ``kept`` (count); all optional.
 
-    @staticmethod
-    def _gate_output(out: torch.Tensor, gates: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        for name in ("layer", "hidden"):
-            if gates.get(name) is not None:
-                out = out * gates[name].to(out.dtype)
-        return out
+        ``out`` (layer gate × hidden gate) multiplies both block outputs.
+        """
+        kept, out = gates.get("kept"), gates.get("out")
+        attn = self.self_attn(self.input_layernorm(x, kept), cos, sin, gates.get("head"))
+        x = x + attn if out is None else torch.addcmul(x, attn, out)  # fused: no temporary for attn * out
+        mlp = self.mlp(self.post_attention_layernorm(x, kept), gates.get("channel"))
+        return x + mlp if out is None else torch.addcmul(x, mlp, out)
 
 
 class LlamaBackbone(nn.Module):
@@ -270,27 +266,31 @@ class LlamaLM(nn.Module):
             kept = keep.sum().float()  # counted in fp32: bf16 rounds integers above 256 (577 -> 576)
             x = x * keep.to(x.dtype)
         cos, sin = self.rotary(input_ids.shape[1], x.device, x.dtype)
+        gates = self._stacked_gates(masks, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, self._layer_gates(masks, i, kept))
+            x = layer(x, cos, sin, {"kept": kept, **{name: gate[i] for name, gate in gates.items()}})
         return self.lm_head(self.model.norm(x, kept))
 
-    def _layer_gates(self, masks: Masks, i: int, kept: torch.Tensor | None) -> dict:
-        head = None
+    def _stacked_gates(self, masks: Masks, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Per-layer gates, combined once for all layers (not per layer: the masked step stays cheap).
+
+        Returns ``head`` ``(n_layers, n_heads)`` (KV-group gate × head gate), ``channel`` ``(n_layers, I)`` and
+        ``out`` ``(n_layers, d_model)`` or ``(n_layers, 1)`` (layer gate × hidden gate), each only when masked.
+        """
+        cfg, gates = self.cfg, {}
         if "kv_group" in masks or "head" in masks:
-            cfg = self.cfg
-            head = torch.ones(cfg.n_kv_heads, cfg.q_per_kv, device=self.lm_head.weight.device)
-            if "kv_group" in masks:
-                head = head * masks["kv_group"][i].unsqueeze(-1)
-            if "head" in masks:
-                head = head * masks["head"][i]
-            head = head.reshape(-1)
-        return {
-            "layer": masks["layer"][i] if "layer" in masks else None,
-            "head": head,
-            "channel": masks["intermediate"][i] if "intermediate" in masks else None,
-            "hidden": masks.get("hidden"),
-            "kept": kept,
-        }
+            head = masks["kv_group"].unsqueeze(-1) if "kv_group" in masks else masks["head"]
+            if "kv_group" in masks and "head" in masks:
+                head = head * masks["head"]
+            gates["head"] = head.expand(cfg.n_layers, cfg.n_kv_heads, cfg.q_per_kv).reshape(cfg.n_layers, -1)
+        if "intermediate" in masks:
+            gates["channel"] = masks["intermediate"]
+        layer, hidden = masks.get("layer"), masks.get("hidden")
+        if layer is not None:
+            gates["out"] = layer.unsqueeze(-1) if hidden is None else layer.unsqueeze(-1) * hidden
+        elif hidden is not None:
+            gates["out"] = hidden.expand(cfg.n_layers, -1)
+        return {name: gate.to(dtype) for name, gate in gates.items()}
 
     def num_params(self) -> int:
         """Distinct parameters (a tied embedding counts once)."""
