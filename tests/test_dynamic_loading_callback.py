@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from composer import Trainer
 from composer.core import Callback
 from composer.loggers import InMemoryLogger
@@ -144,3 +145,23 @@ def test_two_ranks_are_disjoint_and_agree_on_proportions(data, tmp_path):
     assert [h["batch"] for h in ranks[0]["history"]] == [2, 4]
     assert ranks[0]["proportions"] == ranks[1]["proportions"] != [0.6, 0.3, 0.1]
     assert ranks[0]["history"] == ranks[1]["history"] and ranks[0]["state"] == ranks[1]["state"]
+
+
+def test_evaluation_outside_training_changes_nothing(data):
+    evaluation = build_eval_dataloader([data / "eval" / d for d in DOMAINS], DOMAINS, batch_size=4, rank=0,
+                                       world_size=1)
+    callback = DynamicLoadingCallback(DOMAINS, rule="doremi", reference_losses=REFERENCE)
+    trainer = Trainer(model=TinyLM.build(DOMAINS), eval_dataloader=evaluation, callbacks=[callback], device="cpu",
+                      progress_bar=False, log_to_console=False)
+    trainer.eval()
+    assert callback.history == []
+
+
+def test_wrong_train_dataloader_is_a_clear_error(data):
+    train = DataLoader([{"input_ids": torch.zeros(16, dtype=torch.long), "labels": torch.zeros(16, dtype=torch.long),
+                         "domain": 0, "sample_id": 0}] * 8, batch_size=4)
+    callback = DynamicLoadingCallback(DOMAINS, rule="constant")
+    trainer = Trainer(model=TinyLM.build(DOMAINS), train_dataloader=train, max_duration="1ba", callbacks=[callback],
+                      device="cpu", progress_bar=False, log_to_console=False)
+    with pytest.raises(TypeError, match="needs the train dataloader of llmshear.datasets.dynamic"):
+        trainer.fit()

@@ -85,8 +85,8 @@ class DynamicLoadingCallback(Callback):
         logger.log_metrics({f"dynamic_loading/weight/{d}": w for d, w in zip(self.domains, weights, strict=True)})
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        if state.dataloader_label != self.eval_label:
-            return
+        if state.dataloader_label != self.eval_label or state.train_dataloader is None:
+            return  # another evaluator, or an evaluation outside training (Trainer.eval): nothing to re-weight
         dataset = self._dataset(state)
         losses = self.read_losses(state)
         new = update_proportions(self.rule, dataset.proportions, losses, self.reference_losses, floor=self.floor,
