@@ -222,7 +222,7 @@ class DomainEvalDataset(IterableDataset):
         for d, i, sample_id in mine:
             yield _sample(self.sources[d][i], d, sample_id)
         for _ in range(len(self) - len(mine)):
-            pad = _sample(self.sources[0][0], -1, -1)
+            pad = _sample(self.sources[self.order[0][0]][0], -1, -1)  # any real tokens; no label counts
             pad["labels"] = torch.full_like(pad["input_ids"], IGNORE_INDEX)
             yield pad
 
