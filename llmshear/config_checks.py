@@ -94,40 +94,56 @@ def check_model(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def read_proportions_file(path: str | Path, domains: list[str]) -> list[float]:
-    """Proportions in ``domains`` order from a JSON file ``{"domains": [...], "proportions": [...]}``.
+def read_domain_values(path: str | Path, domains: list[str], key: str) -> list[float]:
+    """``content[key]`` of a JSON file ``{"domains": [...], key: [...]}``, reordered to ``domains``.
 
-    This is the ``proportions.json`` a run writes into its folder at the end (see ``train.py``).
+    Reads the ``proportions.json`` a run writes into its folder at the end (``key="proportions"``, see
+    ``train.py``) and the JSON line of ``scripts/reference_loss.py`` (``key="reference_losses"``).
 
     Raises:
         ValueError: unreadable file, or its domains are not the same set as ``domains``.
     """
     try:
         content = json.loads(Path(path).read_text())
-        mapping = dict(zip(content["domains"], content["proportions"], strict=True))
+        mapping = dict(zip(content["domains"], content[key], strict=True))
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"cannot read proportions from {path}: {err}") from err
+        raise ValueError(f"cannot read {key} from {path}: {err!r}") from err
     if set(mapping) != set(domains):
         raise ValueError(f"{path} has domains {sorted(mapping)}, the config has {sorted(domains)}")
     return [float(mapping[d]) for d in domains]
 
 
+def resolve_from_files(cfg: RunConfig) -> list[str]:
+    """Fill ``data.proportions`` / ``data.reference_losses`` from their ``*_from`` files; one of each pair."""
+    d = cfg.data
+    problems = []
+    for key in ("proportions", "reference_losses"):
+        value, source = getattr(d, key), getattr(d, f"{key}_from")
+        if value is not None and source is not None:
+            problems.append(f"data.{key} / data.{key}_from: set one of them, not both")
+        elif source is not None:
+            try:
+                setattr(d, key, read_domain_values(source, d.domains, key))
+            except ValueError as err:
+                problems.append(f"data.{key}_from: {err}")
+    if d.proportions is None and d.proportions_from is None:
+        problems.append("data.proportions / data.proportions_from: set one of them")
+    return problems
+
+
 def check_proportions(cfg: RunConfig) -> list[str]:
-    """Resolve ``data.proportions_from`` into ``data.proportions``; check sums and lengths."""
+    """Resolve the ``*_from`` files; check proportions, reference losses and bounds against the domains."""
     d = cfg.data
     problems = []
     if len(set(d.domains)) != len(d.domains) or not d.domains:
         problems.append(f"data.domains={d.domains}: must be a non-empty list of distinct names")
-    if (d.proportions is None) == (d.proportions_from is None):
-        return problems + ["data.proportions / data.proportions_from: set exactly one of them"]
-    if d.proportions_from is not None:
-        try:
-            d.proportions = read_proportions_file(d.proportions_from, d.domains)
-        except ValueError as err:
-            return problems + [f"data.proportions_from: {err}"]
+    resolved = resolve_from_files(cfg)
+    if resolved:
+        return problems + resolved
     key = "data.proportions" if d.proportions_from is None else "data.proportions_from"
     problems += proportion_errors(d.proportions, d.domains, key=key)
-    problems += reference_loss_errors(d.reference_losses, d.domains, rule=d.update)
+    key = "data.reference_losses" if d.reference_losses_from is None else "data.reference_losses_from"
+    problems += reference_loss_errors(d.reference_losses, d.domains, rule=d.update, key=key)
     problems += bounds_errors(d.floor, d.cap, len(d.domains))
     return problems
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import zipfile
 from pathlib import Path
@@ -56,6 +57,36 @@ def test_paper_recipes_validate_and_build_on_meta(repo_root, paper_env, monkeypa
         assert model.l0 is None and cfg.train.max_batches == 48000
         assert model.model.cfg.d_model == PAPER_TARGETS[size]["d_model"]
         assert cfg.data.proportions == pytest.approx([1 / 7] * 7)  # read from the pruning run's file
+
+
+DEMO_DOMAINS = ["code", "docs", "readme"]
+DEMO_TARGET = {"d_model": 384, "n_layers": 20, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 1024}
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    """What scripts/demo.sh has written before each training stage (tiny stand-ins)."""
+    root = tmp_path_factory.mktemp("demo")
+    write_mds(root / "data", DEMO_DOMAINS, 256, n_train=1, n_eval=1)
+    (root / "reference_losses.json").write_text(
+        json.dumps({"domains": DEMO_DOMAINS, "reference_losses": [1.0, 2.0, 3.0], "tokens": [1, 1, 1]}))
+    write_proportions(root / "runs" / "demo_prune" / "proportions.json", DEMO_DOMAINS)
+    write_config_dir(root / "pruned", "smollm2-135m", DEMO_TARGET)
+    return root
+
+
+@pytest.mark.parametrize("name", ["prune", "continue"])
+def test_demo_recipes_validate_and_build_on_meta(repo_root, demo_dir, monkeypatch, name):
+    monkeypatch.setenv("DEMO_DIR", str(demo_dir))
+    path = repo_root / "yaml" / "demo" / f"{name}.yaml"
+    assert path.read_text().startswith("# ")
+    cfg = load(path, world_size=1, cuda=False)
+    model = build_composer_model(cfg, device="meta")
+    assert cfg.train.precision == "fp32" and cfg.data.reference_losses == [1.0, 2.0, 3.0]
+    if name == "prune":
+        assert model.l0.target.d_model == 384 and model.model.cfg.n_layers == 30
+    else:
+        assert model.l0 is None and model.model.cfg.d_model == 384 and model.model.cfg.n_kv_heads == 2
 
 
 def problems_of(path, overrides=(), **kwargs) -> list[str]:
@@ -171,7 +202,18 @@ def test_proportions_from_a_previous_run(tmp_path, data):
     cfg = load(tiny_recipe(tmp_path, data), ["data.proportions=null", f"data.proportions_from={source}"])
     assert cfg.data.proportions == pytest.approx([1 / 3] * 3)
     problems = problems_of(tiny_recipe(tmp_path, data), [f"data.proportions_from={source}"])
-    assert any("set exactly one" in p for p in problems)
+    assert any("set one of them, not both" in p for p in problems)
+
+
+def test_reference_losses_from_the_reference_loss_script(tmp_path, data):
+    path = tmp_path / "reference.json"
+    path.write_text('{"domains": ["gamma", "alpha", "beta"], "reference_losses": [3.0, 1.0, 2.0], "tokens": [1, 1, 1]}')
+    cfg = load(tiny_recipe(tmp_path, data), ["data.reference_losses=null", f"data.reference_losses_from={path}"])
+    assert cfg.data.reference_losses == [1.0, 2.0, 3.0]
+    path.write_text('{"domains": ["alpha"], "reference_losses": [1.0]}')
+    problems = problems_of(tiny_recipe(tmp_path, data), ["data.reference_losses=null",
+                                                          f"data.reference_losses_from={path}"])
+    assert any(p.startswith("data.reference_losses_from:") and "has domains ['alpha']" in p for p in problems)
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
