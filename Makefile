@@ -18,3 +18,6 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+demo: setup
+	bash scripts/demo.sh
