@@ -11,9 +11,8 @@ import types
 import typing
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
 import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 class ConfigError(ValueError):

@@ -94,7 +94,7 @@ def check(source: str, target_items: list[str], seed: int, tolerance: float, wor
     ours, hf = load_pair(source, seed, workdir, dtype)
     tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
     logits = ours(tokens)
-    ones = {name: torch.ones(shape, dtype=dtype) for name, shape in ((s.name, s.shape) for s in L0Module(cfg, target).specs)}
+    ones = {spec.name: torch.ones(spec.shape, dtype=dtype) for spec in L0Module(cfg, target).specs}
     masks = {name: mask.to(dtype) for name, mask in random_masks(cfg, target, seed).items()}
     masked = ours(tokens, masks)
     cut = cut_model(ours, masks)

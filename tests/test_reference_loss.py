@@ -9,9 +9,9 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from data_fixtures import REPO, random_shards
 
-import yaml
 from llmshear.datasets.mds import MDSDomain
 from llmshear.datasets.reference import eval_domains, read_sizes, scaling_reference
 
