@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from composer import Trainer
 from composer.core import Evaluator
 from composer.utils import dist
@@ -19,10 +20,13 @@ from llmshear.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshear.callbacks.pruning import PruningCallback
 from llmshear.callbacks.resume_rng import ResumeRNG
 from llmshear.config import RunConfig
-from llmshear.datasets.dynamic import build_eval_dataloader, build_train_dataloader
+from llmshear.config_checks import LATEST_CHECKPOINT
+from llmshear.datasets.dynamic import DynamicDomainDataset, build_eval_dataloader, build_train_dataloader
+from llmshear.datasets.mds import open_domains
 from llmshear.loggers import JSONLinesLogger
 from llmshear.models.composer_llama import ComposerLlama, Distillation
 from llmshear.models.hf import build_model, load_config, load_model
+from llmshear.models.importance import init_l0_from_importance
 from llmshear.models.l0 import L0Module, TargetShape
 from llmshear.optim import build_optimizer, build_scheduler
 
@@ -62,6 +66,47 @@ def build_composer_model(cfg: RunConfig, device: str | None = None) -> ComposerL
             load_model(cfg.distill.teacher)
         distill = Distillation(teacher, alpha=cfg.distill.alpha, temperature=cfg.distill.temperature)
     return ComposerLlama(model, l0=build_l0(cfg, source), domains=cfg.data.domains, distill=distill)
+
+
+def calibration_batches(cfg: RunConfig) -> list[torch.Tensor]:
+    """``pruning.init_batches`` batches of ``train.micro_batch_size`` input ids ``(B, T)`` from the train split.
+
+    They come from a separate copy of the seeded training stream (as rank 0 of 1, so every rank gets the same
+    batches): the training loader is never touched, and the run trains on exactly the sequence a run with
+    constant init draws. The eval split is left alone, so evaluation stays unseen by the init.
+    """
+    d = cfg.data
+    sources = open_domains([Path(d.path) / d.train_split / domain for domain in d.domains], d.seq_len)
+    size = cfg.train.micro_batch_size
+    stream = iter(DynamicDomainDataset(sources, d.domains, d.proportions, global_batch_size=size, seed=cfg.seed,
+                                       rank=0, world_size=1))
+    return [torch.stack([next(stream)["input_ids"] for _ in range(size)]) for _ in range(cfg.pruning.init_batches)]
+
+
+def resumes(cfg: RunConfig) -> bool:
+    """Whether the Trainer will load a checkpoint (``load_path``, or autoresume with a latest checkpoint)."""
+    c = cfg.checkpoint
+    return c.load_path is not None or (c.autoresume and (Path(c.save_folder) / LATEST_CHECKPOINT).exists())
+
+
+def init_gates(cfg: RunConfig, model: ComposerLlama) -> None:
+    """``pruning.init=importance``: gate logits from the source model's activation importance, before training.
+
+    Skipped when the run resumes: the checkpoint's logits win (they are loaded after this anyway). The scores
+    are computed on the GPU when the run uses one, then the model goes back to the CPU for the Trainer.
+    """
+    if cfg.pruning is None or cfg.pruning.init != "importance":
+        return
+    if resumes(cfg):
+        log.info("pruning.init=importance: resuming, the checkpoint's gate logits are kept")
+        return
+    use_gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
+    lm = model.model.to("cuda") if use_gpu else model.model
+    try:
+        init_l0_from_importance(model.l0, lm, calibration_batches(cfg))
+    finally:
+        lm.to("cpu")
+    log.info("pruning.init=importance: gate logits set from %d calibration batches", cfg.pruning.init_batches)
 
 
 def _init_device(cfg: RunConfig) -> str:
@@ -121,6 +166,7 @@ def build_trainer(cfg: RunConfig, world_size: int | None = None) -> Trainer:
     world_size = world_size or dist.get_world_size()
     t = cfg.train
     model = build_composer_model(cfg)
+    init_gates(cfg, model)
     o = cfg.optimizer
     optimizer = build_optimizer(model, lr=o.lr, lag_lr=o.lag_lr, betas=o.betas, eps=o.eps,
                                 weight_decay=o.weight_decay)

@@ -33,13 +33,19 @@ class ModelSection:
 
 @dataclass
 class PruningSection:
-    """Present only in pruning runs: the target shape and the L0 module's options."""
+    """Present only in pruning runs: the target shape and the L0 module's options.
+
+    ``init``: ``constant`` (every gate logit ``init_log_alpha``, the paper's) or ``importance`` (logits ranked
+    by activation importance on ``init_batches`` calibration batches, see :mod:`llmshear.models.importance`).
+    """
 
     target: dict
     structures: list[str] = field(default_factory=lambda: list(STRUCTURES))
     lagrangian_warmup: int = 0
     init_log_alpha: float = 5.0
     log_alpha_limit: float = 10.0
+    init: str = "constant"
+    init_batches: int = 4
 
 
 @dataclass
@@ -150,6 +156,7 @@ CHOICES = {
     "model.init_device": ("cpu", "meta"),
     "model.attn_impl": ("sdpa", "flash"),
     "data.update": tuple(RULES),
+    "pruning.init": ("constant", "importance"),
     "train.precision": ("fp32", "amp_bf16", "amp_fp16"),
     "train.device": ("cpu", "gpu", None),
     "fsdp.version": (1, 2),

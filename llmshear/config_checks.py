@@ -52,6 +52,8 @@ def check_numbers(cfg: RunConfig) -> list[str]:
     if cfg.pruning is not None:
         rules.append(("pruning.lagrangian_warmup", cfg.pruning.lagrangian_warmup, cfg.pruning.lagrangian_warmup >= 0,
                       "must not be negative"))
+        rules.append(("pruning.init_batches", cfg.pruning.init_batches, cfg.pruning.init_batches > 0,
+                      "must be positive"))
     if cfg.distill is not None:
         rules.append(("distill.alpha", cfg.distill.alpha, 0 <= cfg.distill.alpha <= 1, "must lie in [0, 1]"))
         rules.append(("distill.temperature", cfg.distill.temperature, cfg.distill.temperature > 0,
@@ -219,6 +221,9 @@ def check_runtime(cfg: RunConfig, cuda: bool) -> list[str]:
         problems.append("fsdp.activation_checkpointing needs fsdp.enabled=true")
     if cfg.model.init_device == "meta" and not cfg.fsdp.enabled:
         problems.append("model.init_device='meta' needs fsdp.enabled=true (rank 0 loads, FSDP broadcasts)")
+    if cfg.model.init_device == "meta" and cfg.pruning is not None and cfg.pruning.init == "importance":
+        problems.append("pruning.init='importance' needs model.init_device='cpu': every rank scores the source "
+                        "model's activations, and with 'meta' only rank 0 has its weights")
     return problems
 
 
