@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from llmshear.datasets.reference import eval_domains
 from llmshear.evaluation import evaluate_domains, format_table
 from llmshear.models.hf import load_model
 
@@ -26,15 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, help="model source (repeatable)")
     parser.add_argument("--data", required=True, type=Path, help="split directory with one MDS dir per domain")
-    parser.add_argument("--domains", nargs="+", help="domains to evaluate (default: every sub-directory)")
+    parser.add_argument("--domains", nargs="+", help="domains to evaluate (default: all, in prepare_data's order)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seqs", type=int, help="at most this many sequences per domain")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        domains = args.domains or sorted(p.name for p in args.data.iterdir() if (p / "index.json").is_file())
-        if not domains:
-            raise FileNotFoundError(f"--data {args.data}: no MDS domain directories (expected <domain>/index.json)")
+        domains = args.domains or eval_domains(args.data)
         results = {}
         for source in args.model:
             log.info("evaluating %s", source)

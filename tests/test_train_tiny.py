@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,16 @@ from llmshear.models.hf import load_model
 from llmshear.models.prune import prune_checkpoint
 
 train = train_module()
+
+
+def script(name: str):
+    """A script of ``scripts/`` imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 TARGET = {"d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 1, "intermediate_size": 96}
 
 
@@ -92,6 +104,23 @@ def test_export_refuses_to_overwrite_and_refuses_pruning_checkpoints(pipeline):
     with pytest.raises(ValueError, match="truncated or corrupt"):
         export_checkpoint(truncated, tmp / "other")
     assert not (tmp / "other").exists()
+
+
+def test_scripts_plot_the_runs_and_tabulate_perplexity(pipeline, capsys):
+    tmp = pipeline["tmp"]
+    plot_run, eval_ppl = script("plot_run"), script("eval_ppl")
+    assert plot_run.main([str(tmp / "prune"), str(tmp / "continue"), "--out", str(tmp / "plots")]) == 0
+    assert {p.name for p in (tmp / "plots").iterdir()} == {"domain_weights.png", "loss_gap.png", "sparsity.png"}
+    assert plot_run.main([str(tmp / "prune"), "--out", str(tmp / "plots")]) == 2  # never overwrites silently
+    capsys.readouterr()
+    assert eval_ppl.main(["--model", str(tmp / "pruned"), "--model", str(tmp / "final"), "--data",
+                          str(pipeline["data"] / "eval")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    result = json.loads(lines[-1])
+    assert set(result["models"]) == {str(tmp / "pruned"), str(tmp / "final")}
+    assert lines[0].split()[0] == "domain" and {line.split()[0] for line in lines[1:-1]} == {*DOMAINS, "mean"}
+    final = result["models"][str(tmp / "final")]
+    assert final["mean_ppl"] == pytest.approx(math.exp(final["mean_loss"]))
 
 
 def test_invalid_recipe_exits_2_before_any_work(tmp_path, caplog):

@@ -1,0 +1,35 @@
+"""Generate text with a saved model through Hugging Face ``transformers`` alone (no llmshear code in the loop).
+
+    python scripts/generate.py --model out/demo/final --prompt "def fibonacci(n):"
+
+Prints the prompt and its greedy continuation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load ``--model`` with ``AutoModelForCausalLM`` and print a greedy continuation of ``--prompt``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="HF model directory with a tokenizer")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    args = parser.parse_args(argv)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    print(tokenizer.decode(output[0], skip_special_tokens=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
