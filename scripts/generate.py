@@ -2,7 +2,8 @@
 
     python scripts/generate.py --model out/demo/final --prompt "def fibonacci(n):"
 
-Prints the prompt and its greedy continuation.
+Prints the prompt and its greedy continuation (with a repetition penalty: a small model trained briefly, like
+the demo's, otherwise tends to repeat one token).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="HF model directory with a tokenizer")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--repetition-penalty", type=float, default=1.3, help="1.0: none (plain greedy decoding)")
     args = parser.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    inputs = tokenizer(args.prompt, return_tensors="pt")
+    inputs = tokenizer(args.prompt, return_tensors="pt", return_token_type_ids=False)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                repetition_penalty=args.repetition_penalty,
                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     print(tokenizer.decode(output[0], skip_special_tokens=True))
     return 0
