@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from llmshear.models.hf import PRESETS, build_model, config_to_hf, load_config, load_model, save_pretrained
+from llmshear.models.l0 import mask_shapes
 from llmshear.models.llama import LlamaConfig
 
 THREADS = 2
@@ -73,10 +74,7 @@ CUT_SAMPLES = 5
 
 def ones_masks(cfg: LlamaConfig) -> dict[str, torch.Tensor]:
     """All-ones masks of every structure, shapes as documented in ``llama.py``, requiring grad like real gates."""
-    shapes = {"layer": (cfg.n_layers,), "kv_group": (cfg.n_layers, cfg.n_kv_heads),
-              "head": (cfg.n_layers, cfg.n_kv_heads, cfg.q_per_kv),
-              "intermediate": (cfg.n_layers, cfg.intermediate_size), "hidden": (cfg.d_model,)}
-    return {name: torch.ones(shape, requires_grad=True) for name, shape in shapes.items()}
+    return {name: torch.ones(shape, requires_grad=True) for name, shape in mask_shapes(cfg).items()}
 
 
 def train_step(model, tokens: torch.Tensor, optimizer, masks=None, hf: bool = False) -> None:

@@ -29,19 +29,12 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from llmshear.models.l0 import L0Module, MaskSpec, TargetShape, deterministic_gates, mask_specs
+from llmshear.models.l0 import L0Module, MaskSpec, TargetShape, deterministic_gates, mask_shapes, mask_specs
 from llmshear.models.llama import LlamaConfig, LlamaLM, Masks
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SPREAD = 2.0
-
-
-def _score_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """The mask shape of every structure (as in :mod:`llmshear.models.llama`)."""
-    return {"layer": (cfg.n_layers,), "kv_group": (cfg.n_layers, cfg.n_kv_heads),
-            "head": (cfg.n_layers, cfg.n_kv_heads, cfg.q_per_kv),
-            "intermediate": (cfg.n_layers, cfg.intermediate_size), "hidden": (cfg.d_model,)}
 
 
 def _register_hooks(model: LlamaLM, sums: dict[str, torch.Tensor]) -> list:
@@ -98,7 +91,7 @@ def activation_importance(model: LlamaLM, batches: Iterable[torch.Tensor]) -> di
     """
     cfg = model.cfg
     device = model.lm_head.weight.device
-    shapes = {**_score_shapes(cfg), "head": (cfg.n_layers, cfg.n_heads)}
+    shapes = {**mask_shapes(cfg), "head": (cfg.n_layers, cfg.n_heads)}
     sums = {name: torch.zeros(shape, device=device) for name, shape in shapes.items() if name != "kv_group"}
     handles = _register_hooks(model, sums)
     was_training, tokens = model.training, 0
@@ -114,10 +107,10 @@ def activation_importance(model: LlamaLM, batches: Iterable[torch.Tensor]) -> di
     if tokens == 0:
         raise ValueError("activation_importance needs at least one calibration batch")
     scores = {name: (total / tokens).cpu() for name, total in sums.items()}
-    scores["head"] = scores["head"].view(_score_shapes(cfg)["head"])
+    scores["head"] = scores["head"].view(mask_shapes(cfg)["head"])
     scores["kv_group"] = scores["head"].sum(-1)
     logger.info("activation importance from %d calibration tokens", tokens)
-    return {name: scores[name] for name in _score_shapes(cfg)}
+    return {name: scores[name] for name in mask_shapes(cfg)}
 
 
 def _ranks(scores: torch.Tensor) -> torch.Tensor:

@@ -117,20 +117,24 @@ class MaskSpec:
         return 1.0 - self.keep / self.units
 
 
+def mask_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """The gate shape of every structure of ``cfg``, in :data:`STRUCTURES` order."""
+    return {"layer": (cfg.n_layers,), "kv_group": (cfg.n_layers, cfg.n_kv_heads),
+            "head": (cfg.n_layers, cfg.n_kv_heads, cfg.q_per_kv),
+            "intermediate": (cfg.n_layers, cfg.intermediate_size), "hidden": (cfg.d_model,)}
+
+
 def _all_specs(source: LlamaConfig, target: TargetShape) -> list[MaskSpec]:
     """Every structure's spec in :data:`STRUCTURES` order, also those whose target equals the source."""
-    n_layers = source.n_layers
-    table = [  # name, gate shape, what one unit gates, kept per row, target key
-        ("layer", (n_layers,), "attention and MLP output of one decoder layer", target.n_layers, "n_layers"),
-        ("kv_group", (n_layers, source.n_kv_heads), "one KV head and all query heads that share it",
-         target.n_kv_heads, "n_kv_heads"),
-        ("head", (n_layers, source.n_kv_heads, source.q_per_kv), "one query head inside its KV group",
-         target.q_per_kv, "n_heads"),
-        ("intermediate", (n_layers, source.intermediate_size), "one SwiGLU channel", target.intermediate_size,
-         "intermediate_size"),
-        ("hidden", (source.d_model,), "one residual-stream dimension", target.d_model, "d_model"),
+    table = [  # name, what one unit gates, kept per row, target key
+        ("layer", "attention and MLP output of one decoder layer", target.n_layers, "n_layers"),
+        ("kv_group", "one KV head and all query heads that share it", target.n_kv_heads, "n_kv_heads"),
+        ("head", "one query head inside its KV group", target.q_per_kv, "n_heads"),
+        ("intermediate", "one SwiGLU channel", target.intermediate_size, "intermediate_size"),
+        ("hidden", "one residual-stream dimension", target.d_model, "d_model"),
     ]
-    return [MaskSpec(name, shape, gates, shape[-1], keep, key) for name, shape, gates, keep, key in table]
+    shapes = mask_shapes(source)
+    return [MaskSpec(name, shapes[name], gates, shapes[name][-1], keep, key) for name, gates, keep, key in table]
 
 
 def _raise_if(problems: list[str]) -> None:
