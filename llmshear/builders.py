@@ -16,6 +16,7 @@ from composer.core import Evaluator
 from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config
 
+from llmshear.callbacks.clipping import ClipGradNorm
 from llmshear.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshear.callbacks.pruning import PruningCallback
 from llmshear.callbacks.resume_rng import ResumeRNG
@@ -33,16 +34,20 @@ from llmshear.optim import build_optimizer, build_scheduler
 log = logging.getLogger(__name__)
 
 EVAL_LABEL = "eval"
+TARGET_EVAL_LABEL = "eval_target"  # pruning runs with pruning.eval_target: the target-shape cut, logged only
 
 
 def build_l0(cfg: RunConfig, source) -> L0Module | None:
     """The L0 module of a pruning run (on the CPU, it is small), or None for continued pre-training."""
     if cfg.pruning is None:
         return None
-    p = cfg.pruning
+    p, batches = cfg.pruning, cfg.train.max_batches
     target = TargetShape.from_dict(p.target, source, p.structures)
-    return L0Module(source, target, p.structures, lagrangian_warmup=p.lagrangian_warmup,
-                    init_log_alpha=p.init_log_alpha, log_alpha_limit=p.log_alpha_limit)
+    return L0Module(source, target, p.structures, lagrangian_warmup=round(p.sparsity_warmup * batches),
+                    harden_batch=None if p.harden_from >= 1 else round(p.harden_from * batches),
+                    constraint=p.constraint, eval_masks=p.eval_masks, init_log_alpha=p.init_log_alpha,
+                    log_alpha_limit=p.log_alpha_limit, temperature=p.temperature,
+                    final_temperature=p.final_temperature)
 
 
 def build_composer_model(cfg: RunConfig, device: str | None = None) -> ComposerLlama:
@@ -114,29 +119,43 @@ def _init_device(cfg: RunConfig) -> str:
     return "meta" if cfg.model.init_device == "meta" and dist.get_global_rank() != 0 else "cpu"
 
 
-def build_loaders(cfg: RunConfig, world_size: int):
-    """The train dataloader (dynamic domain proportions) and the eval dataloader (every domain)."""
+def build_train_loader(cfg: RunConfig, world_size: int):
+    """The train dataloader (dynamic domain proportions)."""
     d = cfg.data
-    root = Path(d.path)
-    train = build_train_dataloader(
-        [root / d.train_split / domain for domain in d.domains], d.domains, d.proportions,
+    return build_train_dataloader(
+        [Path(d.path) / d.train_split / domain for domain in d.domains], d.domains, d.proportions,
         batch_size=cfg.train.global_batch_size // world_size, seq_len=d.seq_len, seed=cfg.seed,
         num_workers=d.num_workers)
-    evaluation = build_eval_dataloader(
-        [root / d.eval_split / domain for domain in d.domains], d.domains,
+
+
+def build_eval_loader(cfg: RunConfig):
+    """The eval dataloader (every domain's eval split once)."""
+    d = cfg.data
+    return build_eval_dataloader(
+        [Path(d.path) / d.eval_split / domain for domain in d.domains], d.domains,
         batch_size=cfg.train.eval_batch_size or cfg.train.micro_batch_size, seq_len=d.seq_len)
-    return train, evaluation
 
 
 def build_callbacks(cfg: RunConfig) -> list:
-    """Dynamic loading, RNG restoration on resume, and the pruning callback (pruning runs)."""
+    """Dynamic loading, RNG restoration on resume, gradient clipping (``optimizer.clip_norm`` > 0) and the pruning
+    callback (pruning runs)."""
     d = cfg.data
     callbacks = [DynamicLoadingCallback(d.domains, rule=d.update, reference_losses=d.reference_losses, eta=d.eta,
                                         smoothing=d.smoothing, floor=d.floor, cap=d.cap, eval_label=EVAL_LABEL),
                  ResumeRNG()]
+    if cfg.optimizer.clip_norm > 0:
+        callbacks.append(ClipGradNorm(cfg.optimizer.clip_norm))
     if cfg.pruning is not None:
-        callbacks.append(PruningCallback(cfg.checkpoint.save_folder))
+        callbacks.append(PruningCallback(cfg.checkpoint.save_folder, target_label=TARGET_EVAL_LABEL))
     return callbacks
+
+
+def build_evaluators(cfg: RunConfig) -> list[Evaluator]:
+    """The evaluation every run has (dynamic loading reads it) and, when pruning with ``pruning.eval_target``,
+    a second pass over the same data through the target-shape cut (see :class:`PruningCallback`)."""
+    labels = [EVAL_LABEL] + ([TARGET_EVAL_LABEL] if cfg.pruning is not None and cfg.pruning.eval_target else [])
+    return [Evaluator(label=label, dataloader=build_eval_loader(cfg)) for label in labels]
+
 
 
 def parallelism_config(cfg: RunConfig) -> dict | None:
@@ -170,18 +189,19 @@ def build_trainer(cfg: RunConfig, world_size: int | None = None) -> Trainer:
     o = cfg.optimizer
     optimizer = build_optimizer(model, lr=o.lr, lag_lr=o.lag_lr, betas=o.betas, eps=o.eps,
                                 weight_decay=o.weight_decay)
-    train_loader, eval_loader = build_loaders(cfg, world_size)
+    train_loader = build_train_loader(cfg, world_size)
     log.info("model: %s parameters; %d batches of %d x %d tokens", f"{model.model.num_params():,}",
              t.max_batches, t.global_batch_size, cfg.data.seq_len)
     return Trainer(
         model=model,
         train_dataloader=train_loader,
-        eval_dataloader=Evaluator(label=EVAL_LABEL, dataloader=eval_loader),
+        eval_dataloader=build_evaluators(cfg),
         eval_interval=f"{t.eval_interval}ba",
         eval_subset_num_batches=t.eval_batches,
         max_duration=f"{t.max_batches}ba",
         optimizers=optimizer,
-        schedulers=build_scheduler(cfg.scheduler.warmup, cfg.scheduler.alpha_f),
+        schedulers=build_scheduler(optimizer, cfg.scheduler.warmup, cfg.scheduler.alpha_f, t.max_batches,
+                                   o.gate_schedule),
         step_schedulers_every_batch=True,
         device_train_microbatch_size=t.micro_batch_size,
         callbacks=build_callbacks(cfg),

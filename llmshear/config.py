@@ -17,7 +17,8 @@ import torch
 from llmshear.config_checks import check_run
 from llmshear.config_types import ConfigError, annotate, build_section, load_raw
 from llmshear.datasets.proportions import RULES
-from llmshear.models.l0 import STRUCTURES
+from llmshear.models.l0 import CONSTRAINTS, EVAL_MASKS, STRUCTURES
+from llmshear.optim import GATE_SCHEDULES
 
 __all__ = ["ConfigError", "RunConfig", "load"]
 
@@ -33,18 +34,28 @@ class ModelSection:
 
 @dataclass
 class PruningSection:
-    """Present only in pruning runs: the target shape and the L0 module's options.
+    """Present only in pruning runs: the target shape and the L0 module's options (see docs/pruning.md).
 
-    ``init``: ``constant`` (every gate logit ``init_log_alpha``, the paper's) or ``importance`` (logits ranked
-    by activation importance on ``init_batches`` calibration batches, see :mod:`llmshear.models.importance`).
+    ``init``: ``importance`` (logits ranked by activation importance on ``init_batches`` calibration batches,
+    see :mod:`llmshear.models.importance`) or ``constant`` (every gate logit ``init_log_alpha``, the paper's).
+    ``sparsity_warmup`` and ``harden_from`` are fractions of ``train.max_batches``: the target sparsity ramps
+    up over the first, and from the second on the masks are frozen as 0/1 (1.0: never, the paper's).
+    ``eval_masks``: what the evaluations during pruning (and so dynamic loading) measure, the ``current``
+    model or the ``target`` cut; ``eval_target`` adds a second evaluation of the target cut, logged only.
     """
 
     target: dict
     structures: list[str] = field(default_factory=lambda: list(STRUCTURES))
-    lagrangian_warmup: int = 0
-    init_log_alpha: float = 5.0
+    constraint: str = "exact"
+    temperature: float = 0.1
+    final_temperature: float = 0.05
+    sparsity_warmup: float = 0.4
+    harden_from: float = 0.7
+    eval_masks: str = "current"
+    eval_target: bool = True
+    init_log_alpha: float = 4.6
     log_alpha_limit: float = 10.0
-    init: str = "constant"
+    init: str = "importance"
     init_batches: int = 4
 
 
@@ -80,10 +91,16 @@ class DataSection:
 
 @dataclass
 class OptimizerSection:
-    """DecoupledAdamW: ``lr`` for weights, ``lag_lr`` for gates and (as ascent) for the multipliers."""
+    """DecoupledAdamW: ``lr`` for weights, ``lag_lr`` for gates and (as ascent) for the multipliers.
+
+    ``gate_schedule``: the gates and multipliers keep a ``constant`` rate, or follow the weights' warm-up and
+    decay (``shared``). ``clip_norm``: the global gradient norm is clipped to it (0: no clipping).
+    """
 
     lr: float = 1e-4
     lag_lr: float = 1.0
+    gate_schedule: str = "constant"
+    clip_norm: float = 1.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -157,6 +174,9 @@ CHOICES = {
     "model.attn_impl": ("sdpa", "flash"),
     "data.update": tuple(RULES),
     "pruning.init": ("constant", "importance"),
+    "pruning.constraint": CONSTRAINTS,
+    "pruning.eval_masks": EVAL_MASKS,
+    "optimizer.gate_schedule": GATE_SCHEDULES,
     "train.precision": ("fp32", "amp_bf16", "amp_fp16"),
     "train.device": ("cpu", "gpu", None),
     "fsdp.version": (1, 2),

@@ -43,6 +43,7 @@ def check_numbers(cfg: RunConfig) -> list[str]:
         ("optimizer.betas", o.betas, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
          "must be two numbers in [0, 1)"),
         ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "must not be negative"),
+        ("optimizer.clip_norm", o.clip_norm, o.clip_norm >= 0, "must not be negative (0: no clipping)"),
         ("scheduler.warmup", cfg.scheduler.warmup, 0 <= cfg.scheduler.warmup <= t.max_batches,
          "must lie in [0, train.max_batches]"),
         ("scheduler.alpha_f", cfg.scheduler.alpha_f, 0 <= cfg.scheduler.alpha_f <= 1, "must lie in [0, 1]"),
@@ -50,8 +51,14 @@ def check_numbers(cfg: RunConfig) -> list[str]:
          "must not be negative (0: only at the end)"),
     ]
     if cfg.pruning is not None:
-        rules.append(("pruning.lagrangian_warmup", cfg.pruning.lagrangian_warmup, cfg.pruning.lagrangian_warmup >= 0,
-                      "must not be negative"))
+        p = cfg.pruning
+        rules.append(("pruning.sparsity_warmup", p.sparsity_warmup, 0 <= p.sparsity_warmup <= 1,
+                      "must lie in [0, 1] (a fraction of train.max_batches)"))
+        rules.append(("pruning.final_temperature", p.final_temperature, 0 < p.final_temperature <= p.temperature,
+                      f"must lie in (0, pruning.temperature={p.temperature}]"))
+        rules.append(("pruning.harden_from", p.harden_from, p.sparsity_warmup <= p.harden_from <= 1,
+                      f"must lie in [pruning.sparsity_warmup={p.sparsity_warmup}, 1] (a fraction of train.max_batches; "
+                      "1: never harden)"))
         rules.append(("pruning.init_batches", cfg.pruning.init_batches, cfg.pruning.init_batches > 0,
                       "must be positive"))
     if cfg.distill is not None:

@@ -21,18 +21,24 @@ gate logits (``log_alpha``)   ``optimizer.lag_lr``  0
 multipliers (``lagrangian``)  ``-optimizer.lag_lr``  0
 ============================  ===================  =============
 
-Composer's schedulers multiply every group's initial learning rate by the same factor, so the sign of the
-multipliers' rate survives warm-up and decay. Weight decay would pull gates towards "half open" and
-multipliers towards zero, so both extra groups get none.
+The schedule (:func:`build_scheduler`) multiplies a group's initial learning rate by a non-negative factor,
+so the sign of the multipliers' rate survives warm-up and decay. The weights warm up and decay; the gates and
+multipliers keep a constant rate by default (``optimizer.gate_schedule: constant``): in a short run the decay
+would halve their rate just when the gates should settle on the target. Weight decay would pull gates towards
+"half open" and multipliers towards zero, so both extra groups get none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
-from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW
+from composer.optim import DecoupledAdamW
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
+GATE_SCHEDULES = ("constant", "shared")
 GATE_PREFIX = "l0.log_alpha."
 LAMBDA_PREFIX = "l0.lagrangian."
 
@@ -84,6 +90,35 @@ def build_optimizer(model: nn.Module, lr: float, lag_lr: float, betas: Sequence[
     return DecoupledAdamW(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
-def build_scheduler(warmup_batches: int, alpha_f: float) -> CosineAnnealingWithWarmupScheduler:
-    """Linear warm-up over ``warmup_batches``, then cosine decay to ``alpha_f`` × the initial rate at the end."""
-    return CosineAnnealingWithWarmupScheduler(t_warmup=f"{warmup_batches}ba", alpha_f=alpha_f)
+def warmup_cosine(warmup_batches: int, max_batches: int, alpha_f: float) -> Callable[[int], float]:
+    """Factor at batch ``t``: linear warm-up ``t / warmup`` to 1, then cosine decay to ``alpha_f`` at ``max_batches``.
+
+    The same curve as Composer's ``CosineAnnealingWithWarmupScheduler``.
+    """
+    def factor(t: int) -> float:
+        if t < warmup_batches:
+            return t / warmup_batches
+        span = max(1, max_batches - warmup_batches)
+        progress = min(1.0, (t - warmup_batches) / span)
+        return alpha_f + (1 - alpha_f) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_scheduler(optimizer: Optimizer, warmup_batches: int, alpha_f: float, max_batches: int,
+                    gate_schedule: str = "constant") -> LambdaLR:
+    """Per-group schedule, stepped once per batch: :func:`warmup_cosine` for the weights; for the gates and
+    multipliers the same curve (``gate_schedule="shared"``, as the paper's recipe) or a constant rate.
+
+    Raises:
+        ValueError: unknown ``gate_schedule``.
+    """
+    if gate_schedule not in GATE_SCHEDULES:
+        raise ValueError(f"optimizer.gate_schedule {gate_schedule!r}: expected one of {GATE_SCHEDULES}")
+    curve = warmup_cosine(warmup_batches, max_batches, alpha_f)
+    factors = [curve if group.get("name", "weights") == "weights" or gate_schedule == "shared" else _constant
+               for group in optimizer.param_groups]
+    return LambdaLR(optimizer, factors)
+
+
+def _constant(t: int) -> float:
+    return 1.0

@@ -51,7 +51,7 @@ from composer.loggers import Logger
 from omegaconf import OmegaConf
 from streaming import MDSWriter
 
-from llmshear.builders import build_composer_model, build_loaders, build_trainer
+from llmshear.builders import build_composer_model, build_train_loader, build_trainer
 from llmshear.config import RunConfig, load
 from llmshear.datasets.mds import TOKENS, token_dtype
 from llmshear.models.hf import PRESETS, build_model, save_pretrained
@@ -109,14 +109,16 @@ def write_recipe(folder: Path, stage: str, model_dir: Path, data_dir: Path, sour
         "data": {"path": str(data_dir), "domains": DOMAINS, "seq_len": args.seq_len,
                  "proportions": [1 / len(DOMAINS)] * len(DOMAINS),
                  "reference_losses": [math.log(source.vocab_size)] * len(DOMAINS)},
-        "optimizer": {"lr": 1e-4, "lag_lr": 1.0},
+        "optimizer": {"lr": 1e-4, "lag_lr": 1.0, "clip_norm": 0.0},  # the bare loop does not clip either
         "train": {"max_batches": batches, "global_batch_size": args.batch, "micro_batch_size": args.batch,
                   "eval_interval": batches, "eval_batch_size": args.batch, "log_interval": 1,
                   "precision": args.precision, "device": args.device},
         "checkpoint": {"save_folder": str(folder / stage)},
     }
     if stage == "prune":
-        recipe["pruning"] = {"target": half_target(source), "lagrangian_warmup": batches}
+        # Every timed step a soft masked step (no hardening, no calibration pass, one evaluation).
+        recipe["pruning"] = {"target": half_target(source), "sparsity_warmup": 1.0, "harden_from": 1.0,
+                             "init": "constant", "eval_target": False}
     path = folder / f"{stage}.yaml"
     OmegaConf.save(OmegaConf.create(recipe), path)
     return path
@@ -173,7 +175,7 @@ class BareLoop:
         o = cfg.optimizer
         self.optimizer = build_optimizer(self.model, lr=o.lr, lag_lr=o.lag_lr, betas=o.betas, eps=o.eps,
                                          weight_decay=o.weight_decay)
-        self.batches: Iterator[dict] = iter(build_loaders(cfg, world_size=1)[0])
+        self.batches: Iterator[dict] = iter(build_train_loader(cfg, world_size=1))
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "amp_bf16")
         self.step = 0
 

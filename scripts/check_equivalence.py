@@ -73,12 +73,12 @@ def hf_reload(model, directory: Path) -> torch.nn.Module:
 
 def random_masks(source, target: TargetShape, seed: int) -> dict[str, torch.Tensor]:
     """Deterministic masks from gate logits ~ N(0, 2²), so that kept values differ from 1 and get folded."""
-    l0 = L0Module(source, target)
+    l0 = L0Module(source, target, constraint="row")  # raw logits: the kept values are P(gate != 0), not 1
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for log_alpha in l0.log_alpha.values():
             log_alpha.copy_(torch.randn(log_alpha.shape, generator=generator) * 2)
-    return l0.eval()()
+    return l0.deterministic_masks()
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

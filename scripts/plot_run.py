@@ -1,11 +1,11 @@
-"""PNG plots of one or more runs from their ``metrics.jsonl``: domain weights, loss gaps, expected sparsity.
+"""PNG plots of one or more runs from their ``metrics.jsonl``: domain weights, loss gaps, sparsity, undecided gates.
 
     python scripts/plot_run.py out/demo/runs/demo_prune out/demo/runs/demo_continue --out out/demo/plots
 
 Runs given together are drawn one after the other along the x-axis (a dotted line marks where the next run
 starts), so a pruning run and its continued pre-training read as one training history. Writes
-``domain_weights.png``, ``loss_gap.png`` and (when a run pruned) ``sparsity.png``; an existing ``--out`` is
-refused unless ``--overwrite``. Prints one JSON line with the files written.
+``domain_weights.png``, ``loss_gap.png`` and (when a run pruned) ``sparsity.png`` and ``undecided.png``; an
+existing ``--out`` is refused unless ``--overwrite``. Prints one JSON line with the files written.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ PANELS = {
     "loss_gap.png": (r"dynamic_loading/gap/(.+)", "eval loss - reference loss", "Loss gap per domain"),
     "sparsity.png": (r"l0/(.+)/expected_sparsity", "expected sparsity", "Expected sparsity per structure "
                                                                           "(dashed: target)"),
+    "undecided.png": (r"l0/(.+)/undecided", "fraction of gates with 0.05 < P(gate != 0) < 0.95",
+                      "Undecided gates per structure"),
 }
 TARGET = "l0/{}/target_sparsity"
 

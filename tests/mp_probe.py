@@ -31,7 +31,7 @@ def probe(recipe: str) -> None:
     wrapper = type(model).__name__
     model = getattr(model, "module", model)
     with full_parameters(model.l0):
-        l0 = {name: p.detach().clone() for name, p in model.l0.named_parameters()}
+        l0 = {name: p.detach().clone() for name, p in [*model.l0.named_parameters(), *model.l0.named_buffers()]}
     dataset = trainer.state.train_dataloader.dataset
     layer = model.model.model.layers[0]
     inner = getattr(layer, "_checkpoint_wrapped_module", layer)

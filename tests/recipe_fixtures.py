@@ -63,7 +63,7 @@ def tiny_recipe(tmp: Path, data_dir: Path, run: str = "run", prune: bool = True,
     }
     if prune:
         recipe["pruning"] = {"target": {"d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 1,
-                                        "intermediate_size": 96}, "lagrangian_warmup": 2}
+                                        "intermediate_size": 96}, "sparsity_warmup": 0.3}
     for name, values in sections.items():
         if isinstance(values, dict):
             recipe.setdefault(name, {}).update(values)

@@ -51,7 +51,8 @@ def test_paper_recipes_validate_and_build_on_meta(repo_root, paper_env, monkeypa
     assert model.model.lm_head.weight.is_meta
     size = name.split("_")[1]
     if name.startswith("prune"):
-        assert cfg.pruning.lagrangian_warmup == 640 and cfg.train.max_batches == 3200
+        assert cfg.pruning.sparsity_warmup * cfg.train.max_batches == 640 and cfg.train.max_batches == 3200
+        assert model.l0.options["lagrangian_warmup"] == 640 and model.l0.options["harden_batch"] == 2560
         assert model.l0.target.d_model == PAPER_TARGETS[size]["d_model"]
     else:
         assert model.l0 is None and cfg.train.max_batches == 48000

@@ -136,7 +136,7 @@ def test_importance_init_through_the_builder_and_resume_keeps_the_checkpoint(tmp
     l0 = trainer.state.model.l0
     # Before fit, the trainer's model is still the source model.
     expected = importance_log_alpha(activation_importance(trainer.state.model.model, calibration_batches(cfg)),
-                                    l0.specs)
+                                    l0.specs, init=cfg.pruning.init_log_alpha)
     for spec in l0.specs:
         assert l0.log_alpha[spec.name].unique().numel() > 1, spec.name
         torch.testing.assert_close(l0.log_alpha[spec.name].detach(), expected[spec.name])

@@ -14,6 +14,7 @@ from llmshear.models.l0 import (
     L0Module,
     TargetShape,
     deterministic_gates,
+    expected_gates,
     l0_from_state_dict,
     mask_specs,
     params_of_masks,
@@ -131,15 +132,33 @@ def test_expected_params_is_the_mean_over_independent_gate_draws():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in l0.log_alpha.values())
 
 
-def test_forward_samples_in_training_and_is_deterministic_in_eval():
+def test_forward_samples_in_training_and_evaluates_the_current_or_the_target_model():
     l0 = L0Module(GQA, _target(HALF_GQA))
+    with torch.no_grad():
+        for p in l0.log_alpha.values():
+            p.copy_(torch.randn(p.shape) * 4)
     sampled = l0.train()()
     assert {n: m.shape for n, m in sampled.items()} == {s.name: torch.Size(s.shape) for s in l0.specs}
     assert all(m.requires_grad for m in sampled.values())
-    first, second = l0.eval()(), l0()
+    current = l0.eval()()  # the run's default eval_masks: the noise-free gates
+    for spec in l0.specs:
+        torch.testing.assert_close(current[spec.name], expected_gates(l0.gate_logits(spec.name)))
+    l0.use_eval_masks("target")
+    first, second = l0(), l0()
     for spec in l0.specs:
         assert torch.equal(first[spec.name], second[spec.name])
         assert ((first[spec.name] != 0).sum(-1) == spec.keep).all()
+    with pytest.raises(ValueError, match="eval masks 'cut'"):
+        l0.use_eval_masks("cut")
+
+
+def test_expected_gates_is_the_clamped_stretched_sigmoid():
+    log_alpha = torch.tensor([-10.0, -2.5, 0.0, 1.0, 2.5, 10.0])
+    low, high = LIMITS
+    formula = (torch.sigmoid(log_alpha) * (high - low) + low).clamp(0, 1)
+    torch.testing.assert_close(expected_gates(log_alpha), formula)
+    assert expected_gates(log_alpha)[0] == 0 and expected_gates(log_alpha)[-1] == 1
+    assert expected_gates(torch.tensor(0.0)) == pytest.approx(0.5)
 
 
 def test_target_sparsity_ramps_linearly_and_set_step_clamps():
@@ -148,24 +167,44 @@ def test_target_sparsity_ramps_linearly_and_set_step_clamps():
     for step, fraction in [(0, 0.0), (25, 0.25), (100, 1.0), (250, 1.0)]:
         l0.set_step(step)
         assert l0.target_sparsity() == pytest.approx({n: f * fraction for n, f in final.items()})
-    assert all(p.max() == 3.0 for p in l0.log_alpha.values())  # initialised at 5, clamped to the limit
+    assert all(p.max() == 3.0 for p in l0.log_alpha.values())  # initialised at 4.6, clamped to the limit
 
 
-def test_lagrangian_loss_is_the_formula_and_parameters_are_named_for_the_optimizer():
-    l0 = L0Module(GQA, _target(HALF_GQA))
+def test_lagrangian_loss_is_the_per_row_formula_and_parameters_are_named_for_the_optimizer():
+    l0 = L0Module(GQA, _target(HALF_GQA), lagrangian_warmup=10, constraint="row")
+    l0.set_step(5)
     names = dict(l0.named_parameters())
     assert set(names) == {f"log_alpha.{s.name}" for s in l0.specs} | {
         f"lagrangian.lambda{i}.{s.name}" for s in l0.specs for i in (1, 2)}
-    assert all(p.shape == (1,) for n, p in names.items() if n.startswith("lagrangian."))
+    rows = {"layer": (1,), "kv_group": (4,), "intermediate": (4,), "hidden": (1,)}  # no head: groups of 4 kept
+    assert {n: tuple(p.shape) for n, p in l0.lagrangian.lambda1.items()} == rows
+    heads = L0Module(GQA, _target(HALF_GQA | {"n_heads": 2}), constraint="row")
+    assert tuple(heads.lagrangian.lambda1["head"].shape) == (4, 2)  # one pair per (layer, KV group)
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for i, spec in enumerate(l0.specs):
-            l0.lagrangian.lambda1[spec.name].fill_(0.5 + i)
-            l0.lagrangian.lambda2[spec.name].fill_(2.0 - i)
-    expected, target = l0.expected_sparsity(), l0.target_sparsity()
-    formula = sum((0.5 + i) * (expected[s.name] - target[s.name]) + (2.0 - i) * (expected[s.name] - target[s.name])
-                  ** 2 for i, s in enumerate(l0.specs))
+        for p in l0.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    formula = 0.0
+    for spec in l0.specs:
+        p = prob_nonzero(l0.log_alpha[spec.name])
+        gap = (1 - p.mean(-1)).reshape(rows[spec.name]) - 0.5 * spec.final_sparsity  # half-way up the ramp
+        formula = formula + (l0.lagrangian.lambda1[spec.name] * gap + l0.lagrangian.lambda2[spec.name] * gap ** 2).sum()
     assert l0.lagrangian_loss().dim() == 0  # added to the scalar LM loss
     torch.testing.assert_close(l0.lagrangian_loss(), formula.float())
+
+
+def test_overall_constraint_is_one_pair_per_structure_on_its_mean_sparsity():
+    l0 = L0Module(GQA, _target(HALF_GQA), constraint="overall")
+    assert all(p.shape == (1,) for n, p in l0.named_parameters() if n.startswith("lagrangian."))
+    with torch.no_grad():
+        # intermediate: two layers fully open, two fully shut: overall sparsity 0.5 = the target, rows far off
+        l0.log_alpha["intermediate"].copy_(torch.tensor([10.0, 10.0, -10.0, -10.0]).unsqueeze(1).expand(4, 192))
+    assert l0.sparsity_gaps()["intermediate"].abs().item() < 1e-3
+    row = L0Module(GQA, _target(HALF_GQA), constraint="row")
+    row.load_state_dict({**row.state_dict(), "log_alpha.intermediate": l0.log_alpha["intermediate"].detach()})
+    assert (row.sparsity_gaps()["intermediate"].abs() > 0.49).all()  # every row misses its target by half
+    with pytest.raises(ValueError, match="constraint 'rows'"):
+        L0Module(GQA, _target(HALF_GQA), constraint="rows")
 
 
 def _optimizer(l0: L0Module, lr: float = 0.1) -> torch.optim.Optimizer:
@@ -175,7 +214,7 @@ def _optimizer(l0: L0Module, lr: float = 0.1) -> torch.optim.Optimizer:
 
 
 def test_lambda_grows_while_the_expected_sparsity_lags_its_target():
-    l0 = L0Module(GQA, _target(HALF_GQA))
+    l0 = L0Module(GQA, _target(HALF_GQA), constraint="overall")
     l0.log_alpha.requires_grad_(False)  # the gates cannot move: sparsity stays ~0, below the 0.5 target
     optimizer = _optimizer(l0)
     history = []
@@ -194,7 +233,7 @@ def test_lambda_grows_while_the_expected_sparsity_lags_its_target():
 
 def test_lagrangian_pulls_expected_sparsity_to_the_ramped_target():
     torch.manual_seed(0)
-    l0 = L0Module(GQA, _target(HALF_GQA | {"n_heads": 2}), lagrangian_warmup=100)
+    l0 = L0Module(GQA, _target(HALF_GQA | {"n_heads": 2}), lagrangian_warmup=100, constraint="row")
     optimizer = _optimizer(l0)
     for step in range(300):
         l0.set_step(step)
@@ -203,10 +242,12 @@ def test_lagrangian_pulls_expected_sparsity_to_the_ramped_target():
         optimizer.zero_grad()
         (task + l0.lagrangian_loss()).backward()
         optimizer.step()
-    expected, target = l0.expected_sparsity(), l0.target_sparsity()
+    target = l0.target_sparsity()
     for spec in l0.specs:
         assert target[spec.name] == spec.final_sparsity
-        assert abs(expected[spec.name].item() - spec.final_sparsity) < 0.01, spec.name
+        # every row on its own, not just the structure's mean
+        row_sparsity = 1 - l0.probabilities()[spec.name].mean(-1)
+        assert (row_sparsity - spec.final_sparsity).abs().max().item() < 0.01, spec.name
 
 
 def test_state_dict_resumes_and_carries_config_and_target():
@@ -226,3 +267,74 @@ def test_state_dict_resumes_and_carries_config_and_target():
     other = L0Module(GQA, _target(HALF_GQA | {"n_layers": 3}))
     with pytest.raises(ValueError, match="target"):
         other.load_state_dict(state, strict=False)
+
+
+def test_hardening_freezes_exact_binary_masks_for_training_evaluation_and_the_cut():
+    l0 = L0Module(GQA, _target(HALF_GQA), lagrangian_warmup=4, harden_batch=8)
+    with torch.no_grad():
+        for p in l0.log_alpha.values():
+            p.copy_(torch.randn(p.shape) * 3)
+    for step in range(8):
+        l0.set_step(step)
+        assert not l0.harden_due()
+    l0.set_step(8)
+    assert l0.harden_due()
+    before = {n: (m != 0).float() for n, m in l0.deterministic_masks().items()}
+    l0.harden()
+    assert l0.is_hardened() and not l0.harden_due()
+    with torch.no_grad():
+        for p in l0.log_alpha.values():
+            p.neg_()  # the gates keep learning under the constraint; the frozen masks must not follow
+    for masks in (l0.train()(), l0.eval()(), l0.deterministic_masks()):
+        for spec in l0.specs:
+            assert torch.equal(masks[spec.name], before[spec.name]), spec.name
+            assert ((masks[spec.name] == 0) | (masks[spec.name] == 1)).all()
+            assert ((masks[spec.name] != 0).sum(-1) == spec.keep).all()
+    # every gate logit still gets a (zero) gradient: DDP waits for one from every parameter
+    (sum(m.sum() for m in l0.train()().values()) + l0.lagrangian_loss()).backward()
+    assert all(p.grad is not None for p in l0.log_alpha.values())
+    rebuilt = l0_from_state_dict(l0.state_dict())
+    assert rebuilt.is_hardened() and rebuilt.options["harden_batch"] == 8
+    assert all(torch.equal(rebuilt.deterministic_masks()[n], before[n]) for n in before)
+
+
+def test_cut_report_counts_expected_size_and_decided_gates():
+    l0 = L0Module(GQA, _target({"n_layers": 2}, GQA), ["layer"], constraint="row")
+    with torch.no_grad():  # P(z != 0): ~1, ~0.9, ~0.01, ~0.01 -> two kept, one of them decided
+        l0.log_alpha["layer"].copy_(torch.tensor([8.0, 0.6, -6.2, -6.2]))
+    report = l0.cut_report()["layer"]
+    p = prob_nonzero(l0.log_alpha["layer"]).detach()
+    assert report["expected_keep"] == pytest.approx(p.sum().item())
+    assert report["target_keep"] == 2
+    assert report["size_error"] == pytest.approx(abs(p.sum().item() - 2) / 2)
+    assert report["decided"] == pytest.approx(0.5)
+    assert report["undecided"] == pytest.approx(0.25)
+
+
+def test_exact_constraint_meets_the_scheduled_count_of_every_row_without_multipliers():
+    l0 = L0Module(GQA, _target(HALF_GQA | {"n_heads": 2}), lagrangian_warmup=10, harden_batch=20,
+                  temperature=0.2, final_temperature=0.05)
+    assert list(l0.lagrangian.parameters()) == [] and l0.lagrangian_loss().item() == 0.0
+    with torch.no_grad():
+        for p in l0.log_alpha.values():
+            p.copy_(torch.randn(p.shape) * 3)
+    for step, tau in [(0, 0.2), (4, 0.2), (10, 0.2), (15, 0.125), (20, 0.05), (30, 0.05)]:
+        l0.set_step(step)
+        l0.update_shifts()
+        assert l0.temperature() == pytest.approx(tau)
+        for spec in l0.specs:
+            wanted = spec.units - (spec.units - spec.keep) * min(1.0, step / 10)
+            counts = l0.probabilities()[spec.name].sum(-1)
+            torch.testing.assert_close(counts, torch.full_like(counts, wanted), atol=1e-3 * spec.units, rtol=0)
+    # a low final temperature decides the gates: the target count sits on the kept units
+    report = l0.cut_report()
+    assert all(r["size_error"] < 1e-3 and r["decided"] > 0.5 for r in report.values()), report
+    # the logits still learn (which units to keep): the samples carry the LM loss's gradient to those near
+    # the row's threshold (here all of them: the constant init, half-way up the ramp)
+    fresh = L0Module(GQA, _target(HALF_GQA), lagrangian_warmup=10).train()
+    fresh.set_step(5)
+    fresh.update_shifts()
+    sum(m.sum() for m in fresh().values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fresh.log_alpha.values())
+    with pytest.raises(ValueError, match="final_temperature"):
+        L0Module(GQA, _target(HALF_GQA), temperature=0.1, final_temperature=0.2)

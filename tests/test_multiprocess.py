@@ -19,11 +19,14 @@ TARGET_D_MODEL = 64
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """One launch of 2 processes runs the DDP recipe, then the FSDP2 one (start-up dominates the time)."""
+    """One launch of 2 processes runs the DDP recipe, then the FSDP2 one (start-up dominates the time); both with
+    the default constraint (exact), hardened at batch 3 of 4, plus a DDP run with per-row multipliers."""
     tmp = tmp_path_factory.mktemp("mp")
     data = write_mds(tmp / "data", DOMAINS, 32, n_train=16)
+    row = {"constraint": "row"}
     recipes = [tiny_recipe(tmp, data, run="ddp", **SHORT),
-               tiny_recipe(tmp, data, run="fsdp", fsdp={"enabled": True, "activation_checkpointing": True}, **SHORT)]
+               tiny_recipe(tmp, data, run="fsdp", fsdp={"enabled": True, "activation_checkpointing": True}, **SHORT),
+               tiny_recipe(tmp, data, run="ddp_row", pruning=row, **SHORT)]
     launcher = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "composer"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
     result = subprocess.run([str(launcher), "-n", "2", "--stderr", str(tmp / "rank{rank}.err"),
@@ -37,17 +40,20 @@ def probes(folder: Path) -> tuple[dict, dict]:
     return torch.load(folder / "probe-rank0.pt"), torch.load(folder / "probe-rank1.pt")
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp", "ddp_row"])
 def test_ranks_agree_on_gates_multipliers_and_proportions(runs, kind):
     rank0, rank1 = probes(runs / kind)
     assert rank0["world_size"] == rank1["world_size"] == 2
     assert rank0["l0"].keys() == rank1["l0"].keys()
-    assert {name.split(".")[0] for name in rank0["l0"]} == {"lagrangian", "log_alpha"}
-    for name, value in rank0["l0"].items():
+    for name, value in rank0["l0"].items():  # gate logits, multipliers, shifts, hardened 0/1 masks
         assert torch.equal(value, rank1["l0"][name]), name
     assert rank0["proportions"] == rank1["proportions"]
     assert rank0["proportions"] != pytest.approx([0.5, 0.3, 0.2], abs=1e-3)  # the two updates moved them
-    assert rank0["l0"]["lagrangian.lambda1.layer"].item() != 0.0
+    assert rank0["l0"]["hardened"].item()  # trained on after hardening: DDP got a gradient for every gate logit
+    if kind == "ddp_row":
+        assert rank0["l0"]["lagrangian.lambda1.layer"].item() != 0.0
+    else:
+        assert not any(name.startswith("lagrangian.") for name in rank0["l0"])
 
 
 def test_ddp_and_fsdp_wrap_as_configured_and_train_alike(runs):
@@ -56,10 +62,14 @@ def test_ddp_and_fsdp_wrap_as_configured_and_train_alike(runs):
     assert fsdp["layer_types"][0] == "CheckpointWrapper" and fsdp["layer_types"][1].startswith("FSDP")
     assert fsdp["proportions"] == pytest.approx(ddp["proportions"], abs=1e-4)
     for name, value in ddp["l0"].items():
-        if name.startswith("lagrangian."):
-            torch.testing.assert_close(fsdp["l0"][name], value, atol=1e-5, rtol=1e-5)
-        else:  # Adam turns rounding-level gradient differences of near-zero gradients into rare lr-sized steps
-            assert (fsdp["l0"][name] - value).abs().mean() < 1e-2, name
+        if name.startswith("log_alpha."):  # Adam turns rounding-level differences of near-zero gradients into
+            assert ((fsdp["l0"][name] - value).abs() > 1e-3).float().mean() < 0.25, name  # rare lr-sized steps
+        elif name.startswith("hard_"):
+            assert (fsdp["l0"][name] != value).float().mean() < 0.05, name
+        elif name.startswith("shift_"):  # solved from the logits at every batch: they follow them
+            assert (fsdp["l0"][name] - value).abs().max() < 1.0, name
+        else:
+            assert torch.equal(fsdp["l0"][name], value), name
 
 
 def test_fsdp_checkpoint_is_a_full_state_dict_that_cuts(runs):

@@ -40,12 +40,12 @@ def _target_for(cfg, structure: str) -> dict:
 
 
 def _random_masks(cfg, target: TargetShape, seed: int = 0) -> dict[str, torch.Tensor]:
-    l0 = L0Module(cfg, target)
+    l0 = L0Module(cfg, target, constraint="row")  # raw logits: the kept values are P(gate != 0), not 1
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for log_alpha in l0.log_alpha.values():
             log_alpha.copy_(torch.randn(log_alpha.shape, generator=generator) * 2)
-    return l0.eval()()
+    return l0.deterministic_masks()
 
 
 def _tokens(cfg, seed: int = 0) -> torch.Tensor:
@@ -201,7 +201,7 @@ def test_prune_checkpoint_writes_the_cut_model_masks_and_summary(tmp_path):
     assert loaded.cfg == model.cfg and loaded_l0.step.item() == 5
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     summary = prune_checkpoint(tmp_path / "ep0-ba5-rank0.pt", tmp_path / "out")
-    masks = l0.eval()()
+    masks = l0.deterministic_masks()
     saved_masks = torch.load(tmp_path / "out" / "masks.pt", weights_only=True)
     assert saved_masks.keys() == masks.keys() and all(torch.equal(saved_masks[k], masks[k]) for k in masks)
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
@@ -264,5 +264,5 @@ def test_prune_a_checkpoint_written_by_composers_trainer(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     tokens = _tokens(cfg)
     with torch.no_grad():
-        assert (hf(tokens).logits - model.model(tokens, l0.eval()())).abs().max() <= TOL
+        assert (hf(tokens).logits - model.model(tokens, l0.deterministic_masks())).abs().max() <= TOL
     assert summary["pruned"] == {k: getattr(l0.target.to_config(cfg), k) for k in summary["pruned"]}

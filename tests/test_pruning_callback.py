@@ -25,9 +25,10 @@ class Recorder(LoggerDestination):
         self.metrics.update(metrics)
 
 
-def make_state(warmup: int = 10) -> State:
+def make_state(warmup: int = 10, harden_batch: int | None = None) -> State:
     source = load_config("tiny-gqa")
-    l0 = L0Module(source, TargetShape.from_dict(TARGET, source), lagrangian_warmup=warmup)
+    l0 = L0Module(source, TargetShape.from_dict(TARGET, source), lagrangian_warmup=warmup, harden_batch=harden_batch,
+                  constraint="row")
     model = ComposerLlama(build_model(source, seed=0), l0=l0)
     return State(model=model, rank_zero_seed=0, run_name="t", device=DeviceCPU(), max_duration="20ba")
 
@@ -58,7 +59,7 @@ def test_batch_end_logs_every_structure():
     m = recorder.metrics
     assert set(STRUCTURES) == {s.name for s in state.model.l0.specs}
     for name in STRUCTURES:
-        for kind in ("expected_sparsity", "target_sparsity", "lambda1", "lambda2"):
+        for kind in ("expected_sparsity", "target_sparsity", "max_row_gap", "lambda1", "lambda2", "undecided"):
             assert f"l0/{name}/{kind}" in m
     assert m["l0/layer/lambda1"] == -0.25
     assert m["l0/layer/target_sparsity"] == pytest.approx(0.4 * 0.25)  # 1 of 4 layers, 4/10 of the ramp
@@ -73,7 +74,8 @@ def test_eval_end_saves_masks_and_shape_without_overwriting(tmp_path):
     masks = torch.load(tmp_path / "masks" / "ba7.pt")
     summary = json.loads((tmp_path / "masks" / "ba7.json").read_text())
     assert summary["shape"] == summary["target"] == TARGET
-    assert summary["batch"] == 7
+    assert summary["batch"] == 7 and summary["hardened"] is False
+    assert set(summary["cut_report"]) == set(STRUCTURES)
     assert masks["layer"].count_nonzero() == 3 and masks["head"].shape == (4, 2, 4)
     first = (tmp_path / "masks" / "ba7.pt").read_bytes()
     with torch.no_grad():
@@ -83,6 +85,39 @@ def test_eval_end_saves_masks_and_shape_without_overwriting(tmp_path):
     again = torch.load(tmp_path / "masks" / "ba7-1.pt")
     assert again["layer"].nonzero().flatten().tolist() == [1, 2, 3]
     assert (tmp_path / "masks" / "ba7-1.json").is_file()
+
+
+def test_batch_start_hardens_at_its_batch():
+    state = make_state(warmup=2, harden_batch=3)
+    callback, logger = PruningCallback(None), Logger(state, [])
+    for batch in range(3):
+        at_batch(state, batch)
+        callback.batch_start(state, logger)
+        assert not state.model.l0.is_hardened()
+    at_batch(state, 3)
+    callback.batch_start(state, logger)
+    assert state.model.l0.is_hardened()
+    masks = state.model.l0.train()()
+    assert all(((m == 0) | (m == 1)).all() for m in masks.values())
+
+
+def test_evaluators_measure_the_current_model_or_the_target_cut(tmp_path):
+    state = make_state()
+    l0 = state.model.l0.eval()
+    with torch.no_grad():
+        l0.log_alpha["layer"].copy_(torch.tensor([4.0, 1.0, 0.5, -4.0]))
+    callback, logger = PruningCallback(tmp_path, target_label="eval_target"), Logger(state, [])
+    state.set_dataloader([], "eval")
+    callback.eval_start(state, logger)
+    assert l0()["layer"].count_nonzero() == 3 and l0()["layer"][1] < 1  # the current model: soft gates
+    at_batch(state, 5)
+    callback.eval_end(state, logger)
+    state.set_dataloader([], "eval_target")
+    callback.eval_start(state, logger)
+    assert l0()["layer"].count_nonzero() == 3 and torch.equal(l0()["layer"], l0.deterministic_masks()["layer"])
+    callback.eval_end(state, logger)
+    assert l0.eval_kind == "current"  # back to the run's setting after the target evaluation
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["ba5.json", "ba5.pt"]  # saved once
 
 
 def test_save_masks_never_replaces_a_file(tmp_path):

@@ -58,8 +58,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     for key, value in a["model"].items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, b["model"][key]), key
-    for name in ("l0.log_alpha.layer", "l0.lagrangian.lambda1.kv_group"):
+    for name in ("l0.log_alpha.layer", "l0.shift_kv_group", "l0.hard_intermediate"):
         assert name in a["model"]
+    assert a["model"]["l0.hardened"].item()  # hardened at batch 4, after the resume: the same masks either way
     assert a["data"]["train"] == b["data"]["train"]
     assert a["data"]["train"]["proportions"] != [0.5, 0.3, 0.2]  # re-weighting happened
     assert a["data"]["train"]["passes"] != [0, 0, 0]

@@ -35,10 +35,11 @@ TARGET = {"d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 1, "intermed
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """Prune tiny-gqa for 6 batches, cut it, continue 4 batches from the cut model, export the result."""
+    """Prune tiny-gqa for 6 batches (distilling from itself, hardened from batch 4), cut it, continue 4 batches
+    from the cut model, export the result."""
     tmp = tmp_path_factory.mktemp("pipeline")
     data = write_mds(tmp / "data", DOMAINS, 32)
-    assert train.main([str(tiny_recipe(tmp, data, run="prune"))]) == 0
+    assert train.main([str(tiny_recipe(tmp, data, run="prune", distill={"teacher": "tiny-gqa"}))]) == 0
     prune_folder = tmp / "prune"
     prune_checkpoint(prune_folder / "latest-rank0.pt", tmp / "pruned")
     recipe = tiny_recipe(tmp, data, run="continue", prune=False, model={"pretrained": str(tmp / "pruned")},
@@ -57,8 +58,21 @@ def test_pruning_run_leaves_checkpoints_masks_metrics_and_proportions(pipeline):
         assert summary["shape"] == TARGET and summary["batch"] == batch
     rows = read_metrics(folder / "metrics.jsonl")
     assert {r["batch"] for r in rows if "l0/layer/expected_sparsity" in r} == set(range(1, 7))
-    lambdas = [r["l0/kv_group/lambda1"] for r in rows if "l0/kv_group/lambda1" in r]
-    assert lambdas[-1] < lambdas[0] <= 0  # ascent: the multiplier grows while the target is missed
+    assert {r["batch"] for r in rows if r.get("l0/hardened") == 1.0} == {5, 6}  # harden_from 0.7 of 6: batch 4 on
+    assert all("l0/intermediate/undecided" in r for r in rows if "l0/layer/expected_sparsity" in r)
+    # constraint exact: the expected size is the scheduled one at every batch (ramp over 0.3 of 6 batches)
+    for r in rows:
+        if "l0/intermediate/expected_sparsity" in r:
+            assert r["l0/intermediate/expected_sparsity"] == pytest.approx(r["l0/intermediate/target_sparsity"],
+                                                                            abs=1e-3)
+    assert any("loss/train/distill" in r for r in rows)  # distillation from the source, in the pruning stage
+    final = json.loads((folder / "masks" / "ba6.json").read_text())
+    assert final["hardened"] is True and all(c["size_error"] < 1e-3 for c in final["cut_report"].values())
+    masks = torch.load(folder / "masks" / "ba6.pt")
+    assert all(((m == 0) | (m == 1)).all() for m in masks.values())  # the cut folds nothing: 0/1 masks
+    last = {k: v for r in rows if r.get("batch") == 6 for k, v in r.items()}
+    # after hardening the current model and the target cut are one model
+    assert last["metrics/eval/LanguageCrossEntropy"] == pytest.approx(last["metrics/eval_target/LanguageCrossEntropy"])
     assert any(f"metrics/eval/DomainCE/{d}" in r for r in rows for d in DOMAINS) or any(
         any(k.startswith("metrics/eval/") and d in k for k in r) for r in rows for d in DOMAINS)
     proportions = json.loads((folder / "proportions.json").read_text())
@@ -110,7 +124,8 @@ def test_scripts_plot_the_runs_and_tabulate_perplexity(pipeline, capsys):
     tmp = pipeline["tmp"]
     plot_run, eval_ppl = script("plot_run"), script("eval_ppl")
     assert plot_run.main([str(tmp / "prune"), str(tmp / "continue"), "--out", str(tmp / "plots")]) == 0
-    assert {p.name for p in (tmp / "plots").iterdir()} == {"domain_weights.png", "loss_gap.png", "sparsity.png"}
+    assert {p.name for p in (tmp / "plots").iterdir()} == {"domain_weights.png", "loss_gap.png", "sparsity.png",
+                                                           "undecided.png"}
     assert plot_run.main([str(tmp / "prune"), "--out", str(tmp / "plots")]) == 2  # never overwrites silently
     capsys.readouterr()
     assert eval_ppl.main(["--model", str(tmp / "pruned"), "--model", str(tmp / "final"), "--data",

@@ -56,35 +56,54 @@ class PruningCallback(Callback):
     """The pruning run's bookkeeping around the :class:`~llmshear.models.l0.L0Module`.
 
     * ``batch_start``: tells the L0 module the current batch, from which it computes the target sparsity
-      (linear Lagrangian warm-up) and clamps its gate logits.
+      (linear warm-up), clamps its gate logits and (``exact``) solves the row shifts; at the hardening batch,
+      freezes the masks as 0/1.
+    * ``eval_start``: the evaluator labelled ``target_label`` measures the target-shape cut, every other one
+      the run's ``pruning.eval_masks`` (by default the current model, which dynamic loading then reads).
     * ``batch_end``: logs per structure the expected and target sparsity and ``λ1``, ``λ2``, and the expected
       parameter count (``l0/...`` keys).
     * ``eval_end``: writes the deterministic masks to ``<folder>/masks/ba<N>.pt`` and, next to it,
       ``ba<N>.json`` with the shape and parameter count they cut to (rank 0 only; an existing file is never
-      replaced, a re-run evaluation gets a numbered suffix).
+      replaced, a re-run evaluation gets a numbered suffix), with the :meth:`~L0Module.cut_report`.
 
     Args:
         folder: the run's folder; ``None`` logs but saves no masks.
+        target_label: the label of the evaluator that measures the target-shape cut (if the run has one).
     """
 
-    def __init__(self, folder: str | Path | None):
+    def __init__(self, folder: str | Path | None, target_label: str = "eval_target"):
         self.folder = Path(folder) if folder is not None else None
+        self.target_label = target_label
 
     def batch_start(self, state: State, logger: Logger) -> None:
-        unwrap_l0(state).set_step(int(state.timestamp.batch))
+        l0 = unwrap_l0(state)
+        l0.set_step(int(state.timestamp.batch))
+        with full_parameters(l0):
+            l0.update_shifts()
+            if l0.harden_due():
+                l0.harden()
+
+    def eval_start(self, state: State, logger: Logger) -> None:
+        unwrap_l0(state).use_eval_masks("target" if state.dataloader_label == self.target_label else None)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         l0 = unwrap_l0(state)
         with full_parameters(l0):
+            l0.update_shifts()  # the logits moved in this step: report the state the next batch starts from
             metrics = l0.metrics()
         logger.log_metrics(metrics)
 
     def eval_end(self, state: State, logger: Logger) -> None:
         l0 = unwrap_l0(state)
+        l0.use_eval_masks(None)
+        if state.dataloader_label == self.target_label:
+            return  # the masks of this evaluation were saved after the first evaluator
         with full_parameters(l0):
+            l0.update_shifts()
             masks = {name: mask.detach().cpu().clone() for name, mask in l0.deterministic_masks().items()}
+            report = l0.cut_report()
         batch = int(state.timestamp.batch)
-        summary = mask_summary(l0, masks, batch)
+        summary = {**mask_summary(l0, masks, batch), "hardened": l0.is_hardened(), "cut_report": report}
         logger.log_metrics({"l0/deterministic_params": summary["params"]})
         if self.folder is not None and dist.get_global_rank() == 0:
             path = save_masks(self.folder / "masks", f"ba{batch}", masks, summary)

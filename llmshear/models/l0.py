@@ -7,6 +7,25 @@ Top-k runs along the last axis of each structure's gates: ``layer`` and ``hidden
 ``target.d_model`` overall, ``kv_group`` and ``intermediate`` keep ``target.n_kv_heads`` /
 ``target.intermediate_size`` in every layer, and ``head`` keeps ``target.q_per_kv`` query heads in every (layer,
 KV group): the same number everywhere, which is what makes the cut model a valid Hugging Face GQA model.
+
+How the expected size meets its (ramped) target, ``constraint``:
+
+- ``exact`` (default): every row's gates read ``(log α - c) / τ``, with the row's shift ``c`` solved at every step
+  (bisection, no gradient) so that the row's expected kept count *equals* its scheduled target. Nothing has to
+  catch up with the schedule, so nothing overshoots; the logits learn only which units to keep (the LM loss
+  reaches them through the samples). A small logit temperature ``τ`` keeps the band of undecided gates narrow:
+  units leave one by one, from the lowest-ranked up, instead of the whole row turning noisy at once.
+- ``row``: per-row Lagrange multipliers, trained by gradient ascent, pull every row's expected count to the count
+  the cut keeps there.
+- ``overall``: one pair of multipliers per structure on its mean sparsity (the form of the first release). The
+  cut keeps exactly ``keep`` units in every row, so this form can be met by uneven rows, whose extra or missing
+  units the cut then adds or removes without the network ever having trained that way.
+
+Three kinds of masks come out of :class:`L0Module`: hard-concrete *samples* (training), the *current* model
+(the noise-free gate of Louizos et al., what evaluation during pruning measures by default) and the
+*deterministic* target-shape masks (exactly ``keep`` per row; what the cut uses). From ``harden_batch`` on,
+the deterministic masks are frozen as 0/1 and used for training and evaluation alike, so the weights adapt to
+exactly the sub-network the cut keeps, and the masked model at the end of pruning *is* the cut model.
 """
 
 from __future__ import annotations
@@ -30,6 +49,9 @@ FIXED_KEYS = ("head_dim", "vocab_size")  # accepted in a target only when equal 
 LIMITS = (-0.1, 1.1)  # stretch of the concrete distribution, so that exact 0 and 1 have nonzero probability
 TEMPERATURE = 2 / 3
 EPS = 1e-6
+CONSTRAINTS = ("exact", "row", "overall")
+EVAL_MASKS = ("current", "target")
+DECIDED = 0.95  # a gate with P(z != 0) >= DECIDED is decided open, <= 1 - DECIDED decided shut
 
 
 @dataclass(frozen=True)
@@ -171,6 +193,15 @@ def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(log_alpha - TEMPERATURE * math.log(-low / high))
 
 
+def expected_gates(log_alpha: torch.Tensor) -> torch.Tensor:
+    """The noise-free gate ``clamp(sigmoid(log α) (high - low) + low, 0, 1)``: the model training samples around.
+
+    Louizos et al.'s test-time estimator: exactly 0 for logits below about -2.4, exactly 1 above +2.4.
+    """
+    low, high = LIMITS
+    return (torch.sigmoid(log_alpha) * (high - low) + low).clamp(0.0, 1.0)
+
+
 def deterministic_gates(log_alpha: torch.Tensor, keep: int) -> torch.Tensor:
     """Keep exactly the ``keep`` highest-scoring units of every row (last axis); the rest are exactly 0.
 
@@ -210,74 +241,160 @@ def params_of_masks(cfg: LlamaConfig, masks: Masks) -> torch.Tensor:
 
 
 class Lagrangian(nn.Module):
-    """Multipliers ``λ1, λ2`` (shape ``(1,)`` each, FSDP2 rejects 0-d parameters) per structure.
+    """Multipliers ``λ1, λ2`` per structure, one pair per constrained row (shape ``(1,)`` at least: FSDP2
+    rejects 0-d parameters).
 
-    The term ``λ1 (ŝ - t) + λ2 (ŝ - t)^2`` is minimised by the gates and *maximised* by the λ's: the
+    The term ``Σ_rows λ1 (ŝ - t) + λ2 (ŝ - t)^2`` is minimised by the gates and *maximised* by the λ's: the
     optimizer gives the ``lagrangian.*`` parameters a negative learning rate (``llmshear/optim.py``). Ascent
     makes λ1 grow in magnitude, with the sign that penalises the gap, for as long as ``ŝ`` misses ``t``, so the
     constraint wins eventually; a fixed penalty would instead trade sparsity against the LM loss.
     """
 
-    def __init__(self, names: Iterable[str]):
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
         super().__init__()
-        names = list(names)
-        self.lambda1 = nn.ParameterDict({n: nn.Parameter(torch.zeros(1)) for n in names})
-        self.lambda2 = nn.ParameterDict({n: nn.Parameter(torch.zeros(1)) for n in names})
+        self.lambda1 = nn.ParameterDict({n: nn.Parameter(torch.zeros(shape)) for n, shape in shapes.items()})
+        self.lambda2 = nn.ParameterDict({n: nn.Parameter(torch.zeros(shape)) for n, shape in shapes.items()})
 
     def forward(self, name: str, gap: torch.Tensor) -> torch.Tensor:
-        """``gap = ŝ - t`` (scalar) → the structure's term, shape ``(1,)``."""
-        return self.lambda1[name] * gap + self.lambda2[name] * gap * gap
+        """``gap = ŝ - t`` per row (the multipliers' shape) → the structure's term, a scalar."""
+        return (self.lambda1[name] * gap + self.lambda2[name] * gap * gap).sum()
 
 
 class L0Module(nn.Module):
     """Learned hard-concrete gates for every structure in :func:`mask_specs`, plus their Lagrangian.
 
     Parameters: ``log_alpha.<structure>`` (the gate logits, optimised with ``lag_lr``) and
-    ``lagrangian.lambda1.<structure>`` / ``lagrangian.lambda2.<structure>`` (ascent). Buffer ``step`` holds
-    the batch count given to :meth:`set_step`; source, target and options travel as ``_extra_state`` so that
-    a checkpoint alone rebuilds the module (see :func:`l0_from_state_dict`).
+    ``lagrangian.lambda1.<structure>`` / ``lagrangian.lambda2.<structure>`` (ascent). Buffers: ``step`` (the
+    batch count given to :meth:`set_step`), ``hardened`` and ``hard_<structure>`` (the frozen 0/1 masks).
+    Source, target and options travel as ``_extra_state``, so a checkpoint alone rebuilds the module (see
+    :func:`l0_from_state_dict`).
 
     Args:
         source: the model being pruned.
         target: the shape to reach.
         structures: the structures that may be learned; a target that needs another one is an error.
         lagrangian_warmup: batches over which the target sparsity ramps linearly from 0 to its final value.
-        init_log_alpha: initial gate logit; 5 makes every gate start open (``P(z != 0) ≈ 0.999``).
+        harden_batch: from this batch on the deterministic masks are frozen as 0/1 and used in training too;
+            ``None`` never (the cut then folds ``P(z != 0)`` of the kept units into the weights, as the paper).
+        constraint: ``exact``, ``row`` or ``overall`` (see the module docstring).
+        temperature, final_temperature: ``exact`` only: the logit temperature ``τ`` until the end of the
+            warm-up, then linearly down to ``final_temperature`` at ``harden_batch`` (or the warm-up's end).
+        eval_masks: what evaluation measures before hardening: ``current`` (:func:`expected_gates`) or
+            ``target`` (the deterministic target-shape masks).
+        init_log_alpha: initial gate logit; 4.6 makes every gate start open (``P(z != 0) ≈ 0.998``).
         log_alpha_limit: logits are clamped to ``±limit`` at every :meth:`set_step`, so that a gate pushed far
             open or shut can still move back within a few steps.
+        init_noise: standard deviation of the normal noise added to the initial logits, so ties between units
+            are broken by chance rather than by index.
     """
 
     def __init__(self, source: LlamaConfig, target: TargetShape, structures: Iterable[str] = STRUCTURES, *,
-                 lagrangian_warmup: int = 0, init_log_alpha: float = 5.0, log_alpha_limit: float = 10.0):
+                 lagrangian_warmup: int = 0, harden_batch: int | None = None, constraint: str = "exact",
+                 eval_masks: str = "current", init_log_alpha: float = 4.6, log_alpha_limit: float = 10.0,
+                 init_noise: float = 0.01, temperature: float = 0.1, final_temperature: float = 0.05):
         super().__init__()
+        if constraint not in CONSTRAINTS or eval_masks not in EVAL_MASKS:
+            raise ValueError(f"constraint {constraint!r} / eval_masks {eval_masks!r}: expected one of "
+                             f"{CONSTRAINTS} / {EVAL_MASKS}")
         self.source, self.target, self.structures = source, target, list(structures)
-        self.options = {"lagrangian_warmup": int(lagrangian_warmup), "init_log_alpha": float(init_log_alpha),
-                        "log_alpha_limit": float(log_alpha_limit)}
+        if not 0 < final_temperature <= temperature:
+            raise ValueError(f"temperatures must satisfy 0 < final_temperature <= temperature, got {temperature}, "
+                             f"{final_temperature}")
+        self.source, self.target, self.structures = source, target, list(structures)
+        self.options = {"lagrangian_warmup": int(lagrangian_warmup), "harden_batch": harden_batch,
+                        "constraint": constraint, "eval_masks": eval_masks, "init_log_alpha": float(init_log_alpha),
+                        "log_alpha_limit": float(log_alpha_limit), "init_noise": float(init_noise),
+                        "temperature": float(temperature), "final_temperature": float(final_temperature)}
         self.specs = mask_specs(source, target, self.structures)
         self.log_alpha = nn.ParameterDict({s.name: nn.Parameter(torch.empty(s.shape)) for s in self.specs})
-        self.lagrangian = Lagrangian(s.name for s in self.specs)
+        rows = {s.name: (s.shape[:-1] or (1,)) if constraint == "row" else (1,) for s in self.specs}
+        self.lagrangian = Lagrangian({} if constraint == "exact" else rows)
         self.register_buffer("step", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("hardened", torch.zeros(1, dtype=torch.bool))
+        for spec in self.specs:
+            self.register_buffer(f"hard_{spec.name}", torch.zeros(spec.shape))
+            self.register_buffer(f"shift_{spec.name}", torch.zeros(spec.shape[:-1] + (1,)))
+        self.eval_kind = eval_masks
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Open gates, zero multipliers, step 0 (also what a meta-device initialisation calls)."""
+        """Open gates, zero multipliers, step 0, not hardened (also what a meta-device initialisation calls)."""
         with torch.no_grad():
             for p in self.log_alpha.values():
-                p.fill_(self.options["init_log_alpha"])
+                p.normal_(self.options["init_log_alpha"], self.options["init_noise"])
             for p in self.lagrangian.parameters():
                 p.zero_()
             self.step.zero_()
+            self.hardened.zero_()
+            for spec in self.specs:
+                getattr(self, f"hard_{spec.name}").zero_()
+                getattr(self, f"shift_{spec.name}").zero_()
+
+    def is_hardened(self) -> bool:
+        return bool(self.hardened.item())
+
+    def gate_logits(self, name: str) -> torch.Tensor:
+        """The logits the gates of ``name`` read: ``(log α - c) / τ`` for ``exact``, else ``log α``."""
+        if self.options["constraint"] != "exact":
+            return self.log_alpha[name]
+        return (self.log_alpha[name] - getattr(self, f"shift_{name}")) / self.temperature()
+
+    def temperature(self) -> float:
+        """``exact``: the current logit temperature (constant, then linear down to the final one)."""
+        o = self.options
+        start = o["lagrangian_warmup"]
+        end = o["harden_batch"] if o["harden_batch"] is not None else start
+        progress = 1.0 if end <= start else min(1.0, max(0.0, (int(self.step.item()) - start) / (end - start)))
+        return o["temperature"] + (o["final_temperature"] - o["temperature"]) * progress
+
+    @torch.no_grad()
+    def update_shifts(self, iterations: int = 50) -> None:
+        """``exact``: solve every row's shift so that its expected kept count equals the scheduled target.
+
+        The expected count ``Σ P(z != 0)`` falls monotonically as the shift grows, so bisection finds it; the
+        interval starts wide enough to hold every answer (a target of all units drives the shift to its floor).
+        """
+        if self.options["constraint"] != "exact":
+            return
+        tau, ramp = self.temperature(), self.ramp()
+        for spec in self.specs:
+            logits = self.log_alpha[spec.name].detach().float()
+            wanted = spec.units - (spec.units - spec.keep) * ramp
+            low = logits.amin(-1, keepdim=True) - 20 * tau - 20
+            high = logits.amax(-1, keepdim=True) + 20 * tau + 20
+            for _ in range(iterations):
+                middle = (low + high) / 2
+                too_many = prob_nonzero((logits - middle) / tau).sum(-1, keepdim=True) > wanted
+                low, high = torch.where(too_many, middle, low), torch.where(too_many, high, middle)
+            getattr(self, f"shift_{spec.name}").copy_((low + high) / 2)
 
     def forward(self) -> Masks:
-        """Masks for :meth:`LlamaLM.forward`: hard-concrete samples in training mode, else deterministic."""
+        """Masks for :meth:`LlamaLM.forward`: the frozen 0/1 masks once hardened; before that, hard-concrete
+        samples in training mode, else the masks of :meth:`use_eval_masks` (default: the run's ``eval_masks``)."""
+        if self.is_hardened():
+            return self.hard_masks()
         if self.training:
-            return {s.name: sample_gates(self.log_alpha[s.name]) for s in self.specs}
+            return {s.name: sample_gates(self.gate_logits(s.name)) for s in self.specs}
+        if self.eval_kind == "current":
+            return {s.name: expected_gates(self.gate_logits(s.name)) for s in self.specs}
         return self.deterministic_masks()
+
+    def use_eval_masks(self, kind: str | None) -> None:
+        """Evaluate the ``current`` model or the ``target`` cut from now on; ``None``: the run's ``eval_masks``."""
+        kind = kind or self.options["eval_masks"]
+        if kind not in EVAL_MASKS:
+            raise ValueError(f"eval masks {kind!r}: expected one of {EVAL_MASKS}")
+        self.eval_kind = kind
+
+    def hard_masks(self) -> Masks:
+        return {s.name: getattr(self, f"hard_{s.name}") for s in self.specs}
 
     @torch.no_grad()
     def deterministic_masks(self) -> Masks:
-        """Exactly the target count per row (see :func:`deterministic_gates`)."""
-        return {s.name: deterministic_gates(self.log_alpha[s.name].detach(), s.keep) for s in self.specs}
+        """Exactly the target count per row: the frozen 0/1 masks once hardened, else :func:`deterministic_gates`."""
+        if self.is_hardened():
+            return {name: mask.clone() for name, mask in self.hard_masks().items()}
+        return {s.name: deterministic_gates(self.gate_logits(s.name).detach(), s.keep) for s in self.specs}
 
     @torch.no_grad()
     def set_step(self, batch: int) -> None:
@@ -287,42 +404,101 @@ class L0Module(nn.Module):
         for p in self.log_alpha.values():
             p.clamp_(-limit, limit)
 
-    def target_sparsity(self) -> dict[str, float]:
-        """Per structure, the final sparsity scaled by ``min(1, step / lagrangian_warmup)``."""
+    def harden_due(self) -> bool:
+        """Whether the masks should be frozen now (``harden_batch`` reached and not frozen yet)."""
+        at = self.options["harden_batch"]
+        return at is not None and int(self.step.item()) >= at and not self.is_hardened()
+
+    @torch.no_grad()
+    def harden(self) -> None:
+        """Freeze the deterministic masks as 0/1 (exactly ``keep`` per row); training goes on with them."""
+        for spec in self.specs:
+            keep = deterministic_gates(self.log_alpha[spec.name].detach(), spec.keep) != 0
+            getattr(self, f"hard_{spec.name}").copy_(keep.float())
+        self.hardened.fill_(True)
+        logger.info("batch %d: masks hardened to 0/1 (%s)", int(self.step.item()),
+                    ", ".join(f"{k}: {v['undecided']:.1%} undecided" for k, v in self.cut_report().items()))
+
+    def ramp(self) -> float:
+        """Fraction of the final sparsity the target asks for now: ``min(1, step / lagrangian_warmup)``."""
         warmup = self.options["lagrangian_warmup"]
-        ramp = 1.0 if warmup <= 0 else min(1.0, int(self.step.item()) / warmup)
-        return {s.name: s.final_sparsity * ramp for s in self.specs}
+        return 1.0 if warmup <= 0 else min(1.0, int(self.step.item()) / warmup)
+
+    def target_sparsity(self) -> dict[str, float]:
+        """Per structure, the final sparsity scaled by :meth:`ramp`."""
+        return {s.name: s.final_sparsity * self.ramp() for s in self.specs}
 
     def probabilities(self) -> Masks:
         """``P(z != 0)`` per gate, differentiable."""
-        return {s.name: prob_nonzero(self.log_alpha[s.name]) for s in self.specs}
+        return {s.name: prob_nonzero(self.gate_logits(s.name)) for s in self.specs}
 
     def expected_sparsity(self) -> dict[str, torch.Tensor]:
         """Per structure, the expected fraction of pruned units (scalar tensors)."""
         return {name: 1.0 - p.mean() for name, p in self.probabilities().items()}
+
+    def sparsity_gaps(self) -> dict[str, torch.Tensor]:
+        """Per structure, expected minus target sparsity of every row, or of the whole for ``overall``.
+
+        Shapes match the multipliers: the structure's gate shape without its last axis (``(1,)`` for layer
+        and hidden), or ``(1,)`` for ``overall``.
+        """
+        target, gaps = self.target_sparsity(), {}
+        overall = self.options["constraint"] == "overall"
+        for name, p in self.probabilities().items():
+            sparsity = 1.0 - (p.mean() if overall else p.mean(-1))
+            shape = p.shape[:-1] if not overall and p.dim() > 1 else (1,)
+            gaps[name] = sparsity.reshape(shape) - target[name]
+        return gaps
 
     def expected_params(self) -> torch.Tensor:
         """Expected parameter count of the masked model (float64 scalar, differentiable)."""
         return params_of_masks(self.source, self.probabilities())
 
     def lagrangian_loss(self) -> torch.Tensor:
-        """Sum over structures of ``λ1 (ŝ - t) + λ2 (ŝ - t)^2``, a scalar (zero without structures)."""
-        expected, target = self.expected_sparsity(), self.target_sparsity()
+        """Sum over structures and rows of ``λ1 (ŝ - t) + λ2 (ŝ - t)^2``, a scalar (zero without structures)."""
         loss = self.step.new_zeros((), dtype=torch.float32)
-        for name in expected:
-            loss = loss + self.lagrangian(name, expected[name] - target[name]).squeeze(0)
+        if self.options["constraint"] == "exact":
+            # No multipliers: the shifts meet the target. The zero term keeps every gate logit in the graph, so
+            # DDP, which waits for a gradient of every parameter, does not stall once the masks are hardened.
+            return loss + 0.0 * sum(p.sum() for p in self.log_alpha.values())
+        for name, gap in self.sparsity_gaps().items():
+            loss = loss + self.lagrangian(name, gap)
         return loss
 
     @torch.no_grad()
+    def cut_report(self) -> dict[str, dict]:
+        """Per structure, how well the gates agree with the cut: plain numbers, for logs and benchmarks.
+
+        ``expected_keep``: mean expected kept units per row; ``target_keep``: what the cut keeps per row;
+        ``size_error``: relative difference of the expected and the target size of the whole structure;
+        ``decided``: fraction of the kept units whose gate has ``P(z != 0) >= 0.95``; ``undecided``: fraction of
+        all gates with ``0.05 < P(z != 0) < 0.95``.
+        """
+        report, masks = {}, self.deterministic_masks()
+        for spec in self.specs:
+            p = prob_nonzero(self.gate_logits(spec.name).detach()).double()
+            kept = masks[spec.name] != 0
+            expected = p.sum(-1).mean().item()
+            report[spec.name] = {"expected_keep": expected, "target_keep": spec.keep,
+                                 "size_error": abs(expected - spec.keep) / spec.keep,
+                                 "decided": (p[kept] >= DECIDED).double().mean().item(),
+                                 "undecided": ((p > 1 - DECIDED) & (p < DECIDED)).double().mean().item()}
+        return report
+
+    @torch.no_grad()
     def metrics(self) -> dict[str, float]:
-        """Scalars to log: expected and target sparsity, λ1, λ2 per structure, and expected parameters."""
-        out = {"l0/expected_params": float(self.expected_params())}
-        target = self.target_sparsity()
+        """Scalars to log per structure: expected and target sparsity, the largest row gap, mean λ1 and λ2, the
+        fraction of undecided gates; and the expected parameters and whether the masks are hardened."""
+        out = {"l0/expected_params": float(self.expected_params()), "l0/hardened": float(self.is_hardened())}
+        target, gaps, report = self.target_sparsity(), self.sparsity_gaps(), self.cut_report()
         for name, sparsity in self.expected_sparsity().items():
             out[f"l0/{name}/expected_sparsity"] = float(sparsity)
             out[f"l0/{name}/target_sparsity"] = target[name]
-            out[f"l0/{name}/lambda1"] = float(self.lagrangian.lambda1[name])
-            out[f"l0/{name}/lambda2"] = float(self.lagrangian.lambda2[name])
+            out[f"l0/{name}/max_row_gap"] = float(gaps[name].abs().max())
+            if name in self.lagrangian.lambda1:
+                out[f"l0/{name}/lambda1"] = float(self.lagrangian.lambda1[name].mean())
+                out[f"l0/{name}/lambda2"] = float(self.lagrangian.lambda2[name].mean())
+            out[f"l0/{name}/undecided"] = report[name]["undecided"]
         return out
 
     def get_extra_state(self) -> dict:
@@ -330,12 +506,15 @@ class L0Module(nn.Module):
                 "structures": list(self.structures), "options": dict(self.options)}
 
     def set_extra_state(self, state: dict) -> None:
-        # The learned tensors only make sense for the run's own target: refuse to resume a different one.
-        # Options (schedule, limits) may change on resume: the run's config wins.
+        # The learned tensors only make sense for the run's own target and constraint form: refuse to resume a
+        # different one. Other options (schedule, limits) may change on resume: the run's config wins.
         mine = self.get_extra_state()
         for key in ("target", "structures"):
             if state[key] != mine[key]:
                 raise ValueError(f"checkpoint L0 {key} {state[key]} differs from this run's {mine[key]}")
+        if state["options"].get("constraint") != mine["options"]["constraint"]:
+            raise ValueError(f"checkpoint L0 constraint {state['options'].get('constraint')!r} differs from this "
+                             f"run's {mine['options']['constraint']!r}")
         if state["options"] != mine["options"]:
             logger.warning("L0 options changed since the checkpoint: %s -> %s", state["options"], mine["options"])
 
