@@ -1,28 +1,41 @@
-"""A miniature Sheared-LLaMA experiment: six ways to reach one target shape on one token budget, compared.
+"""A miniature Sheared-LLaMA experiment: seven ways to reach one target shape on one token budget, compared.
 
     python scripts/bench_quality.py --out out/bench_quality [--data out/demo/data] [--budget 1.0]
+        [--prune-budget 1.0] [--arms ours,paper,importance,ours@18,importance@18]
 
 SmolLM2-135M (the embedded GGUF) is brought to the demo target (d_model 384, 20 layers, 6 heads / 2 KV heads,
-intermediate 1024) six ways, each training on the same number of tokens and evaluated alike:
+intermediate 1024) by each of these arms, which train on the same number of tokens and are evaluated alike:
 
-1. ``ours``: learned L0 gates (pruning run) + continued pre-training, both with dynamic batch loading;
-2. ``constant``: as 1 with constant domain proportions (``data.update: constant``) in both stages;
-3. ``distill``: as 1 with logit distillation from the source during continued pre-training (it continues from
-   arm 1's cut model: its pruning stage would be the same run);
-4. ``random``: a random structured selection of the target shape, then continued pre-training;
-5. ``importance``: one-shot activation-importance pruning (Minitron-style scores on a few calibration batches),
-   then continued pre-training;
-6. ``scratch``: the target architecture from random initialisation.
+1. ``ours``: learned L0 gates (pruning run) + continued pre-training, both with dynamic batch loading, with the
+   demo recipes ``yaml/demo/prune.yaml`` and ``yaml/demo/continue.yaml`` as they are (the new defaults);
+2. ``paper``: as 1 with the settings of the paper, our previous defaults (:data:`PAPER_PRUNE` merged into the
+   pruning recipe, :data:`PAPER_CONTINUE` into the continue recipe);
+3. ``importance``: one-shot activation-importance pruning (Minitron-style scores on a few calibration batches,
+   training sequences drawn by a seeded permutation), then continued pre-training;
+4. ``random``: a seeded random structured selection of the target shape, then continued pre-training;
+5. ``scratch``: the target architecture from random initialisation;
+6. ``constant``: as 1 with constant domain proportions (``data.update: constant``) in both stages;
+7. ``distill``: as 1 with logit distillation from the source (``distill.alpha`` 0.5) in both stages.
 
-Arms 4-6 spend the pruning stage's batches on continued pre-training instead, so every arm trains on
-``prune + continue`` batches. Training goes through ``train.py`` with recipes derived from ``yaml/demo/`` and
-written to ``OUT/<arm>/*.yaml``. Without ``--data`` the demo corpus is built as ``scripts/demo.sh`` builds it
-(``OUT/corpus``, ``OUT/data``). Every model is evaluated on the eval split of every domain
-(:func:`llmshear.evaluation.evaluate_domains`); the gap of a domain is its loss minus the source's loss there.
+An arm is data (:class:`Arm`): how its start model is made, and the overrides merged last into the recipes it
+derives from ``yaml/demo/``. Arms 3-5 spend the pruning stage's batches on continued pre-training instead, so
+every arm trains on ``prune + continue`` batches. ``--arms`` picks arms, in order, as ``NAME`` or ``NAME@SEED``
+(default: every arm at seed 17); an arm at another seed lives in ``OUT/NAME@SEED``, its recipes, random
+selection, initialisation and calibration batches use that seed. ``--budget`` scales every stage's number of
+batches, ``--prune-budget`` the pruning stage's only.
 
-Writes ``OUT/<arm>/`` (recipes, runs, cut and final HF models, ``result.json``), ``OUT/results.md`` (the table)
-and ``OUT/results.json``, and prints one JSON line last. A finished arm is skipped on rerun, a finished stage
-too; an interrupted stage starts again. ``--budget`` scales every stage's number of batches.
+Without ``--data`` the demo corpus is built as ``scripts/demo.sh`` builds it (``OUT/corpus``), tokenized into
+``OUT/data`` with 40 held-out sequences per domain: the first 8 form the ``eval`` split (what the recipes'
+evaluations and dynamic loading read), the other 32 the ``test`` split. Every model (the source, the start of
+each arm's continued pre-training: cut, one-shot pruned or initialised, and the final one) is evaluated on the
+test split of every domain (:func:`llmshear.evaluation.evaluate_domains`); with ``--data DIR`` on ``DIR/test``,
+or on ``DIR/eval`` (with a warning) when there is none. The gap of a domain is its loss minus the source's loss
+there. ``OUT/reference_losses.json`` (dynamic loading's reference) holds the source's losses on the eval split.
+
+Writes ``OUT/<arm>/`` (recipes, runs, cut and final HF models, ``start.json``, ``cut_report.json`` for learned
+arms, ``result.json``), ``OUT/results.md`` (the tables) and ``OUT/results.json``, and prints one JSON line last.
+A finished arm is skipped on rerun, a finished stage too; an interrupted stage starts again. A rerun into the
+same ``--out`` with other settings (source, target, data, batch counts) is refused.
 """
 
 from __future__ import annotations
@@ -35,15 +48,16 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from llmshear.datasets.demo import make_demo_corpus
-from llmshear.datasets.mds import SUMMARY, open_domains, prepare
+from llmshear.datasets.mds import SUMMARY, TOKENS, MDSDomain, open_domains, prepare
 from llmshear.datasets.reference import check_vocab, eval_domains
 from llmshear.evaluation import evaluate_domains
 from llmshear.export import export_checkpoint
@@ -51,9 +65,20 @@ from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.importance import importance_masks, random_masks
 from llmshear.models.l0 import TargetShape
-from llmshear.models.prune import cut_model, prune_checkpoint, prune_summary
+from llmshear.models.prune import cut_model, load_pruning_checkpoint, prune_checkpoint, prune_summary
 
 log = logging.getLogger("bench_quality")
+
+# The paper's settings (our previous defaults), merged last into the `paper` arm's pruning / continue recipes.
+PAPER_PRUNE = {  # the first release's defaults: the paper's recipe (Lagrangian on each structure's mean sparsity)
+    "pruning": {"init": "constant", "constraint": "overall", "harden_from": 1.0, "eval_masks": "target",
+                "eval_target": False, "init_log_alpha": 5.0, "sparsity_warmup": 0.4},
+    "optimizer": {"gate_schedule": "shared", "clip_norm": 0.0, "lr": 1.0e-4, "lag_lr": 1.0},
+    "data": {"eta": 1.0},
+    "distill": None,
+}
+PAPER_CONTINUE = {"optimizer": {"clip_norm": 0.0}, "data": {"eta": 1.0}}
+SOURCE_MODEL = "<source>"  # in an arm's overrides: replaced by the source model (--source)
 
 REPO = Path(__file__).resolve().parents[1]
 PRUNE_RECIPE, CONTINUE_RECIPE = REPO / "yaml/demo/prune.yaml", REPO / "yaml/demo/continue.yaml"
@@ -62,32 +87,89 @@ TARGET = {"d_model": 384, "n_layers": 20, "n_heads": 6, "n_kv_heads": 2, "interm
 SEED = 17
 PRUNE_BATCHES, CONTINUE_BATCHES = 36, 44  # at --budget 1 (~50 min on 2 CPU cores); batches of 4 x 256 tokens
 PRUNE_EVALS, CONTINUE_EVALS = 4, 2  # evaluations (= domain re-weightings) per stage; ~17 s each
-CALIBRATION_BATCHES = 8  # arm 5: forward passes (no training) of the source for the importance scores
+CALIBRATION_BATCHES = 8  # importance arm: forward passes (no training) of the source for the importance scores
 EVAL_BATCH_SIZE = 8
-CORPUS_CHARS, DATA_SEQ_LEN, DATA_EVAL_SEQS = 600_000, 256, 8  # as scripts/demo.sh prepares the demo data
+EVAL_SEQS, TEST_SEQS = 8, 32  # held-out sequences per domain: in-training evaluation / final evaluation
+CORPUS_CHARS, DATA_SEQ_LEN, DATA_EVAL_SEQS = 600_000, 256, EVAL_SEQS + TEST_SEQS
 LATEST, PROPORTIONS, RESULT, SETTINGS = "latest-rank0.pt", "proportions.json", "result.json", "settings.json"
+START, CUT_REPORT = "start.json", "cut_report.json"
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One way to reach the target: how the start model is made, the domain rule, distillation."""
+    """One way to reach the target: how the start model is made, and what its recipes change.
+
+    Attributes:
+        name: the arm's folder and key.
+        label: its row in the table.
+        start: ``"l0"`` (a pruning run), ``"random"``, ``"importance"`` (one-shot masks) or ``"scratch"``.
+        prune_overrides: merged last into the pruning recipe (``start == "l0"``).
+        continue_overrides: merged last into the continue recipe; :data:`SOURCE_MODEL` names the source.
+    """
 
     name: str
     label: str
-    start: str  # "l0" (a pruning run), "random", "importance" (one-shot masks) or "scratch" (random weights)
-    update: str = "doremi"
-    distill: bool = False
-    pruned_by: str | None = None  # the arm whose pruning stage and cut model this one continues from
+    start: str
+    prune_overrides: dict = field(default_factory=dict)
+    continue_overrides: dict = field(default_factory=dict)
 
 
+CONSTANT = {"data": {"update": "constant"}}
 ARMS = (
-    Arm("ours", "1. learned gates + dynamic loading (ours)", "l0"),
-    Arm("constant", "2. learned gates, constant proportions", "l0", update="constant"),
-    Arm("distill", "3. learned gates + distillation", "l0", distill=True, pruned_by="ours"),
+    Arm("ours", "1. learned gates (new defaults)", "l0"),
+    Arm("paper", "2. paper settings (the previous defaults)", "l0", PAPER_PRUNE, PAPER_CONTINUE),
+    Arm("importance", "3. one-shot activation importance", "importance"),
     Arm("random", "4. random structured selection", "random"),
-    Arm("importance", "5. one-shot activation importance", "importance"),
-    Arm("scratch", "6. random initialisation", "scratch"),
+    Arm("scratch", "5. random initialisation", "scratch"),
+    Arm("constant", "6. learned gates, constant proportions", "l0", CONSTANT, CONSTANT),
+    Arm("distill", "7. learned gates + distillation (both stages)", "l0",
+        prune_overrides={"distill": {"teacher": SOURCE_MODEL}},
+        continue_overrides={"distill": {"teacher": SOURCE_MODEL}}),
 )
+ARM_BY_NAME = {arm.name: arm for arm in ARMS}
+
+
+@dataclass(frozen=True)
+class ArmRun:
+    """An arm at one seed: ``OUT/<key>`` holds it, ``key`` being the name, or ``name@seed`` off the default."""
+
+    arm: Arm
+    seed: int = SEED
+
+    @property
+    def key(self) -> str:
+        return self.arm.name if self.seed == SEED else f"{self.arm.name}@{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return self.arm.label if self.seed == SEED else f"{self.arm.label} (seed {self.seed})"
+
+    @property
+    def learned(self) -> bool:
+        """Whether this run has a pruning run (and so a cut report)."""
+        return self.arm.start == "l0"
+
+
+def parse_arms(text: str | None) -> list[ArmRun]:
+    """``--arms``: comma-separated ``NAME`` or ``NAME@SEED``, in order; ``None``: every arm at :data:`SEED`.
+
+    Raises:
+        ValueError: an unknown name (the known ones are listed), a seed that is not an integer, a repeat.
+    """
+    if text is None:
+        return [ArmRun(arm) for arm in ARMS]
+    runs: list[ArmRun] = []
+    for item in text.split(","):
+        name, at, seed = item.strip().partition("@")
+        if name not in ARM_BY_NAME:
+            raise ValueError(f"--arms: unknown arm {name!r} (known: {', '.join(ARM_BY_NAME)})")
+        if at and not seed.lstrip("-").isdigit():
+            raise ValueError(f"--arms: {item.strip()!r}: the seed after @ must be an integer")
+        run = ArmRun(ARM_BY_NAME[name], int(seed) if at else SEED)
+        if run in runs:
+            raise ValueError(f"--arms: {run.key} is given twice")
+        runs.append(run)
+    return runs
 
 
 @dataclass
@@ -96,10 +178,12 @@ class Bench:
 
     out: Path
     data: Path
+    test: Path  # the final evaluation's split directory: data/test, or data/eval when --data has no test split
     source: str
     target: dict
     prune_batches: int
     continue_batches: int
+    prune_budget: float = 1.0
     domains: list[str] | None = None
     seq_len: int | None = None
     batch_tokens: int = 0
@@ -110,8 +194,9 @@ class Bench:
 
     def settings(self) -> dict:
         """What the arms' results depend on; a rerun into the same ``--out`` must not change it."""
-        return {"source": self.source, "target": self.target, "data": str(self.data),
-                "prune_batches": self.prune_batches, "continue_batches": self.continue_batches}
+        return {"source": self.source, "target": self.target, "data": str(self.data), "test": str(self.test),
+                "prune_batches": self.prune_batches, "continue_batches": self.continue_batches,
+                "prune_budget": self.prune_budget}
 
 
 def load_train_py():
@@ -122,74 +207,157 @@ def load_train_py():
     return module
 
 
-def check_data(data: Path, vocab_size: int) -> tuple[list[str], int]:
-    """The domains and sequence length of a prepared MDS root (train and eval split of every domain).
+def write_json(path: Path, content: dict) -> None:
+    """``content`` as indented JSON, replacing ``path`` only once complete."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(content, indent=2) + "\n")
+    partial.replace(path)
+
+
+def cached(path: Path, compute: Callable[[], dict]) -> dict:
+    """The JSON in ``path``, computed and written first when absent."""
+    if not path.is_file():
+        write_json(path, compute())
+    return json.loads(path.read_text())
+
+
+def check_data(data: Path, vocab_size: int, test: Path) -> tuple[list[str], int]:
+    """The domains and sequence length of a prepared MDS root (train, eval and ``test`` split of every domain).
 
     Raises:
         FileNotFoundError / ValueError: a missing split or domain, empty or unequal sequences, a larger vocabulary.
     """
     domains = eval_domains(data / "eval")
     seq_len = open_domains([data / "eval" / domains[0]])[0].seq_len
-    open_domains([data / split / d for split in ("train", "eval") for d in domains], seq_len)
+    open_domains([split / d for split in (data / "train", data / "eval", test) for d in domains], seq_len)
     check_vocab(data / "eval", vocab_size)
     return domains, seq_len
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Bench]:
-    """Arguments, checked before any expensive work (exit 2 with a message on a bad one)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory (reused: finished arms are skipped)")
     parser.add_argument("--data", type=Path, help="an MDS root from prepare_data.py (default: build the demo data)")
     parser.add_argument("--budget", type=float, default=1.0, help="scales every stage's batches (default: 1.0)")
+    parser.add_argument("--prune-budget", type=float, default=1.0,
+                        help="scales the pruning stage's batches on top of --budget (default: 1.0)")
+    parser.add_argument("--arms", help=f"comma-separated NAME or NAME@SEED (default: every arm at seed {SEED}); "
+                                       f"names: {', '.join(ARM_BY_NAME)}")
     parser.add_argument("--source", default=SOURCE, help=argparse.SUPPRESS)  # tests: a tiny preset
     parser.add_argument("--target", type=json.loads, default=TARGET, help=argparse.SUPPRESS)  # tests: JSON shape
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Bench, list[ArmRun]]:
+    """Arguments, checked before any expensive work (exit 2 with a message on a bad one)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.budget > 0:
-        parser.error(f"--budget must be positive, got {args.budget}")
+    for option, value in (("--budget", args.budget), ("--prune-budget", args.prune_budget)):
+        if not value > 0:
+            parser.error(f"{option} must be positive, got {value}")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file")
     if args.data is None and args.source in PRESETS:
         parser.error(f"--source {args.source} has no tokenizer to prepare the demo data: give --data")
+    data = args.data or args.out / "data"
+    test = data / "test" if args.data is None or (data / "test").is_dir() else data / "eval"
     try:
+        runs = parse_arms(args.arms)
         source = load_config(args.source)
         TargetShape.from_dict(args.target, source)
-        domains, seq_len = check_data(args.data, source.vocab_size) if args.data else (None, None)
+        domains, seq_len = check_data(data, source.vocab_size, test) if args.data else (None, None)
     except (OSError, ValueError, TypeError) as err:
         parser.error(str(err))
-    bench = Bench(args.out, args.data or args.out / "data", args.source, args.target,
-                  max(1, round(PRUNE_BATCHES * args.budget)), max(1, round(CONTINUE_BATCHES * args.budget)),
-                  domains, seq_len)
+    bench = Bench(args.out, data, test, args.source, args.target,
+                  max(1, round(PRUNE_BATCHES * args.budget * args.prune_budget)),
+                  max(1, round(CONTINUE_BATCHES * args.budget)), args.prune_budget, domains, seq_len)
     earlier = args.out / SETTINGS
     if earlier.is_file() and json.loads(earlier.read_text()) != bench.settings():
         parser.error(f"{args.out} holds arms run with other settings ({earlier}): choose another --out")
-    return args, bench
+    return args, bench, runs
+
+
+def write_sequences(directory: Path, rows: Iterable[np.ndarray], dtype: str, seq_len: int) -> None:
+    """MDS shards of ``rows`` as :mod:`llmshear.datasets.mds` writes them: one ``tokens`` column, uncompressed."""
+    from streaming import MDSWriter
+
+    columns = {TOKENS: f"ndarray:{dtype}:{seq_len}"}
+    with MDSWriter(out=str(directory), columns=columns, compression=None) as writer:
+        for row in rows:
+            writer.write({TOKENS: np.asarray(row, dtype=dtype)})
+
+
+def split_eval(full: Path, out: Path, eval_seqs: int) -> dict:
+    """Copy the MDS root ``full`` to ``out``, its eval split cut in two: ``eval`` (the first ``eval_seqs``
+    sequences of each domain) and ``test`` (the rest). Built aside, then renamed into place when complete.
+
+    Returns:
+        ``{domain: {"eval": n, "test": m}}`` (sequences), also recorded in ``out/summary.json`` when ``full``
+        has one.
+    """
+    staging = out.parent / f".{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(full / "train", staging / "train")
+        counts = {}
+        for domain in eval_domains(full / "eval"):
+            source = MDSDomain(full / "eval" / domain)
+            rows = [source[i] for i in range(len(source))]
+            for split, part in (("eval", rows[:eval_seqs]), ("test", rows[eval_seqs:])):
+                write_sequences(staging / split / domain, part, rows[0].dtype.name, source.seq_len)
+            counts[domain] = {"eval": min(eval_seqs, len(rows)), "test": max(0, len(rows) - eval_seqs)}
+        if (full / SUMMARY).is_file():
+            write_json(staging / SUMMARY, split_summary(json.loads((full / SUMMARY).read_text()), counts))
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return counts
+
+
+def split_summary(summary: dict, counts: dict) -> dict:
+    """``summary.json`` of a root whose eval split :func:`split_eval` cut into eval and test (sequence counts)."""
+    seq_len = summary["seq_len"]
+    for domain, splits in counts.items():
+        summary["domains"][domain].update({split: {"sequences": n, "tokens": n * seq_len}
+                                           for split, n in splits.items()})
+    summary["eval_seqs"], summary["test_seqs"] = (max(c[s] for c in counts.values()) for s in ("eval", "test"))
+    return summary
 
 
 def prepare_demo_data(bench: Bench) -> None:
-    """Build the demo corpus and its MDS data in ``OUT`` as ``scripts/demo.sh`` does, unless already there."""
+    """Build the demo corpus and its MDS data (eval and test split) in ``OUT``, unless already there."""
     if (bench.data / SUMMARY).is_file():
         return
-    corpus = bench.out / "corpus"
+    corpus, unsplit = bench.out / "corpus", bench.out / ".data.unsplit"
     if not (corpus / "sources.json").is_file():
         log.info("demo corpus -> %s", corpus)
         make_demo_corpus(corpus, max_chars=CORPUS_CHARS, overwrite=True)
-    log.info("tokenize with %s, pack into %d-token MDS sequences -> %s", bench.source, DATA_SEQ_LEN, bench.data)
-    prepare(corpus, bench.source, bench.data, seq_len=DATA_SEQ_LEN, eval_seqs=DATA_EVAL_SEQS, workers=2)
+    if not (unsplit / SUMMARY).is_file():
+        log.info("tokenize with %s, pack into %d-token MDS sequences -> %s", bench.source, DATA_SEQ_LEN, unsplit)
+        prepare(corpus, bench.source, unsplit, seq_len=DATA_SEQ_LEN, eval_seqs=DATA_EVAL_SEQS, workers=2,
+                overwrite=True)
+    log.info("held-out sequences: %d per domain to eval, %d to test -> %s", EVAL_SEQS, TEST_SEQS, bench.data)
+    split_eval(unsplit, bench.data, EVAL_SEQS)
+    shutil.rmtree(unsplit)
 
 
-def evaluate(model, bench: Bench) -> dict:
-    """The same evaluation for every model: every sequence of every domain's eval split."""
-    return evaluate_domains(model, bench.data / "eval", bench.domains, batch_size=EVAL_BATCH_SIZE)
+def evaluate(model, bench: Bench, split: Path | None = None) -> dict:
+    """The same evaluation for every model: every sequence of every domain of ``split`` (default: the test)."""
+    return evaluate_domains(model, split or bench.test, bench.domains, batch_size=EVAL_BATCH_SIZE)
 
 
 def source_row(bench: Bench) -> dict:
-    """The source's own evaluation, whose per-domain losses are the reference (``reference_losses.json``)."""
+    """The source's evaluation on the test split; its losses on the eval split go to ``reference_losses.json``
+    (what dynamic loading compares the in-training evaluations with)."""
     if not bench.reference.is_file():
         model = load_model(bench.source)
-        row = {**evaluate(model, bench), "params": model.num_params()}
-        losses = [row["domains"][d]["loss"] for d in bench.domains]
-        bench.reference.write_text(json.dumps({"domains": bench.domains, "reference_losses": losses,
-                                               "source": bench.source, "row": row}) + "\n")
+        eval_row = evaluate(model, bench, bench.data / "eval")
+        row = eval_row if bench.test == bench.data / "eval" else evaluate(model, bench)
+        write_json(bench.reference, {
+            "domains": bench.domains, "reference_losses": [eval_row["domains"][d]["loss"] for d in bench.domains],
+            "source": bench.source, "split": str(bench.data / "eval"),
+            "row": {**row, "params": model.num_params()}, "row_split": str(bench.test)})
     return json.loads(bench.reference.read_text())["row"]
 
 
@@ -214,26 +382,35 @@ class Stages:
         log.info("stage %s: %.1f s (%.1f s of CPU time)", name, self.seconds[name], time.process_time() - cpu)
 
 
-def write_recipe(path: Path, template: Path, purpose: str, overrides: dict) -> Path:
-    """``template`` merged with ``overrides``, written as a recipe that opens with its purpose and command."""
-    cfg = OmegaConf.merge(OmegaConf.load(template), OmegaConf.create(overrides))
+def with_source(overrides, source: str):
+    """``overrides`` (nested dicts) with every :data:`SOURCE_MODEL` value replaced by ``source``."""
+    if isinstance(overrides, dict):
+        return {key: with_source(value, source) for key, value in overrides.items()}
+    return source if overrides == SOURCE_MODEL else overrides
+
+
+def write_recipe(path: Path, template: Path, purpose: str, derived: dict, arm_overrides: dict, source: str) -> Path:
+    """``template`` merged with ``derived``, then with the arm's overrides, written as a recipe that opens with
+    its purpose and command."""
+    cfg = OmegaConf.merge(OmegaConf.load(template), OmegaConf.create(derived),
+                          OmegaConf.create(with_source(arm_overrides, source)))
     header = (f"# bench_quality.py: {purpose}. Derived from {template.relative_to(REPO)}; alone:\n"
               f"#   python train.py {path}\n")
     path.write_text(header + OmegaConf.to_yaml(cfg))
     return path
 
 
-def recipe_overrides(bench: Bench, folder: Path, batches: int, stage_batches: int, evals: int, update: str) -> dict:
-    """What every stage of every arm sets: data, rule, length, evaluation cadence, a checkpoint at the end.
+def recipe_overrides(bench: Bench, run: ArmRun, folder: Path, batches: int, stage_batches: int, evals: int) -> dict:
+    """What every stage of every arm sets: seed, data, length, evaluation cadence, a checkpoint at the end.
 
-    Warm-up and evaluation interval follow ``stage_batches``, the length of arm 1's stage of this kind, so the
-    longer continue stage of arms 4-6 warms up and re-weights the domains like arm 1's.
+    Warm-up and evaluation interval follow ``stage_batches``, the length of a pruning arm's stage of this kind,
+    so the longer continue stage of the arms that do not prune warms up and re-weights the domains alike.
     """
     return {
-        "run_name": folder.parent.name + "_" + folder.name,
-        "seed": SEED,
+        "run_name": run.key.replace("@", "_seed") + "_" + folder.name,
+        "seed": run.seed,
         "data": {"path": str(bench.data), "domains": bench.domains, "seq_len": bench.seq_len,
-                 "reference_losses_from": str(bench.reference), "update": update},
+                 "reference_losses_from": str(bench.reference)},
         "scheduler": {"warmup": max(1, stage_batches // 10)},
         "train": {"max_batches": batches, "eval_interval": max(1, stage_batches // evals)},
         "checkpoint": {"save_folder": str(folder), "save_interval": 0, "autoresume": True},
@@ -254,68 +431,95 @@ def uniform(bench: Bench) -> list[float]:
     return [1 / len(bench.domains)] * len(bench.domains)
 
 
-def prune_stages(bench: Bench, arm: Arm, stages: Stages, train_py) -> tuple[Path, dict]:
-    """Arms 1-3: the pruning run and its cut; the cut model and the continue stage's proportion setting."""
-    owner = bench.out / (arm.pruned_by or arm.name)
-    run, pruned = owner / "prune", owner / "pruned"
-    if arm.pruned_by is None:
-        overrides = recipe_overrides(bench, run, bench.prune_batches, bench.prune_batches, PRUNE_EVALS, arm.update)
-        overrides["model"] = {"pretrained": bench.source}
-        overrides["pruning"] = {"target": bench.target, "lagrangian_warmup": round(0.4 * bench.prune_batches)}
-        overrides["data"]["proportions"] = uniform(bench)
-        recipe = write_recipe(owner / "prune.yaml", PRUNE_RECIPE, f"arm {arm.name}, pruning stage", overrides)
-        stages.run("prune", run / PROPORTIONS, lambda: train(train_py, recipe))
-        stages.run("cut", pruned / "config.json", lambda: prune_checkpoint(run / LATEST, pruned))
-    else:  # the same pruning run: reuse it, and count its time as this arm's too
-        shared = json.loads((owner / "stages.json").read_text())
-        stages.seconds.update({k: shared[k] for k in ("prune", "cut")})
-    return pruned, {"proportions_from": str(run / PROPORTIONS)}
+def prune_stages(bench: Bench, run: ArmRun, stages: Stages, train_py) -> Path:
+    """A learned arm's pruning run, its cut (``OUT/<key>/pruned``) and its cut report; the cut model's path."""
+    folder = bench.out / run.key
+    folder.mkdir(parents=True, exist_ok=True)
+    prune_run, pruned = folder / "prune", folder / "pruned"
+    overrides = recipe_overrides(bench, run, prune_run, bench.prune_batches, bench.prune_batches, PRUNE_EVALS)
+    overrides["model"] = {"pretrained": bench.source}
+    overrides["pruning"] = {"target": bench.target}
+    overrides["data"]["proportions"] = uniform(bench)
+    recipe = write_recipe(folder / "prune.yaml", PRUNE_RECIPE, f"arm {run.key}, pruning stage", overrides,
+                          run.arm.prune_overrides, bench.source)
+    stages.run("prune", prune_run / PROPORTIONS, lambda: train(train_py, recipe))
+    stages.run("cut", pruned / "config.json", lambda: prune_checkpoint(prune_run / LATEST, pruned))
+    cached(folder / CUT_REPORT, lambda: load_pruning_checkpoint(prune_run / LATEST)[1].cut_report())
+    return pruned
 
 
-def calibration_batches(bench: Bench) -> list[torch.Tensor]:
-    """Arm 5's calibration data: the first training sequences of the domains in turn, ``(4, seq_len)`` each."""
+def learned_start(bench: Bench, run: ArmRun, stages: Stages, train_py) -> tuple[Path, dict]:
+    """The cut model of ``run``'s pruning run and the continue stage's proportion setting (its final ones)."""
+    pruned = prune_stages(bench, run, stages, train_py)
+    return pruned, {"proportions_from": str(bench.out / run.key / "prune" / PROPORTIONS)}
+
+
+def calibration_batches(bench: Bench, seed: int) -> list[torch.Tensor]:
+    """The importance arm's calibration data, ``(4, seq_len)`` each: training sequences of the domains in turn,
+    each domain's in the order of a permutation seeded with ``seed``."""
     sources = open_domains([bench.data / "train" / d for d in bench.domains])
-    rows = [torch.from_numpy(sources[i % len(sources)][i // len(sources)].astype("int64"))
-            for i in range(4 * CALIBRATION_BATCHES)]
+    generator = torch.Generator().manual_seed(seed)
+    orders = [torch.randperm(len(s), generator=generator).tolist() for s in sources]
+    rows = []
+    for i in range(4 * CALIBRATION_BATCHES):
+        source, order = sources[i % len(sources)], orders[i % len(sources)]
+        rows.append(torch.from_numpy(source[order[(i // len(sources)) % len(order)]].astype("int64")))
     return list(torch.stack(rows).split(4))
 
 
-def make_start(bench: Bench, arm: Arm, out_dir: Path) -> None:
-    """Arms 4-6: the cut model (random or one-shot importance masks) or the randomly initialised target."""
-    if arm.start == "scratch":
+def make_start(bench: Bench, run: ArmRun, out_dir: Path) -> None:
+    """Arms that do not prune: the cut model (random or one-shot importance masks) or the initialised target."""
+    if run.arm.start == "scratch":
         source = load_config(bench.source)
         target = TargetShape.from_dict(bench.target, source)
-        save_pretrained(build_model(target.to_config(source), seed=SEED), out_dir)
+        save_pretrained(build_model(target.to_config(source), seed=run.seed), out_dir)
         return
     model = load_model(bench.source)
     target = TargetShape.from_dict(bench.target, model.cfg)
-    if arm.start == "random":
-        masks = random_masks(model.cfg, target, torch.Generator().manual_seed(SEED))
+    if run.arm.start == "random":
+        masks = random_masks(model.cfg, target, torch.Generator().manual_seed(run.seed))
     else:
-        masks = importance_masks(model, target, calibration_batches(bench))
+        masks = importance_masks(model, target, calibration_batches(bench, run.seed))
     cut = cut_model(model, masks)
     save_pretrained(cut, out_dir, extra_files={"summary.json": prune_summary(model, masks, cut)})
 
 
-def continue_recipe(bench: Bench, arm: Arm, start: Path, data: dict, batches: int) -> Path:
-    """The continued-pre-training recipe of ``arm`` from the model ``start``, ``data`` setting its proportions."""
-    folder = bench.out / arm.name
-    overrides = recipe_overrides(bench, folder / "continue", batches, bench.continue_batches, CONTINUE_EVALS,
-                                 arm.update)
+def start_stages(bench: Bench, run: ArmRun, stages: Stages, train_py) -> tuple[Path, dict, dict]:
+    """The start model of ``run``'s continued pre-training, its proportion setting and the batches per stage."""
+    if run.arm.start == "l0":
+        start, data = learned_start(bench, run, stages, train_py)
+        return start, data, {"prune": bench.prune_batches, "continue": bench.continue_batches}
+    start = bench.out / run.key / ("init" if run.arm.start == "scratch" else "pruned")
+    stages.run(run.arm.start, start / "config.json", lambda: make_start(bench, run, start))
+    data = {"proportions": uniform(bench), "proportions_from": None}
+    return start, data, {"prune": 0, "continue": bench.prune_batches + bench.continue_batches}
+
+
+def continue_recipe(bench: Bench, run: ArmRun, start: Path, data: dict, batches: int) -> Path:
+    """The continued-pre-training recipe of ``run`` from the model ``start``, ``data`` setting its proportions."""
+    folder = bench.out / run.key
+    overrides = recipe_overrides(bench, run, folder / "continue", batches, bench.continue_batches, CONTINUE_EVALS)
     overrides["data"].update(data)
     overrides["model"] = {"pretrained": str(start)}
-    if arm.distill:
-        overrides["distill"] = {"teacher": bench.source}
-    return write_recipe(folder / "continue.yaml", CONTINUE_RECIPE, f"arm {arm.name}, continued pre-training",
-                        overrides)
+    return write_recipe(folder / "continue.yaml", CONTINUE_RECIPE, f"arm {run.key}, continued pre-training",
+                        overrides, run.arm.continue_overrides, bench.source)
 
 
-def evaluate_arm(bench: Bench, arm: Arm, stages: Stages, batches: dict, reference: dict) -> dict:
+def start_row(bench: Bench, start: Path) -> dict:
+    """The start model's perplexities on the test split, kept next to it (``start.json``: shared by its users)."""
+    def compute() -> dict:
+        row = evaluate(load_model(start), bench)
+        return {"model": str(start), "ppl": {d: v["ppl"] for d, v in row["domains"].items()},
+                "mean_ppl": row["mean_ppl"]}
+    return cached(start.parent / START, compute)
+
+
+def evaluate_arm(bench: Bench, run: ArmRun, stages: Stages, batches: dict, reference: dict) -> dict:
     """The final model's evaluation, size, training tokens, gaps and time (the evaluation's own included)."""
     started = time.perf_counter()
-    model = load_model(bench.out / arm.name / "final")
-    result = {**evaluate(model, bench), "arm": arm.name, "label": arm.label, "params": model.num_params(),
-              "train_batches": batches}
+    model = load_model(bench.out / run.key / "final")
+    result = {**evaluate(model, bench), "arm": run.key, "label": run.label, "seed": run.seed,
+              "params": model.num_params(), "train_batches": batches}
     stages.seconds["eval"] = time.perf_counter() - started
     result["train_tokens"] = sum(batches.values()) * bench.batch_tokens
     result["stages_s"], result["wall_s"] = dict(stages.seconds), sum(stages.seconds.values())
@@ -323,29 +527,26 @@ def evaluate_arm(bench: Bench, arm: Arm, stages: Stages, batches: dict, referenc
     return result
 
 
-def run_arm(bench: Bench, arm: Arm, train_py, reference: dict) -> dict:
-    """Every stage of one arm, then its evaluation; ``OUT/<arm>/result.json``."""
-    folder = bench.out / arm.name
+def run_arm(bench: Bench, run: ArmRun, train_py, reference: dict) -> dict:
+    """Every stage of one arm, then its evaluation (and its start model's); ``OUT/<key>/result.json``."""
+    folder = bench.out / run.key
     if (folder / RESULT).is_file():
-        log.info("arm %s: finished earlier, skipped", arm.name)
+        log.info("arm %s: finished earlier, skipped", run.key)
         return json.loads((folder / RESULT).read_text())
-    log.info("arm %s: %s", arm.name, arm.label)
+    log.info("arm %s: %s", run.key, run.label)
     folder.mkdir(parents=True, exist_ok=True)
     stages = Stages(folder)
-    if arm.start == "l0":
-        start, data = prune_stages(bench, arm, stages, train_py)
-        batches = {"prune": bench.prune_batches, "continue": bench.continue_batches}
-    else:  # the pruning stage's batches go to continued pre-training
-        start = folder / ("init" if arm.start == "scratch" else "pruned")
-        stages.run(arm.start, start / "config.json", lambda: make_start(bench, arm, start))
-        data = {"proportions": uniform(bench), "proportions_from": None}
-        batches = {"prune": 0, "continue": bench.prune_batches + bench.continue_batches}
-    recipe = continue_recipe(bench, arm, start, data, batches["continue"])
-    run = folder / "continue"
-    stages.run("continue", run / PROPORTIONS, lambda: train(train_py, recipe))
-    stages.run("export", folder / "final" / "config.json", lambda: export_checkpoint(run / LATEST, folder / "final"))
-    result = evaluate_arm(bench, arm, stages, batches, reference)
-    (folder / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+    start, data, batches = start_stages(bench, run, stages, train_py)
+    recipe = continue_recipe(bench, run, start, data, batches["continue"])
+    continued = folder / "continue"
+    stages.run("continue", continued / PROPORTIONS, lambda: train(train_py, recipe))
+    stages.run("export", folder / "final" / "config.json",
+               lambda: export_checkpoint(continued / LATEST, folder / "final"))
+    result = evaluate_arm(bench, run, stages, batches, reference)
+    result["start"] = start_row(bench, start)
+    if run.learned:
+        result["cut_report"] = json.loads((folder / CUT_REPORT).read_text())
+    write_json(folder / RESULT, result)
     return result
 
 
@@ -357,58 +558,100 @@ def add_gaps(row: dict, reference: dict) -> None:
     row["worst_gap"] = {"domain": worst, "gap": row["domains"][worst]["gap"]}
 
 
-def markdown(bench: Bench, reference: dict, results: list[dict]) -> str:
-    """The results table (perplexity per domain, mean, worst gap, size, tokens, time) and how to read it."""
-    head = ["arm", *bench.domains, "mean ppl", "worst gap (domain)", "params", "train tokens", "wall"]
+def results_table(bench: Bench, reference: dict, results: list[dict]) -> list[str]:
+    """One row per model: perplexity per domain, mean, the start model's mean, worst gap, size, tokens, time."""
+    head = ["arm", *bench.domains, "mean ppl", "cut ppl", "worst gap (domain)", "params", "train tokens", "wall"]
     rows = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for r in [reference, *results]:
         ppl = [f"{r['domains'][d]['ppl']:.2f}" for d in bench.domains]
         trained = r is not reference
+        cut = f"{r['start']['mean_ppl']:.2f}" if trained else "-"
         gap = f"{r['worst_gap']['gap']:+.3f} ({r['worst_gap']['domain']})" if trained else "-"
         tokens, wall = (f"{r['train_tokens']:,}", f"{r['wall_s'] / 60:.1f} min") if trained else ("-", "-")
-        rows.append(f"| {r['label']} | " + " | ".join(ppl) + f" | {r['mean_ppl']:.2f} | {gap} | "
+        rows.append(f"| {r['label']} | " + " | ".join(ppl) + f" | {r['mean_ppl']:.2f} | {cut} | {gap} | "
                     f"{r['params'] / 1e6:.1f}M | {tokens} | {wall} |")
+    return rows
+
+
+def cut_table(results: list[dict]) -> list[str]:
+    """One row per structure of every learned arm's cut report (empty when no arm has one)."""
+    reports = [(r["arm"], name, s) for r in results for name, s in r.get("cut_report", {}).items()]
+    rows = [f"| {arm} | {name} | {s['expected_keep']:.1f} | {s['target_keep']} | {100 * s['size_error']:.1f} | "
+            f"{100 * s['decided']:.1f} |" for arm, name, s in reports]
+    head = ["arm", "structure", "expected keep", "target", "size error %", "decided %"]
+    return ["| " + " | ".join(head) + " |", "|---|---" + "|---:" * (len(head) - 2) + "|", *rows] if rows else []
+
+
+def markdown(bench: Bench, reference: dict, results: list[dict]) -> str:
+    """The results table, the learned arms' cut reports, and how to read them."""
+    split = "the test split" if bench.test.name == "test" else "the eval split (no test split in --data)"
     notes = [
         f"Source {bench.source} -> target {bench.target}. Every arm trains on {bench.prune_batches} + "
-        f"{bench.continue_batches} batches of {bench.batch_tokens:,} tokens: arms 1-3 prune for the first and "
-        f"continue for the second, arms 4-6 continue for both.",
-        f"Arm 3 continues from arm 1's cut model (its pruning stage would be the same run); its wall time counts "
-        f"that stage. Arm 5 also runs {CALIBRATION_BATCHES} forward-only calibration batches of the source.",
-        "Perplexity on every eval sequence of each domain; mean ppl = exp(mean of the domain losses); gap = "
-        "domain loss minus the source's loss there (the reference losses of dynamic loading).",
+        f"{bench.continue_batches} batches of {bench.batch_tokens:,} tokens (--prune-budget {bench.prune_budget:g}):"
+        " the learned-gate arms prune for the first and continue for the second; importance, random and scratch "
+        "continue for both.",
+        f"distill distils from the source in both stages. importance also runs {CALIBRATION_BATCHES} forward-only "
+        "calibration batches of the source.",
+        f"Perplexity on every sequence of {split} of each domain ({bench.test}); the in-training evaluations and "
+        "dynamic loading read the eval split. cut ppl: the model the continued pre-training started from (cut, "
+        "one-shot pruned or initialised), on the same sequences. mean ppl = exp(mean of the domain losses); "
+        "gap = domain loss minus the source's loss there.",
     ]
-    return "\n".join(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    cuts = cut_table(results)
+    if cuts:
+        notes.append("Cut report (second table): per structure of a pruning run's final gates, the expected number "
+                     "kept, the target, the expected size's error, and the share of gates already decided.")
+    return "\n".join(results_table(bench, reference, results)) + "\n\n" + \
+        ("\n".join(cuts) + "\n\n" if cuts else "") + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def short(r: dict) -> dict:
+    """A row of the JSON line: perplexities, worst gap, size; seed, start perplexity, cut report and time."""
+    row = {"ppl": {d: round(v["ppl"], 4) for d, v in r["domains"].items()}, "mean_ppl": round(r["mean_ppl"], 4),
+           "worst_gap": round(r["worst_gap"]["gap"], 4), "worst_domain": r["worst_gap"]["domain"],
+           "params": r["params"]}
+    if "seed" in r:
+        row.update(seed=r["seed"], start_mean_ppl=round(r["start"]["mean_ppl"], 4))
+    if "cut_report" in r:
+        row["cut_report"] = r["cut_report"]
+    if "wall_s" in r:
+        row["wall_s"] = round(r["wall_s"], 1)
+    return row
 
 
 def summary_line(bench: Bench, reference: dict, results: list[dict], wall: float) -> dict:
-    """The JSON line: every arm's perplexities, worst gap, size and time."""
-    def short(r: dict) -> dict:
-        return {"ppl": {d: round(v["ppl"], 4) for d, v in r["domains"].items()}, "mean_ppl": round(r["mean_ppl"], 4),
-                "worst_gap": round(r["worst_gap"]["gap"], 4), "worst_domain": r["worst_gap"]["domain"],
-                "params": r["params"], **({"wall_s": round(r["wall_s"], 1)} if "wall_s" in r else {})}
+    """The JSON line: every arm's perplexities, worst gap, size, start perplexity, cut report and time."""
     return {"source": bench.source, "target": bench.target, "prune_batches": bench.prune_batches,
-            "continue_batches": bench.continue_batches, "batch_tokens": bench.batch_tokens,
-            "reference": short(reference), "arms": {r["arm"]: short(r) for r in results},
-            "wall_s": round(wall, 1), "results": str(bench.out / "results.md")}
+            "continue_batches": bench.continue_batches, "prune_budget": bench.prune_budget,
+            "batch_tokens": bench.batch_tokens, "test": str(bench.test), "reference": short(reference),
+            "arms": {r["arm"]: short(r) for r in results}, "wall_s": round(wall, 1),
+            "results": str(bench.out / "results.md")}
+
+
+def setup_data(bench: Bench, use_demo_data: bool) -> None:
+    """The data (built for the demo), its domains and sequence length, and the tokens of a batch, into ``bench``."""
+    if use_demo_data:
+        prepare_demo_data(bench)
+        bench.domains, bench.seq_len = check_data(bench.data, load_config(bench.source).vocab_size, bench.test)
+    elif bench.test.name != "test":
+        log.warning("%s has no test split: the final evaluation reads %s, the split the in-training evaluations "
+                    "and dynamic loading read too", bench.data, bench.test)
+    bench.batch_tokens = OmegaConf.load(PRUNE_RECIPE).train.global_batch_size * bench.seq_len
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
-    args, bench = parse_args(argv)
+    args, bench, runs = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     bench.out.mkdir(parents=True, exist_ok=True)
     (bench.out / SETTINGS).write_text(json.dumps(bench.settings(), indent=2) + "\n")
-    if args.data is None:
-        prepare_demo_data(bench)
-        bench.domains, bench.seq_len = check_data(bench.data, load_config(bench.source).vocab_size)
+    setup_data(bench, args.data is None)
     train_py = load_train_py()
-    recipe = OmegaConf.load(PRUNE_RECIPE)
-    bench.batch_tokens = recipe.train.global_batch_size * bench.seq_len
     reference = {**source_row(bench), "label": f"{bench.source} (source, uncut)"}
     add_gaps(reference, reference)
-    results = [run_arm(bench, arm, train_py, reference) for arm in ARMS]
+    results = [run_arm(bench, run, train_py, reference) for run in runs]
     (bench.out / "results.md").write_text(markdown(bench, reference, results))
-    (bench.out / "results.json").write_text(json.dumps({"reference": reference, "arms": results}, indent=2) + "\n")
+    write_json(bench.out / "results.json", {"reference": reference, "arms": results})
     line = summary_line(bench, reference, results, time.perf_counter() - started)
     log.info("table: %s", bench.out / "results.md")
     print(json.dumps(line))
