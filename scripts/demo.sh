@@ -40,7 +40,7 @@ if [ -f "$DEMO_DIR/reference_losses.json" ]; then skip "$DEMO_DIR/reference_loss
     mv "$DEMO_DIR/reference_losses.json.partial" "$DEMO_DIR/reference_losses.json"
 fi
 
-step "prune (L0 masks + Lagrangian + dynamic batch loading), yaml/demo/prune.yaml -> $DEMO_DIR/runs/demo_prune"
+step "prune (L0 masks, exact schedule, 0/1 hardening, dynamic batch loading), yaml/demo/prune.yaml -> $DEMO_DIR/runs/demo_prune"
 "$PYTHON" train.py yaml/demo/prune.yaml
 
 step "cut the masked model into a dense HF model -> $DEMO_DIR/pruned"
