@@ -116,9 +116,10 @@ def write_recipe(folder: Path, stage: str, model_dir: Path, data_dir: Path, sour
         "checkpoint": {"save_folder": str(folder / stage)},
     }
     if stage == "prune":
-        # Every timed step a soft masked step (no hardening, no calibration pass, one evaluation).
-        recipe["pruning"] = {"target": half_target(source), "sparsity_warmup": 1.0, "harden_from": 1.0,
-                             "init": "constant", "eval_target": False}
+        # Every timed step a soft masked step with the Lagrangian in the loss, as the bare loop computes it (no
+        # per-batch shift solving, no hardening, no calibration pass, one evaluation).
+        recipe["pruning"] = {"target": half_target(source), "constraint": "row", "sparsity_warmup": 1.0,
+                             "harden_from": 1.0, "init": "constant", "eval_target": False}
     path = folder / f"{stage}.yaml"
     OmegaConf.save(OmegaConf.create(recipe), path)
     return path
