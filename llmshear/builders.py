@@ -157,7 +157,6 @@ def build_evaluators(cfg: RunConfig) -> list[Evaluator]:
     return [Evaluator(label=label, dataloader=build_eval_loader(cfg)) for label in labels]
 
 
-
 def parallelism_config(cfg: RunConfig) -> dict | None:
     """Composer's ``parallelism_config``: FSDP full shard (FSDP2 object, or FSDP1 settings), or None."""
     f = cfg.fsdp

@@ -60,8 +60,8 @@ class PruningCallback(Callback):
       freezes the masks as 0/1.
     * ``eval_start``: the evaluator labelled ``target_label`` measures the target-shape cut, every other one
       the run's ``pruning.eval_masks`` (by default the current model, which dynamic loading then reads).
-    * ``batch_end``: logs per structure the expected and target sparsity and ``λ1``, ``λ2``, and the expected
-      parameter count (``l0/...`` keys).
+    * ``batch_end``: re-solves the row shifts for the logits the step moved, then logs :meth:`L0Module.metrics`
+      (``l0/...`` keys: expected and target sparsity, row gaps, undecided gates, multipliers, hardened).
     * ``eval_end``: writes the deterministic masks to ``<folder>/masks/ba<N>.pt`` and, next to it,
       ``ba<N>.json`` with the shape and parameter count they cut to (rank 0 only; an existing file is never
       replaced, a re-run evaluation gets a numbered suffix), with the :meth:`~L0Module.cut_report`.
@@ -99,7 +99,6 @@ class PruningCallback(Callback):
         if state.dataloader_label == self.target_label:
             return  # the masks of this evaluation were saved after the first evaluator
         with full_parameters(l0):
-            l0.update_shifts()
             masks = {name: mask.detach().cpu().clone() for name, mask in l0.deterministic_masks().items()}
             report = l0.cut_report()
         batch = int(state.timestamp.batch)

@@ -265,7 +265,8 @@ class L0Module(nn.Module):
 
     Parameters: ``log_alpha.<structure>`` (the gate logits, optimised with ``lag_lr``) and
     ``lagrangian.lambda1.<structure>`` / ``lagrangian.lambda2.<structure>`` (ascent). Buffers: ``step`` (the
-    batch count given to :meth:`set_step`), ``hardened`` and ``hard_<structure>`` (the frozen 0/1 masks).
+    batch count given to :meth:`set_step`), ``hardened`` and ``hard_<structure>`` (the frozen 0/1 masks),
+    ``shift_<structure>`` (``exact``: the row shifts of :meth:`update_shifts`).
     Source, target and options travel as ``_extra_state``, so a checkpoint alone rebuilds the module (see
     :func:`l0_from_state_dict`).
 
@@ -296,7 +297,6 @@ class L0Module(nn.Module):
         if constraint not in CONSTRAINTS or eval_masks not in EVAL_MASKS:
             raise ValueError(f"constraint {constraint!r} / eval_masks {eval_masks!r}: expected one of "
                              f"{CONSTRAINTS} / {EVAL_MASKS}")
-        self.source, self.target, self.structures = source, target, list(structures)
         if not 0 < final_temperature <= temperature:
             raise ValueError(f"temperatures must satisfy 0 < final_temperature <= temperature, got {temperature}, "
                              f"{final_temperature}")
@@ -412,9 +412,8 @@ class L0Module(nn.Module):
     @torch.no_grad()
     def harden(self) -> None:
         """Freeze the deterministic masks as 0/1 (exactly ``keep`` per row); training goes on with them."""
-        for spec in self.specs:
-            keep = deterministic_gates(self.log_alpha[spec.name].detach(), spec.keep) != 0
-            getattr(self, f"hard_{spec.name}").copy_(keep.float())
+        for name, mask in self.deterministic_masks().items():
+            getattr(self, f"hard_{name}").copy_((mask != 0).float())
         self.hardened.fill_(True)
         logger.info("batch %d: masks hardened to 0/1 (%s)", int(self.step.item()),
                     ", ".join(f"{k}: {v['undecided']:.1%} undecided" for k, v in self.cut_report().items()))
