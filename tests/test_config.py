@@ -127,6 +127,14 @@ def test_tiny_recipe_is_valid(tmp_path, data):
     ("data.num_workers=2", "data.num_workers=2 must be 0"),
     ("fsdp.activation_checkpointing=true", "fsdp.activation_checkpointing needs fsdp.enabled=true"),
     ("scheduler.warmup=100", "scheduler.warmup=100 must lie in [0, train.max_batches]"),
+    ("pruning.lagrangian_warmup=640", "pruning.lagrangian_warmup: unknown key"),
+    ("pruning.constraint=foo", "pruning.constraint: 'foo' is not one of ['exact', 'row', 'overall']"),
+    ("pruning.eval_masks=cut", "pruning.eval_masks: 'cut' is not one of"),
+    ("pruning.sparsity_warmup=1.5", "pruning.sparsity_warmup=1.5 must lie in [0, 1]"),
+    ("pruning.harden_from=0.1", "pruning.harden_from=0.1 must lie in [pruning.sparsity_warmup=0.3, 1]"),
+    ("pruning.final_temperature=0.5", "pruning.final_temperature=0.5 must lie in (0, pruning.temperature=0.1]"),
+    ("optimizer.gate_schedule=decay", "optimizer.gate_schedule: 'decay' is not one of"),
+    ("optimizer.clip_norm=-1", "optimizer.clip_norm=-1.0 must not be negative"),
 ])
 def test_bad_value_names_its_key(tmp_path, data, override, key):
     problems = problems_of(tiny_recipe(tmp_path, data), [override], cuda=False)
