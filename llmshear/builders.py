@@ -29,6 +29,7 @@ from llmshear.models.composer_llama import ComposerLlama, Distillation
 from llmshear.models.hf import build_model, load_config, load_model
 from llmshear.models.importance import init_l0_from_importance
 from llmshear.models.l0 import L0Module, TargetShape
+from llmshear.models.sources import source_record
 from llmshear.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ def build_composer_model(cfg: RunConfig, device: str | None = None) -> ComposerL
         teacher = build_model(load_config(cfg.distill.teacher), device="meta") if device == "meta" else \
             load_model(cfg.distill.teacher)
         distill = Distillation(teacher, alpha=cfg.distill.alpha, temperature=cfg.distill.temperature)
-    return ComposerLlama(model, l0=build_l0(cfg, source), domains=cfg.data.domains, distill=distill)
+    return ComposerLlama(model, l0=build_l0(cfg, source), domains=cfg.data.domains, distill=distill,
+                         source=source_record(cfg.model.pretrained))
 
 
 def calibration_batches(cfg: RunConfig) -> list[torch.Tensor]:

@@ -1,7 +1,15 @@
-"""Read the language model out of a Composer training checkpoint and save it as a Hugging Face directory."""
+"""Turn Composer training checkpoints into Hugging Face directories a user can take anywhere.
+
+``prune_checkpoint`` cuts a pruning run's checkpoint to its target shape; ``export_checkpoint`` saves a continued
+run's model. Both write the weights (in the chosen dtype), config, generation config, the tokenizer, a
+``summary.json`` (shape, parameters, the stages and tokens that made the model, the run's last per-domain
+perplexity) and a model card ``README.md``; the directory loads with ``transformers`` alone.
+"""
 
 from __future__ import annotations
 
+import argparse
+import io
 import logging
 import os
 from pathlib import Path
@@ -9,11 +17,17 @@ from pathlib import Path
 import torch
 
 from llmshear.config_checks import checkpoint_problem
+from llmshear.model_card import CARD_FILE, SUMMARY_FILE, domain_perplexity, lineage, read_stage, render_card
 from llmshear.models.hf import save_pretrained
 from llmshear.models.llama import LlamaConfig, LlamaLM
-from llmshear.models.prune import model_from_state
+from llmshear.models.prune import cut_model, load_pruning_checkpoint, model_from_state, prune_summary
+from llmshear.models.sources import has_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RUN_SOURCE = "<the run's source>"  # ``tokenizer`` value: the source recorded in the checkpoint
+SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "intermediate_size")
 
 
 def read_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor | object]:
@@ -54,21 +68,141 @@ def model_from_checkpoint(path: str | os.PathLike) -> LlamaLM:
     return model_from_state(LlamaConfig(**extra["model_config"]), weights)
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None) -> dict:
-    """Save the model of ``checkpoint`` as an HF directory ``out_dir`` (new or empty; checked before reading).
+def resolve_tokenizer(tokenizer, recorded_source: str | None):
+    """``(tokenizer, where it came from)`` for an export.
 
-    Returns:
-        A JSON-ready summary: the output directory, parameter count and shape.
+    Args:
+        tokenizer: None (save none), :data:`RUN_SOURCE` (the run's recorded source; none, with a warning, when
+            that source has no tokenizer, e.g. a preset), a source name to load it from, or a tokenizer object.
+        recorded_source: the source the checkpoint records (None for checkpoints of older versions).
 
     Raises:
-        FileExistsError: ``out_dir`` exists and is not an empty directory; nothing is read or written.
-        ValueError: see :func:`model_from_checkpoint`.
+        FileNotFoundError / ValueError: a named source without a readable tokenizer (see ``load_tokenizer``).
     """
+    if tokenizer is None:
+        return None, None
+    if isinstance(tokenizer, str) and tokenizer == RUN_SOURCE:
+        if recorded_source is None or not has_tokenizer(recorded_source):
+            log.warning("no tokenizer saved: the run's source %s has none; pass --tokenizer SOURCE to add one",
+                        recorded_source or "(not recorded in this checkpoint)")
+            return None, None
+        tokenizer = recorded_source
+    if isinstance(tokenizer, str | os.PathLike):
+        return load_tokenizer(tokenizer), str(tokenizer)
+    return tokenizer, getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+
+
+def _require_new_dir(out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not an empty directory; nothing was written")
+    return out_dir
+
+
+def _read_stage(checkpoint: str | os.PathLike, stage: str):
+    """The checkpoint's :class:`~llmshear.model_card.Stage`; a missing or unreadable file is named."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory (a sharded checkpoint?): save with fsdp state_dict_type 'full'")
+    try:
+        return read_stage(path, stage)
+    except Exception as err:  # torch.load raises pickle, zip, EOF and runtime errors for broken files
+        raise ValueError(f"{path} cannot be read (truncated or corrupt checkpoint?): {err}") from err
+
+
+def _save(model: LlamaLM, out_dir: Path, stage, tokenizer, dtype: str | None, command: str | None,
+          extra: dict, extra_files: dict) -> dict:
+    """Write ``model`` with its tokenizer, summary and card; returns the summary."""
+    tokenizer, tokenizer_name = tokenizer
+    if dtype is not None:
+        model = model.to(DTYPES[dtype])
+    summary = {
+        "out": str(out_dir),
+        "params": model.num_params(),
+        "shape": {k: getattr(model.cfg, k) for k in SHAPE_KEYS},
+        "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+        "tokenizer": tokenizer_name,
+        "stages": lineage(stage),
+        "perplexity": domain_perplexity(Path(stage.checkpoint).parent, stage.batches),
+        "command": command,
+        **extra,
+    }
+    files = {**extra_files, SUMMARY_FILE: summary, CARD_FILE: render_card(out_dir.name, summary)}
+    save_pretrained(model, out_dir, tokenizer=tokenizer, extra_files=files)
+    return summary
+
+
+def prune_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None,
+                     dtype: str | None = None, command: str | None = None) -> dict:
+    """Cut a pruning run's checkpoint with its deterministic masks and save the dense model as an HF directory.
+
+    Writes the HF files plus ``masks.pt`` (the deterministic masks), ``summary.json`` (:func:`prune_summary`
+    and the fields of :func:`_save`) and ``README.md``; the directory appears complete or not at all.
+
+    Args:
+        tokenizer: see :func:`resolve_tokenizer`.
+        dtype: a key of :data:`DTYPES` for the saved weights (default: as trained, float32).
+        command: the command line that made the export, for the model card.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and is not empty (checked before anything is read).
+        ValueError / FileNotFoundError: a missing, unreadable or foreign checkpoint (see
+            :func:`~llmshear.models.prune.load_pruning_checkpoint`), a tokenizer that cannot be loaded,
+            non-finite weights.
+    """
+    out_dir = _require_new_dir(out_dir)
+    stage = _read_stage(checkpoint, "pruning")
+    tokenizer = resolve_tokenizer(tokenizer, stage.source)
+    model, l0 = load_pruning_checkpoint(checkpoint)
+    masks = l0.deterministic_masks()
+    cut = cut_model(model, masks)
+    if cut.cfg != l0.target.to_config(l0.source):
+        raise ValueError(f"cut config {cut.cfg} differs from the target {l0.target}")
+    buffer = io.BytesIO()
+    torch.save(masks, buffer)
+    summary = _save(cut, out_dir, stage, tokenizer, dtype, command, prune_summary(model, masks, cut),
+                    {"masks.pt": buffer.getvalue()})
+    log.info("pruned %s: %d -> %d parameters, saved %s", checkpoint, summary["params_before"],
+             summary["params_after"], out_dir)
+    return summary
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None,
+                      dtype: str | None = None, command: str | None = None) -> dict:
+    """Save the model of a continued-pre-training checkpoint as an HF directory ``out_dir`` (new or empty).
+
+    Args: as :func:`prune_checkpoint`.
+
+    Returns:
+        The summary (also written as ``summary.json``): output directory, parameters, shape, dtype, tokenizer,
+        stages, the run's last per-domain perplexity, command.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and is not an empty directory; nothing is read or written.
+        ValueError: see :func:`model_from_checkpoint`; a tokenizer that cannot be loaded; non-finite weights.
+    """
+    out_dir = _require_new_dir(out_dir)
+    stage = _read_stage(checkpoint, "continued")
+    tokenizer = resolve_tokenizer(tokenizer, stage.source)
     model = model_from_checkpoint(checkpoint)
-    save_pretrained(model, out_dir, tokenizer=tokenizer)
-    cfg = model.cfg
-    shape = {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "intermediate_size")}
-    return {"out": str(out_dir), "params": model.num_params(), "shape": shape}
+    return _save(model, out_dir, stage, tokenizer, dtype, command, {}, {})
+
+
+def export_parser(doc: str, checkpoint_help: str, out_help: str) -> argparse.ArgumentParser:
+    """The command line that ``scripts/prune.py`` and ``scripts/export_hf.py`` share."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--tokenizer", help="whose tokenizer to save (HF dir, .gguf, smollm2; 'none': no tokenizer); "
+                        "default: the run's source")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the saved weights (default: float32)")
+    return parser
+
+
+def tokenizer_argument(value: str | None):
+    """``--tokenizer`` as :func:`resolve_tokenizer` takes it: unset → :data:`RUN_SOURCE`, ``none`` → None."""
+    if value is None:
+        return RUN_SOURCE
+    return None if value.lower() == "none" else value

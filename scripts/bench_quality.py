@@ -60,12 +60,12 @@ from llmshear.datasets.demo import make_demo_corpus
 from llmshear.datasets.mds import SUMMARY, TOKENS, MDSDomain, open_domains, prepare
 from llmshear.datasets.reference import check_vocab, eval_domains
 from llmshear.evaluation import evaluate_domains
-from llmshear.export import export_checkpoint
+from llmshear.export import export_checkpoint, prune_checkpoint
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.importance import importance_masks, random_masks
 from llmshear.models.l0 import TargetShape
-from llmshear.models.prune import cut_model, load_pruning_checkpoint, prune_checkpoint, prune_summary
+from llmshear.models.prune import cut_model, load_pruning_checkpoint, prune_summary
 
 log = logging.getLogger("bench_quality")
 

@@ -1,35 +1,35 @@
 """Turn a continued-pre-training checkpoint into a Hugging Face model directory.
 
-    python scripts/export_hf.py --checkpoint runs/continue/latest-rank0.pt --out out/final [--tokenizer out/pruned]
+    python scripts/export_hf.py --checkpoint runs/continue/latest-rank0.pt --out out/final [--dtype bfloat16]
 
-The directory loads with ``AutoModelForCausalLM.from_pretrained(out)``. An existing non-empty ``--out``, or a
-missing, truncated or corrupt checkpoint, is an error and nothing is written. Prints one JSON line.
+The directory loads with ``AutoTokenizer`` / ``AutoModelForCausalLM`` / ``pipeline`` and no code of ours: weights,
+config, generation config, the tokenizer (by default the run's source's; ``--tokenizer SOURCE`` names another,
+``--tokenizer none`` saves none), ``summary.json`` and a model card ``README.md``. An existing non-empty
+``--out``, a missing, truncated or corrupt checkpoint, a tokenizer that cannot be loaded or non-finite weights
+are errors and nothing is written. Prints one JSON line.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import shlex
 import sys
 
-from llmshear.export import export_checkpoint
-from llmshear.models.sources import load_tokenizer
+from llmshear.export import export_checkpoint, export_parser, tokenizer_argument
 
 log = logging.getLogger("export_hf")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Export; returns 2 on a bad argument or checkpoint."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="Composer checkpoint (.pt) of a train.py run")
-    parser.add_argument("--out", required=True, help="new (or empty) directory for the HF model")
-    parser.add_argument("--tokenizer", help="source whose tokenizer to save alongside (HF dir, .gguf, smollm2)")
-    args = parser.parse_args(argv)
+    """Export; returns 2 on a bad argument, checkpoint or tokenizer."""
+    args = export_parser(__doc__, "Composer checkpoint (.pt) of a train.py run",
+                         "new (or empty) directory for the HF model").parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    command = shlex.join(["python", "scripts/export_hf.py", *(sys.argv[1:] if argv is None else argv)])
     try:
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        summary = export_checkpoint(args.checkpoint, args.out, tokenizer=tokenizer)
+        summary = export_checkpoint(args.checkpoint, args.out, tokenizer=tokenizer_argument(args.tokenizer),
+                                    dtype=args.dtype, command=command)
     except (OSError, ValueError) as err:
         log.error("%s", err)
         return 2

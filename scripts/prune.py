@@ -1,35 +1,34 @@
 """Cut a pruning run's checkpoint into a dense Hugging Face model of the target shape.
 
-    python scripts/prune.py --checkpoint runs/prune/ep0-ba3200-rank0.pt --out out/pruned [--tokenizer smollm2]
+    python scripts/prune.py --checkpoint runs/prune/ep0-ba3200-rank0.pt --out out/pruned [--dtype bfloat16]
 
-Writes ``out/pruned`` (config.json, safetensors, tokenizer when given, ``masks.pt``, ``summary.json``) and
-prints the summary as one JSON object. An existing non-empty ``--out`` or an unreadable checkpoint is an error
-and nothing is written.
+Writes ``out/pruned``: config.json, generation_config.json, safetensors, the tokenizer (by default the run's
+source's; ``--tokenizer SOURCE`` names another, ``--tokenizer none`` saves none), ``masks.pt``, ``summary.json``
+and a model card ``README.md``; prints the summary as one JSON object. An existing non-empty ``--out``, an
+unreadable checkpoint, a tokenizer that cannot be loaded or non-finite weights are errors and nothing is written.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import shlex
 import sys
 
-from llmshear.models.prune import prune_checkpoint
-from llmshear.models.sources import load_tokenizer
+from llmshear.export import export_parser, prune_checkpoint, tokenizer_argument
 
 logger = logging.getLogger("prune")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="Composer checkpoint (.pt) of a pruning run")
-    parser.add_argument("--out", required=True, help="new (or empty) directory for the pruned HF model")
-    parser.add_argument("--tokenizer", help="source whose tokenizer to save alongside (HF dir, .gguf, smollm2)")
-    args = parser.parse_args(argv)
+    """Prune; returns 2 on a bad argument, checkpoint or tokenizer."""
+    args = export_parser(__doc__, "Composer checkpoint (.pt) of a pruning run",
+                         "new (or empty) directory for the pruned HF model").parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    command = shlex.join(["python", "scripts/prune.py", *(sys.argv[1:] if argv is None else argv)])
     try:
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        summary = prune_checkpoint(args.checkpoint, args.out, tokenizer=tokenizer)
+        summary = prune_checkpoint(args.checkpoint, args.out, tokenizer=tokenizer_argument(args.tokenizer),
+                                   dtype=args.dtype, command=command)
     except (OSError, ValueError) as err:
         logger.error("%s", err)
         return 2

@@ -14,10 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from llmshear.config import load
 from llmshear.evaluation import evaluate_domains
-from llmshear.export import export_checkpoint, model_from_checkpoint
+from llmshear.export import export_checkpoint, model_from_checkpoint, prune_checkpoint
 from llmshear.loggers import read_metrics
 from llmshear.models.hf import load_model
-from llmshear.models.prune import prune_checkpoint
 
 train = train_module()
 
@@ -101,6 +100,11 @@ def test_export_loads_in_transformers_with_the_same_logits(pipeline):
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-4)
     assert pipeline["summary"]["shape"] == TARGET
+    # the card's history: the pruning stage (from the cut model's summary.json), then the continued one
+    stages = pipeline["summary"]["stages"]
+    assert [(s["stage"], s["batches"], s["tokens"]) for s in stages] == [("pruning", 6, 6 * 4 * 32),
+                                                                          ("continued", 4, 4 * 4 * 32)]
+    assert stages[0]["source"] == "tiny-gqa" and stages[1]["source"] == str((tmp / "pruned").resolve())
     results = evaluate_domains(load_model(tmp / "final"), pipeline["data"] / "eval", DOMAINS)
     assert set(results["domains"]) == set(DOMAINS) and all(math.isfinite(r["ppl"]) for r in results["domains"].values())
 

@@ -74,6 +74,7 @@ class ComposerLlama(ComposerModel):
         l0: the pruning masks and their Lagrangian (``.l0`` in checkpoints), or ``None`` for plain training.
         domains: domain names, in the order of the batches' ``domain`` index, for per-domain eval metrics.
         distill: optional :class:`Distillation` (a frozen teacher whose logits the student also matches).
+        source: the run's ``model.pretrained``, recorded in checkpoints so an export can save its tokenizer.
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class ComposerLlama(ComposerModel):
         l0: nn.Module | None = None,
         domains: list[str] | tuple = (),
         distill: Distillation | None = None,
+        source: str | None = None,
     ):
         super().__init__()
         # Composer's FSDP wrapping and activation checkpointing look for these hooks on the direct children.
@@ -91,6 +93,7 @@ class ComposerLlama(ComposerModel):
         self.l0 = l0
         self.domains = list(domains)
         self.distill = distill
+        self.source = source
         self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX)}
         self.eval_metrics = {
             "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
@@ -99,8 +102,8 @@ class ComposerLlama(ComposerModel):
         }
 
     def get_extra_state(self) -> dict:
-        """The LM's config travels with the weights, so a checkpoint alone can be exported (``export_hf.py``)."""
-        return {"model_config": self.model.cfg.to_dict()}
+        """The LM's config and source travel with the weights, so a checkpoint alone can be exported."""
+        return {"model_config": self.model.cfg.to_dict(), "source": self.source}
 
     def set_extra_state(self, state: dict) -> None:
         mine = self.model.cfg.to_dict()

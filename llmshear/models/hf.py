@@ -267,12 +267,17 @@ def save_pretrained(model: LlamaLM, out_dir: str | os.PathLike, tokenizer=None, 
 
     Raises:
         FileExistsError: ``out_dir`` is non-empty (or a file) and ``overwrite`` is False.
+        ValueError: a weight holds NaN or inf (nothing is written).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir.is_dir() and (overwrite or not any(out_dir.iterdir()))):
         raise FileExistsError(f"{out_dir} exists and is not an empty directory (pass overwrite=True to write into it)")
     if any(param.is_meta for param in model.parameters()):
         raise ValueError("cannot save a model on the meta device: it has no weights")
+    broken = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]
+    if broken:
+        raise ValueError(f"refusing to save {out_dir}: {len(broken)} weight tensors hold NaN or inf (first: "
+                         f"{broken[0]}); the run diverged, export an earlier checkpoint")
     if model.cfg.tie_word_embeddings != (model.lm_head.weight is model.model.embed_tokens.weight):
         raise ValueError("tie_word_embeddings does not match whether lm_head shares the embedding")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ every matrix, norm and embedding that has them; kept layers are renumbered ``0..
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import os
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from pathlib import Path
 import torch
 
 from llmshear.models.build import empty_model, reset_rotary
-from llmshear.models.hf import save_pretrained
 from llmshear.models.l0 import L0Module, l0_from_state_dict
 from llmshear.models.llama import LlamaConfig, LlamaLM, Masks
 
@@ -242,31 +240,3 @@ def load_pruning_checkpoint(path: str | os.PathLike) -> tuple[LlamaLM, L0Module]
     l0 = l0_from_state_dict(l0_state)
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     return model_from_state(l0.source, model_state), l0
-
-
-def prune_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None) -> dict:
-    """Cut a pruning run's checkpoint with its deterministic masks and save the dense model as an HF directory.
-
-    Writes the HF files plus ``masks.pt`` (the deterministic masks) and ``summary.json`` (:func:`prune_summary`);
-    the directory appears complete or not at all.
-
-    Raises:
-        FileExistsError: ``out_dir`` exists and is not empty (checked before anything is read).
-        ValueError / FileNotFoundError: see :func:`load_pruning_checkpoint`.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not an empty directory; nothing was written")
-    model, l0 = load_pruning_checkpoint(checkpoint)
-    masks = l0.deterministic_masks()
-    cut = cut_model(model, masks)
-    if cut.cfg != l0.target.to_config(l0.source):
-        raise ValueError(f"cut config {cut.cfg} differs from the target {l0.target}")
-    summary = prune_summary(model, masks, cut)
-    buffer = io.BytesIO()
-    torch.save(masks, buffer)
-    save_pretrained(cut, out_dir, tokenizer=tokenizer,
-                    extra_files={"masks.pt": buffer.getvalue(), "summary.json": summary})
-    logger.info("pruned %s: %d -> %d parameters, saved %s", checkpoint, summary["params_before"],
-                summary["params_after"], out_dir)
-    return summary

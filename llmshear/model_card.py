@@ -1,0 +1,120 @@
+"""What an exported model is and where it came from: the run record of a checkpoint, the lineage of stages,
+the last per-domain perplexity of the run, and the model card (``README.md``) that says all of it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from llmshear.loggers import METRICS_FILE, read_metrics
+
+SUMMARY_FILE = "summary.json"
+CARD_FILE = "README.md"
+DOMAIN_LOSS = "DomainCrossEntropy"
+# Evaluator labels, preferred first: ``eval_target`` measured the cut model during pruning, ``eval`` the model.
+EVAL_LABELS = ("eval_target", "eval")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage of an exported model's history."""
+
+    stage: str  # "pruning" or "continued"
+    source: str | None  # the run's model.pretrained, as recorded in its checkpoint
+    checkpoint: str
+    batches: int
+    tokens: int
+
+
+def read_stage(path: str | os.PathLike, stage: str) -> Stage:
+    """The :class:`Stage` a Composer checkpoint records: its source and the batches and tokens it trained on.
+
+    Reads the file memory-mapped, so no tensor is loaded. Fields a foreign file lacks read as None / 0.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    state = checkpoint.get("state") if isinstance(checkpoint, dict) else None
+    state = state if isinstance(state, dict) else {}  # not a Composer checkpoint: the model loader says so
+    model_state = state.get("model") if isinstance(state.get("model"), dict) else {}
+    extra = model_state.get("_extra_state", model_state.get("module._extra_state"))
+    source = extra.get("source") if isinstance(extra, dict) else None
+    timestamp = state.get("timestamp", {}).get("Timestamp", {})
+    return Stage(stage, source, str(Path(path).resolve()), int(timestamp.get("batch", 0)),
+                 int(timestamp.get("token", 0)))
+
+
+def lineage(stage: Stage) -> list[dict]:
+    """The stages that made a model: those recorded in its source's ``summary.json`` (a model this project
+    exported), then ``stage``."""
+    earlier = []
+    if stage.source is not None and (Path(stage.source) / SUMMARY_FILE).is_file():
+        earlier = json.loads((Path(stage.source) / SUMMARY_FILE).read_text()).get("stages", [])
+    return [*earlier, asdict(stage)]
+
+
+def domain_perplexity(run_folder: str | os.PathLike, batch: int) -> dict | None:
+    """The per-domain perplexity of the last evaluation at or before ``batch`` in ``run_folder/metrics.jsonl``.
+
+    The cut model's evaluation (``eval_target``) is preferred over the masked model's. Returns ``{"batch",
+    "evaluator", "perplexity": {domain: ppl}}``, or None when the file or an evaluation is missing.
+    """
+    path = Path(run_folder) / METRICS_FILE
+    if not path.is_file():
+        return None
+    rows = [row for row in read_metrics(path) if isinstance(row.get("batch"), int) and row["batch"] <= batch]
+    for label in EVAL_LABELS:
+        prefix = f"metrics/{label}/{DOMAIN_LOSS}/"
+        losses: dict[int, dict[str, float]] = {}
+        for row in rows:
+            for key, value in row.items():
+                if key.startswith(prefix) and isinstance(value, int | float):
+                    losses.setdefault(row["batch"], {})[key.removeprefix(prefix)] = float(value)
+        if losses:
+            last = max(losses)
+            return {"batch": last, "evaluator": label,
+                    "perplexity": {domain: math.exp(loss) for domain, loss in losses[last].items()}}
+    return None
+
+
+def render_card(name: str, summary: dict) -> str:
+    """The model card (Markdown) of an exported model, from its ``summary.json`` content."""
+    shape = summary["shape"]
+    lines = [
+        f"# {name}",
+        "",
+        "A LLaMA-family causal language model made by llmshear (structured pruning and continued pre-training).",
+        "It loads with `transformers` alone:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")' if summary.get("tokenizer") else
+        "# this export has no tokenizer: use the source model's",
+        "```",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| parameters | {summary['params']:,} |",
+        f"| dtype | {summary['dtype']} |",
+        *(f"| {key} | {value} |" for key, value in shape.items()),
+        f"| tokenizer | {summary.get('tokenizer') or 'none saved'} |",
+        "",
+        "## How it was made",
+        "",
+        "| stage | source | batches | tokens | checkpoint |",
+        "|---|---|---|---|---|",
+        *(f"| {s['stage']} | {s['source']} | {s['batches']:,} | {s['tokens']:,} | {s['checkpoint']} |"
+          for s in summary["stages"]),
+        "",
+        f"Command: `{summary['command']}`" if summary.get("command") else "",
+    ]
+    ppl = summary.get("perplexity")
+    if ppl:
+        lines += ["", f"## Perplexity per domain (the run's held-out evaluation `{ppl['evaluator']}` at batch "
+                  f"{ppl['batch']})", "", "| domain | perplexity |", "|---|---|",
+                  *(f"| {domain} | {value:.2f} |" for domain, value in ppl["perplexity"].items())]
+    return "\n".join(lines).rstrip() + "\n"
