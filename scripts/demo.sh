@@ -46,7 +46,7 @@ step "prune (L0 masks, exact schedule, 0/1 hardening, dynamic batch loading), ya
 step "cut the masked model into a dense HF model -> $DEMO_DIR/pruned"
 if [ -d "$DEMO_DIR/pruned" ]; then skip "$DEMO_DIR/pruned"; else
     "$PYTHON" scripts/prune.py --checkpoint "$DEMO_DIR/runs/demo_prune/latest-rank0.pt" --out "$DEMO_DIR/pruned" \
-        --tokenizer smollm2 >/dev/null
+        >/dev/null
 fi
 
 step "continued pre-training, yaml/demo/continue.yaml -> $DEMO_DIR/runs/demo_continue"
@@ -55,7 +55,7 @@ step "continued pre-training, yaml/demo/continue.yaml -> $DEMO_DIR/runs/demo_con
 step "export the continued model as an HF directory -> $DEMO_DIR/final"
 if [ -d "$DEMO_DIR/final" ]; then skip "$DEMO_DIR/final"; else
     "$PYTHON" scripts/export_hf.py --checkpoint "$DEMO_DIR/runs/demo_continue/latest-rank0.pt" \
-        --out "$DEMO_DIR/final" --tokenizer "$DEMO_DIR/pruned" >/dev/null
+        --out "$DEMO_DIR/final" >/dev/null
 fi
 
 step "per-domain perplexity: source, cut, continued -> $DEMO_DIR/perplexity.txt"
