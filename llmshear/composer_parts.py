@@ -85,8 +85,8 @@ def _check_table(section: str, table: dict[str, Part], values: dict) -> list[str
             problems.append(f"{key}: expected a mapping of keyword arguments (or {{}}), got {kwargs!r}")
         elif table[name].package and importlib.util.find_spec(table[name].package) is None:
             part = table[name]
-            problems.append(f"{key}: the {part.package!r} package is not installed (pip install "
-                            f"'mosaicml[{part.extra}]', or `make setup`, which installs every logger)")
+            problems.append(f"{key}: the {part.package!r} package is not installed (pip install -e "
+                            f"'.[{part.extra}]', or `make setup`, which installs every logger)")
         else:
             problems += _argument_problems(key, table[name], kwargs or {})
     return problems

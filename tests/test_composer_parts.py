@@ -142,8 +142,8 @@ def test_a_logger_whose_package_is_missing_names_the_extra(tmp_path, data, monke
     monkeypatch.setattr(composer_parts.importlib.util, "find_spec",
                         lambda name, *args: None if name == "mlflow" else find_spec(name, *args))
     problems = problems_of(tiny_recipe(tmp_path, data, loggers={"mlflow": {}}))
-    assert problems == ["loggers.mlflow: the 'mlflow' package is not installed (pip install 'mosaicml[mlflow]', "
-                        "or `make setup`, which installs every logger)"]
+    assert problems == ["loggers.mlflow: the 'mlflow' package is not installed (pip install -e '.[mlflow]', or "
+                        "`make setup`, which installs every logger)"]
 
 
 def test_micro_batch_auto_is_accepted_with_a_gpu(tmp_path, data):
@@ -220,3 +220,14 @@ def test_flops_per_batch_is_the_hand_count_for_the_masked_and_the_cut_model():
     distilled = ComposerLlama(LlamaLM(cut), distill=Distillation(LlamaLM(source)))
     assert distilled.flops_per_batch(batch) == (hand_count(**{**SHAPE, **CUT}, batch=3, seq_len=10)
                                                 + hand_count(**SHAPE, batch=3, seq_len=10) // 3)  # teacher: forward
+
+
+@pytest.mark.parametrize("name", ["prune_1.3b", "prune_2.7b", "continue_1.3b", "continue_2.7b", "demo/prune",
+                                  "demo/continue"])
+def test_shipped_recipes_monitor_speed_lr_and_memory_and_clip_at_one(repo_root, name):
+    from omegaconf import OmegaConf
+
+    recipe = OmegaConf.to_container(OmegaConf.load(repo_root / "yaml" / f"{name}.yaml"))
+    assert {"speed_monitor", "lr_monitor", "memory_monitor"} <= set(recipe["callbacks"])
+    assert recipe["algorithms"]["gradient_clipping"] == {"clipping_type": "norm", "clipping_threshold": 1.0}
+    assert "clip_norm" not in recipe["optimizer"]  # one place for the threshold
