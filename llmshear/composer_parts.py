@@ -22,10 +22,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import netrc
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,23 @@ def _argument_problems(key: str, part: Part, kwargs: dict) -> list[str]:
     return problems
 
 
+def _wandb_key_problem(kwargs: dict) -> list[str]:
+    """An online W&B run without an API key fails inside the Trainer; say so at config time instead."""
+    init = kwargs.get("init_kwargs") or {}
+    mode = init.get("mode") if isinstance(init, dict) and init.get("mode") else os.environ.get("WANDB_MODE", "online")
+    if mode in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return []
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host):
+            return []
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return [f"loggers.wandb: mode {mode!r} needs a W&B API key (WANDB_API_KEY, or `wandb login`), none found; "
+            f"without network use loggers.wandb.init_kwargs.mode=offline (or WANDB_MODE=offline) and `wandb sync` "
+            f"the run folder's wandb/ later"]
+
+
 def _check_table(section: str, table: dict[str, Part], values: dict) -> list[str]:
     problems = []
     for name, kwargs in values.items():
@@ -89,6 +108,7 @@ def _check_table(section: str, table: dict[str, Part], values: dict) -> list[str
                             f"'.[{part.extra}]', or `make setup`, which installs every logger)")
         else:
             problems += _argument_problems(key, table[name], kwargs or {})
+            problems += _wandb_key_problem(kwargs or {}) if key == "loggers.wandb" else []
     return problems
 
 

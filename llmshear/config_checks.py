@@ -231,6 +231,8 @@ def check_runtime(cfg: RunConfig, cuda: bool) -> list[str]:
     if cfg.train.micro_batch_size == "auto" and not cuda:
         problems.append("train.micro_batch_size='auto' needs a GPU (none visible): Composer finds the size by "
                         "catching CUDA out-of-memory errors; give a number on CPU")
+    if cfg.train.micro_batch_size == "auto" and cfg.train.device == "cpu":
+        problems.append("train.micro_batch_size='auto' needs train.device='gpu' (or unset)")
     if cfg.train.micro_batch_size == "auto" and cfg.train.eval_batch_size is None:
         problems.append("train.micro_batch_size='auto' needs train.eval_batch_size (evaluation and the importance "
                         "init use it)")

@@ -122,6 +122,8 @@ def problems_of(path, overrides=(), **kwargs) -> list[str]:
     ({"train": {"eval_interval": "0.5dur"}}, "train.eval_interval='0.5dur': 'dur' is not supported"),
     ({"train": {"micro_batch_size": "auto"}}, "train.micro_batch_size='auto' needs a GPU"),
     ({"train": {"micro_batch_size": "max"}}, "train.micro_batch_size='max' must be positive or 'auto'"),
+    ({"train": {"micro_batch_size": "auto", "device": "cpu"}},
+     "train.micro_batch_size='auto' needs train.device='gpu'"),
 ])
 def test_bad_parts_and_durations_name_their_key(tmp_path, data, sections, expected):
     problems = problems_of(tiny_recipe(tmp_path, data, **sections), cuda=False)
@@ -231,3 +233,32 @@ def test_shipped_recipes_monitor_speed_lr_and_memory_and_clip_at_one(repo_root, 
     assert {"speed_monitor", "lr_monitor", "memory_monitor"} <= set(recipe["callbacks"])
     assert recipe["algorithms"]["gradient_clipping"] == {"clipping_type": "norm", "clipping_threshold": 1.0}
     assert "clip_norm" not in recipe["optimizer"]  # one place for the threshold
+
+
+def test_online_wandb_without_an_api_key_is_a_config_error(tmp_path, data, monkeypatch):
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    problems = problems_of(tiny_recipe(tmp_path, data, loggers={"wandb": {"project": "p"}}))
+    assert problems == ["loggers.wandb: mode 'online' needs a W&B API key (WANDB_API_KEY, or `wandb login`), none "
+                        "found; without network use loggers.wandb.init_kwargs.mode=offline (or WANDB_MODE=offline) "
+                        "and `wandb sync` the run folder's wandb/ later"]
+    load(tiny_recipe(tmp_path, data, loggers={"wandb": {"project": "p", "init_kwargs": {"mode": "offline"}}}))
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    load(tiny_recipe(tmp_path, data, loggers={"wandb": {"project": "p"}}))
+
+
+@pytest.mark.gpu
+def test_auto_micro_batches_memory_and_mfu_on_a_gpu(tmp_path):
+    import torch
+
+    data = write_mds(tmp_path / "data", DOMAINS, 32, n_train=16, n_eval=2)
+    recipe = tiny_recipe(tmp_path, data, prune=False, train={"micro_batch_size": "auto", "device": "gpu",
+                                                             "precision": "amp_bf16", "max_batches": 4},
+                         callbacks={"speed_monitor": {"window_size": 2}, "memory_monitor": {}})
+    assert train.main([str(recipe)]) == 0
+    keys = {k for r in read_metrics(tmp_path / "run" / "metrics.jsonl") for k in r}
+    assert "memory/peak_allocated_mem" in keys and "trainer/device_train_microbatch_size" in keys
+    if any(name in torch.cuda.get_device_name().lower() for name in ("a100", "h100", "h200")):
+        assert "throughput/device/mfu" in keys
