@@ -136,10 +136,14 @@ def _check_algorithms(algorithms: dict, clip_norm: float | None) -> list[str]:
     return problems
 
 
-def check_parts(cfg) -> list[str]:
+def check_parts(cfg, world_size: int = 1, cuda: bool = False) -> list[str]:
     """Problems of the ``loggers``, ``callbacks`` and ``algorithms`` sections of a :class:`RunConfig`."""
-    return (_check_table("loggers", LOGGERS, cfg.loggers) + _check_table("callbacks", CALLBACKS, cfg.callbacks)
-            + _check_algorithms(cfg.algorithms, cfg.optimizer.clip_norm))
+    problems = (_check_table("loggers", LOGGERS, cfg.loggers) + _check_table("callbacks", CALLBACKS, cfg.callbacks)
+                + _check_algorithms(cfg.algorithms, cfg.optimizer.clip_norm))
+    if "optimizer_monitor" in cfg.callbacks and world_size > 1 and not cuda:
+        problems.append("callbacks.optimizer_monitor: needs a GPU when several processes run (Composer 0.32.1's "
+                        "DecoupledAdamW reduces the norms across ranks on the CUDA device); one process on CPU works")
+    return problems
 
 
 def clip_threshold(cfg) -> float:

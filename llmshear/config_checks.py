@@ -260,7 +260,8 @@ def check_local_paths(cfg: RunConfig) -> list[str]:
 def check_run(cfg: RunConfig, world_size: int, cuda: bool) -> list[str]:
     """All semantic checks; a check that trips over a value of the wrong type (already reported) is skipped."""
     checks = [check_numbers, lambda c: check_batches(c, world_size), check_model, check_proportions, check_data,
-              check_local_paths, check_checkpoint, lambda c: check_runtime(c, cuda), check_parts]
+              check_local_paths, check_checkpoint, lambda c: check_runtime(c, cuda),
+              lambda c: check_parts(c, world_size, cuda)]
     problems = []
     for check in checks:
         try:

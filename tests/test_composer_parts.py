@@ -130,6 +130,15 @@ def test_bad_parts_and_durations_name_their_key(tmp_path, data, sections, expect
     assert any(expected in p for p in problems), problems
 
 
+def test_optimizer_monitor_on_several_cpu_processes_is_refused(tmp_path, data):
+    path = tiny_recipe(tmp_path, data, train={"global_batch_size": 4, "micro_batch_size": 2},
+                       callbacks={"optimizer_monitor": {}})
+    assert problems_of(path, world_size=2, cuda=False) == [
+        "callbacks.optimizer_monitor: needs a GPU when several processes run (Composer 0.32.1's DecoupledAdamW "
+        "reduces the norms across ranks on the CUDA device); one process on CPU works"]
+    assert load(path, world_size=2, cuda=True).callbacks == {"optimizer_monitor": {}}
+
+
 def test_problems_in_the_file_carry_its_line(tmp_path, data):
     path = tiny_recipe(tmp_path, data, loggers={"tensorboard": {"logdir": "x"}})
     with pytest.raises(ConfigError) as caught:
