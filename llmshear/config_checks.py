@@ -247,14 +247,19 @@ def check_runtime(cfg: RunConfig, cuda: bool) -> list[str]:
 
 
 def check_local_paths(cfg: RunConfig) -> list[str]:
-    """Object-store URIs are refused: the run folder is read and written with local file operations."""
+    """Object-store URIs (``s3://``, ``gs://``, …) are refused: the run folder and checkpoints are local files."""
     c = cfg.checkpoint
-    return [f"{key}={value!r}: remote locations are not supported; the run folder (checkpoints, metrics.jsonl, "
-            f"masks/, proportions.json) is written and read as local files, and this would create a local "
-            f"directory {value.split('://')[0]}:/... instead. Use a local or mounted path (copy to the object "
-            f"store afterwards)" for key, value in (("checkpoint.save_folder", c.save_folder),
-                                                     ("checkpoint.load_path", c.load_path))
-            if isinstance(value, str) and "://" in value]
+    problems = []
+    if "://" in c.save_folder:
+        problems.append(f"checkpoint.save_folder={c.save_folder!r}: remote run folders are not supported; "
+                        f"checkpoints, metrics.jsonl, masks/ and proportions.json are written and read as local "
+                        f"files, and this would create a local directory {c.save_folder.split('://')[0]}:/... "
+                        f"instead. Use a local or mounted path (copy it to the object store afterwards)")
+    if c.load_path is not None and "://" in c.load_path:
+        problems.append(f"checkpoint.load_path={c.load_path!r}: remote checkpoints are not supported; the "
+                        f"checks, the resume and scripts/prune.py / export_hf.py read checkpoints as local files. "
+                        f"Download it first and give its local path")
+    return problems
 
 
 def check_run(cfg: RunConfig, world_size: int, cuda: bool) -> list[str]:
