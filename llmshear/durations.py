@@ -35,12 +35,12 @@ def to_batches(text: str, key: str, global_batch_size: int, seq_len: int) -> int
     if time.unit not in per_batch:
         raise ValueError(f"{key}={text!r}: {time.unit.value!r} is not supported; use ba (batches), tok (tokens) or sp "
                          f"(samples): the dynamic-loading stream has no epochs")
-    count, size = time.value, per_batch[time.unit]
+    count, size, unit = time.value, per_batch[time.unit], time.unit.value
     if count % size:
-        raise ValueError(f"{key}={text!r} is not a whole number of batches of {size} {time.unit.value} "
-                         f"(train.global_batch_size={global_batch_size}, data.seq_len={seq_len}); "
-                         f"{count // size} or {count // size + 1} batches would be {count // size * size}"
-                         f"{time.unit.value} or {(count // size + 1) * size}{time.unit.value}")
+        nearest = [n for n in (count // size, count // size + 1) if n > 0]
+        raise ValueError(f"{key}={text!r} is not a whole number of batches of {size} {unit} "
+                         f"(train.global_batch_size={global_batch_size}, data.seq_len={seq_len}); the nearest: "
+                         + " or ".join(f"{n * size}{unit} ({n}ba)" for n in nearest))
     return count // size
 
 
