@@ -20,6 +20,7 @@ from llmshear.callbacks.clipping import ClipGradNorm
 from llmshear.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshear.callbacks.pruning import PruningCallback
 from llmshear.callbacks.resume_rng import ResumeRNG
+from llmshear.composer_parts import build_composer_callbacks, build_loggers, clip_threshold
 from llmshear.config import RunConfig
 from llmshear.config_checks import LATEST_CHECKPOINT
 from llmshear.datasets.dynamic import DynamicDomainDataset, build_eval_dataloader, build_train_dataloader
@@ -76,7 +77,8 @@ def build_composer_model(cfg: RunConfig, device: str | None = None) -> ComposerL
 
 
 def calibration_batches(cfg: RunConfig) -> list[torch.Tensor]:
-    """``pruning.init_batches`` batches of ``train.micro_batch_size`` input ids ``(B, T)`` from the train split.
+    """``pruning.init_batches`` batches of ``train.micro_batch_size`` input ids ``(B, T)`` from the train split
+    (``train.eval_batch_size`` when the micro-batch size is ``auto``).
 
     They come from a separate copy of the seeded training stream (as rank 0 of 1, so every rank gets the same
     batches): the training loader is never touched, and the run trains on exactly the sequence a run with
@@ -84,7 +86,7 @@ def calibration_batches(cfg: RunConfig) -> list[torch.Tensor]:
     """
     d = cfg.data
     sources = open_domains([Path(d.path) / d.train_split / domain for domain in d.domains], d.seq_len)
-    size = cfg.train.micro_batch_size
+    size = cfg.train.eval_batch_size if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size
     stream = iter(DynamicDomainDataset(sources, d.domains, d.proportions, global_batch_size=size, seed=cfg.seed,
                                        rank=0, world_size=1))
     return [torch.stack([next(stream)["input_ids"] for _ in range(size)]) for _ in range(cfg.pruning.init_batches)]
@@ -139,17 +141,17 @@ def build_eval_loader(cfg: RunConfig):
 
 
 def build_callbacks(cfg: RunConfig) -> list:
-    """Dynamic loading, RNG restoration on resume, gradient clipping (``optimizer.clip_norm`` > 0) and the pruning
-    callback (pruning runs)."""
+    """Dynamic loading, RNG restoration on resume, gradient clipping (unless its threshold is 0), the pruning
+    callback (pruning runs) and the recipe's Composer ``callbacks:``."""
     d = cfg.data
     callbacks = [DynamicLoadingCallback(d.domains, rule=d.update, reference_losses=d.reference_losses, eta=d.eta,
                                         smoothing=d.smoothing, floor=d.floor, cap=d.cap, eval_label=EVAL_LABEL),
                  ResumeRNG()]
-    if cfg.optimizer.clip_norm > 0:
-        callbacks.append(ClipGradNorm(cfg.optimizer.clip_norm))
+    if clip_threshold(cfg) > 0:
+        callbacks.append(ClipGradNorm(clip_threshold(cfg)))
     if cfg.pruning is not None:
         callbacks.append(PruningCallback(cfg.checkpoint.save_folder, target_label=TARGET_EVAL_LABEL))
-    return callbacks
+    return callbacks + build_composer_callbacks(cfg)
 
 
 def build_evaluators(cfg: RunConfig) -> list[Evaluator]:
@@ -206,7 +208,7 @@ def build_trainer(cfg: RunConfig, world_size: int | None = None) -> Trainer:
         step_schedulers_every_batch=True,
         device_train_microbatch_size=t.micro_batch_size,
         callbacks=build_callbacks(cfg),
-        loggers=[JSONLinesLogger(cfg.checkpoint.save_folder)],
+        loggers=[JSONLinesLogger(cfg.checkpoint.save_folder), *build_loggers(cfg)],
         run_name=cfg.run_name,
         seed=cfg.seed,
         precision=t.precision,

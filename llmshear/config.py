@@ -17,6 +17,7 @@ import torch
 from llmshear.config_checks import check_run
 from llmshear.config_types import ConfigError, annotate, build_section, load_raw
 from llmshear.datasets.proportions import RULES
+from llmshear.durations import resolve_durations
 from llmshear.models.l0 import CONSTRAINTS, EVAL_MASKS, STRUCTURES
 from llmshear.optim import GATE_SCHEDULES
 
@@ -94,13 +95,14 @@ class OptimizerSection:
     """DecoupledAdamW: ``lr`` for weights, ``lag_lr`` for gates and (as ascent) for the multipliers.
 
     ``gate_schedule``: the gates and multipliers keep a ``constant`` rate, or follow the weights' warm-up and
-    decay (``shared``). ``clip_norm``: the global gradient norm is clipped to it (0: no clipping).
+    decay (``shared``). ``clip_norm``: the global gradient norm is clipped to it (0: no clipping; unset: 1.0, or
+    ``algorithms.gradient_clipping.clipping_threshold``).
     """
 
     lr: float = 1e-4
     lag_lr: float = 1.0
     gate_schedule: str = "constant"
-    clip_norm: float = 1.0
+    clip_norm: float | None = None
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -108,34 +110,41 @@ class OptimizerSection:
 
 @dataclass
 class SchedulerSection:
-    """Linear warm-up over ``warmup`` batches, then cosine decay to ``alpha_f`` × the initial rate."""
+    """Linear warm-up over ``warmup`` batches (or a duration string), then cosine decay to ``alpha_f`` × the
+    initial rate."""
 
-    warmup: int = 0
+    warmup: int | str = 0
     alpha_f: float = 0.1
 
 
 @dataclass
 class TrainSection:
-    """Duration and batch sizes (in batches / sequences), evaluation cadence, precision and device."""
+    """Duration and batch sizes (in batches / sequences), evaluation cadence, precision and device.
 
-    max_batches: int
+    The duration is ``max_batches``, or ``max_duration`` as Composer writes it (``3200ba``, tokens ``tok``,
+    samples ``sp``); ``eval_interval`` and ``log_interval`` take either form too (see :mod:`llmshear.durations`).
+    ``micro_batch_size: auto`` lets Composer find the largest that fits (GPU only).
+    """
+
     global_batch_size: int
-    micro_batch_size: int
-    eval_interval: int
+    micro_batch_size: int | str
+    eval_interval: int | str
+    max_batches: int | None = None
+    max_duration: str | int | None = None
     eval_batches: int = -1
     eval_batch_size: int | None = None
     precision: str = "fp32"
     device: str | None = None
-    log_interval: int = 1
+    log_interval: int | str = 1
     progress_bar: bool = False
 
 
 @dataclass
 class CheckpointSection:
-    """Where the run lives and how it resumes."""
+    """Where the run lives and how it resumes (local paths only; ``save_interval``: batches or a duration)."""
 
     save_folder: str
-    save_interval: int = 0
+    save_interval: int | str = 0
     keep: int = -1
     autoresume: bool = False
     load_path: str | None = None
@@ -154,7 +163,8 @@ class FsdpSection:
 
 @dataclass
 class RunConfig:
-    """The whole run. ``pruning`` absent (null) means continued pre-training."""
+    """The whole run. ``pruning`` absent (null) means continued pre-training. ``loggers``, ``callbacks`` and
+    ``algorithms`` name Composer's pieces with their keyword arguments (:mod:`llmshear.composer_parts`)."""
 
     run_name: str
     model: ModelSection
@@ -166,6 +176,9 @@ class RunConfig:
     fsdp: FsdpSection = field(default_factory=FsdpSection)
     pruning: PruningSection | None = None
     distill: DistillSection | None = None
+    loggers: dict = field(default_factory=dict)
+    callbacks: dict = field(default_factory=dict)
+    algorithms: dict = field(default_factory=dict)
     seed: int = 17
 
 
@@ -223,6 +236,7 @@ def load(path: str | Path, overrides: list[str] = (), world_size: int | None = N
     cfg, schema_problems = parse(raw)
     problems += schema_problems
     if cfg is not None:
+        problems += resolve_durations(cfg)
         problems += check_run(cfg, world_size, cuda)
     if problems:
         raise ConfigError(annotate(problems, path), origin=str(path))

@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmshear.composer_parts import check_parts
 from llmshear.datasets.mds import open_domains
 from llmshear.datasets.proportions import bounds_errors, proportion_errors, reference_loss_errors
 from llmshear.models.hf import load_config
@@ -28,7 +29,9 @@ def check_numbers(cfg: RunConfig) -> list[str]:
     rules = [
         ("train.max_batches", t.max_batches, t.max_batches > 0, "must be positive"),
         ("train.global_batch_size", t.global_batch_size, t.global_batch_size > 0, "must be positive"),
-        ("train.micro_batch_size", t.micro_batch_size, t.micro_batch_size > 0, "must be positive"),
+        ("train.micro_batch_size", t.micro_batch_size, t.micro_batch_size == "auto" or (
+            isinstance(t.micro_batch_size, int) and t.micro_batch_size > 0),
+         "must be positive or 'auto'"),
         ("train.eval_interval", t.eval_interval, t.eval_interval > 0, "must be positive"),
         ("train.log_interval", t.log_interval, t.log_interval > 0, "must be positive"),
         ("train.eval_batch_size", t.eval_batch_size, t.eval_batch_size is None or t.eval_batch_size > 0,
@@ -43,7 +46,8 @@ def check_numbers(cfg: RunConfig) -> list[str]:
         ("optimizer.betas", o.betas, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
          "must be two numbers in [0, 1)"),
         ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "must not be negative"),
-        ("optimizer.clip_norm", o.clip_norm, o.clip_norm >= 0, "must not be negative (0: no clipping)"),
+        ("optimizer.clip_norm", o.clip_norm, o.clip_norm is None or o.clip_norm >= 0,
+         "must not be negative (0: no clipping)"),
         ("scheduler.warmup", cfg.scheduler.warmup, 0 <= cfg.scheduler.warmup <= t.max_batches,
          "must lie in [0, train.max_batches]"),
         ("scheduler.alpha_f", cfg.scheduler.alpha_f, 0 <= cfg.scheduler.alpha_f <= 1, "must lie in [0, 1]"),
@@ -71,7 +75,7 @@ def check_numbers(cfg: RunConfig) -> list[str]:
 def check_batches(cfg: RunConfig, world_size: int) -> list[str]:
     """The global batch must split into whole micro-batches on every rank."""
     t = cfg.train
-    if t.global_batch_size <= 0 or t.micro_batch_size <= 0:
+    if not isinstance(t.micro_batch_size, int) or t.global_batch_size <= 0 or t.micro_batch_size <= 0:
         return []
     if t.global_batch_size % (t.micro_batch_size * world_size):
         return [f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
@@ -224,6 +228,14 @@ def check_runtime(cfg: RunConfig, cuda: bool) -> list[str]:
         problems.append("train.device='gpu' but no GPU is visible")
     if cfg.fsdp.enabled and cfg.fsdp.version == 1 and not cuda:
         problems.append("fsdp.version=1 needs a GPU; FSDP on CPU works with fsdp.version=2")
+    if cfg.train.micro_batch_size == "auto" and not cuda:
+        problems.append("train.micro_batch_size='auto' needs a GPU (none visible): Composer finds the size by "
+                        "catching CUDA out-of-memory errors; give a number on CPU")
+    if cfg.train.micro_batch_size == "auto" and cfg.train.device == "cpu":
+        problems.append("train.micro_batch_size='auto' needs train.device='gpu' (or unset)")
+    if cfg.train.micro_batch_size == "auto" and cfg.train.eval_batch_size is None:
+        problems.append("train.micro_batch_size='auto' needs train.eval_batch_size (evaluation and the importance "
+                        "init use it)")
     if cfg.fsdp.activation_checkpointing and not cfg.fsdp.enabled:
         problems.append("fsdp.activation_checkpointing needs fsdp.enabled=true")
     if cfg.model.init_device == "meta" and not cfg.fsdp.enabled:
@@ -234,10 +246,27 @@ def check_runtime(cfg: RunConfig, cuda: bool) -> list[str]:
     return problems
 
 
+def check_local_paths(cfg: RunConfig) -> list[str]:
+    """Object-store URIs (``s3://``, ``gs://``, …) are refused: the run folder and checkpoints are local files."""
+    c = cfg.checkpoint
+    problems = []
+    if "://" in c.save_folder:
+        problems.append(f"checkpoint.save_folder={c.save_folder!r}: remote run folders are not supported; "
+                        f"checkpoints, metrics.jsonl, masks/ and proportions.json are written and read as local "
+                        f"files, and this would create a local directory {c.save_folder.split('://')[0]}:/... "
+                        f"instead. Use a local or mounted path (copy it to the object store afterwards)")
+    if c.load_path is not None and "://" in c.load_path:
+        problems.append(f"checkpoint.load_path={c.load_path!r}: remote checkpoints are not supported; the "
+                        f"checks, the resume and scripts/prune.py / export_hf.py read checkpoints as local files. "
+                        f"Download it first and give its local path")
+    return problems
+
+
 def check_run(cfg: RunConfig, world_size: int, cuda: bool) -> list[str]:
     """All semantic checks; a check that trips over a value of the wrong type (already reported) is skipped."""
     checks = [check_numbers, lambda c: check_batches(c, world_size), check_model, check_proportions, check_data,
-              check_checkpoint, lambda c: check_runtime(c, cuda)]
+              check_local_paths, check_checkpoint, lambda c: check_runtime(c, cuda),
+              lambda c: check_parts(c, world_size, cuda)]
     problems = []
     for check in checks:
         try:

@@ -22,7 +22,8 @@ before and half after the Composer run, so that a change of load on a shared mac
 ``ratio`` is Composer's tokens/s over the bare loop's (medians of step times); the goal is ``ratio >= 0.9``.
 
 Model FLOPs per step: ``6·N·tokens`` (N: parameters that multiply, i.e. without the input embedding table) plus
-attention ``12·layers·heads·head_dim·seq_len²·batch`` (forward and backward, causality not discounted); on a GPU
+attention ``12·layers·heads·head_dim·seq_len²·batch`` (forward and backward, causality not discounted; the one
+definition is :func:`llmshear.models.composer_llama.model_flops`, which the speed monitor uses too); on a GPU
 ``mfu`` divides the achieved rate by ``--peak-tflops`` (default: H100/H200 SXM dense bf16).
 """
 
@@ -54,6 +55,7 @@ from streaming import MDSWriter
 from llmshear.builders import build_composer_model, build_train_loader, build_trainer
 from llmshear.config import RunConfig, load
 from llmshear.datasets.mds import TOKENS, token_dtype
+from llmshear.models.composer_llama import model_flops
 from llmshear.models.hf import PRESETS, build_model, save_pretrained
 from llmshear.models.llama import LlamaConfig
 from llmshear.optim import build_optimizer
@@ -208,14 +210,6 @@ def summary(step_s: list[float], tokens: int, flops: float, peak_tflops: float |
     return out
 
 
-def model_flops_per_step(cfg: LlamaConfig, batch: int, seq_len: int) -> float:
-    """``6·N·tokens`` plus attention ``12·layers·heads·head_dim·seq_len²·batch`` (see the module docstring)."""
-    n = sum(p.numel() for p in build_model(cfg, device="meta").parameters())
-    if not cfg.tie_word_embeddings:
-        n -= cfg.vocab_size * cfg.d_model  # the input embedding is a lookup, not a matmul
-    return 6 * n * batch * seq_len + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len**2 * batch
-
-
 def bench_stage(recipe: Path, args: argparse.Namespace, flops: float) -> dict:
     """Bare loop (first half) → Composer run → bare loop (second half); summaries and the ratio."""
     cfg = load(recipe)
@@ -266,7 +260,7 @@ def run(args: argparse.Namespace) -> dict:
     """Both stages in a temporary folder; the JSON report."""
     source = SHAPES[args.preset]()
     source = dataclasses.replace(source, max_seq_len=max(source.max_seq_len, args.seq_len))
-    flops = model_flops_per_step(source, args.batch, args.seq_len)
+    flops = model_flops(source, args.batch, args.seq_len)
     result = {"device": args.device, "precision": args.precision, "threads": args.threads,
               "cpu_count": os.cpu_count(), "preset": args.preset, "params": None, "batch": args.batch,
               "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup, "goal": GOAL}

@@ -28,7 +28,8 @@ def global_grad_norm(grads: Iterable[torch.Tensor]) -> float:
 
 
 class ClipGradNorm(Callback):
-    """Scale every gradient so that their global L2 norm is at most ``max_norm`` (``optimizer.clip_norm``).
+    """Scale every gradient so that their global L2 norm is at most ``max_norm`` (``optimizer.clip_norm``, or
+    ``algorithms.gradient_clipping`` with ``clipping_type: norm``).
 
     Runs at ``after_train_batch``: after the backward passes of all micro-batches, before the optimizer step
     (where Composer's own ``GradientClipping`` runs; that algorithm fails under FSDP2 on mixed DTensor and plain
@@ -37,7 +38,8 @@ class ClipGradNorm(Callback):
 
     def __init__(self, max_norm: float):
         if not max_norm > 0:
-            raise ValueError(f"optimizer.clip_norm must be positive to clip, got {max_norm}")
+            raise ValueError(f"the gradient clipping threshold (optimizer.clip_norm or algorithms.gradient_clipping) "
+                             f"must be positive to clip, got {max_norm}")
         self.max_norm = max_norm
 
     def after_train_batch(self, state: State, logger: Logger) -> None:

@@ -9,7 +9,7 @@ from composer.models import ComposerModel
 from torch import nn
 
 from llmshear.metrics import DomainMetric, build_domain_metrics
-from llmshear.models.llama import DecoderLayer, LlamaLM
+from llmshear.models.llama import DecoderLayer, LlamaConfig, LlamaLM
 
 IGNORE_INDEX = -100
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size")
@@ -18,6 +18,34 @@ SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "hea
 def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Align position t's logits with token t+1: ``(B, T, V), (B, T)`` → ``(B, T-1, V), (B, T-1)``."""
     return logits[:, :-1].contiguous(), labels[:, 1:].contiguous()
+
+
+def matmul_params(cfg: LlamaConfig) -> int:
+    """Parameters that multiply every token: all of them but the input embedding table (a lookup, no FLOPs).
+
+    The output projection counts even when it is tied to the embedding (it is still a ``d_model x vocab``
+    matmul); norms and biases, a few FLOPs per parameter and per token, count like matmul weights.
+    """
+    with torch.device("meta"):
+        n = sum(p.numel() for p in LlamaLM(cfg).parameters())
+    return n if cfg.tie_word_embeddings else n - cfg.vocab_size * cfg.d_model
+
+
+def model_flops(cfg: LlamaConfig, batch: int, seq_len: int, backward: bool = True) -> int:
+    """FLOPs of a forward (and backward) pass over ``batch`` sequences of ``seq_len`` tokens of a ``cfg``-shaped model.
+
+    A forward pass costs ``2·N`` per token (one multiply and one add per matmul weight, ``N`` =
+    :func:`matmul_params`) plus attention ``4·L·H·d_head·T`` per token (``QKᵀ`` and ``AV``: ``2·T·d_head`` each,
+    per head and layer; causality not discounted). The backward pass costs twice the forward, so training is
+
+        ``6·N·B·T + 12·L·H·d_head·T²·B``      (B sequences of T tokens, L layers, H query heads)
+
+    the convention of PaLM's model-FLOPs utilisation. A masked (pruning) model computes at its full source
+    shape, the masks only scale activations; a cut model at its own, smaller shape.
+    """
+    tokens = batch * seq_len
+    forward = 2 * matmul_params(cfg) * tokens + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len * tokens
+    return 3 * forward if backward else forward
 
 
 class Distillation:
@@ -94,6 +122,7 @@ class ComposerLlama(ComposerModel):
         self.domains = list(domains)
         self.distill = distill
         self.source = source
+        self._flops_cache: dict[tuple[int, int], int] = {}
         self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX)}
         self.eval_metrics = {
             "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
@@ -112,6 +141,18 @@ class ComposerLlama(ComposerModel):
         if different:
             raise ValueError("checkpoint holds a model of another shape: " + ", ".join(
                 f"{k} {stored.get(k)} (this run: {mine[k]})" for k in different))
+
+    def flops_per_batch(self, batch: dict) -> int:
+        """Training FLOPs of ``batch`` (read by Composer's ``speed_monitor`` for FLOPs/s and MFU): the model's
+        forward and backward (:func:`model_flops`, at the source shape while masked, at the cut shape after),
+        plus the teacher's forward when distilling."""
+        shape = tuple(batch["input_ids"].shape)
+        if shape not in self._flops_cache:
+            flops = model_flops(self.model.cfg, *shape)
+            if self.distill is not None:
+                flops += model_flops(self.distill.teacher.cfg, *shape, backward=False)
+            self._flops_cache[shape] = flops
+        return self._flops_cache[shape]
 
     def masks(self) -> dict[str, torch.Tensor] | None:
         """Sampled masks in training mode, deterministic ones in eval mode, ``None`` without pruning."""
