@@ -116,7 +116,11 @@ class SchedulerSection:
 
 @dataclass
 class TrainSection:
-    """Duration and batch sizes (in batches / sequences), evaluation cadence, precision and device."""
+    """Duration and batch sizes (in batches / sequences), evaluation cadence, precision and device.
+
+    ``max_nonfinite``: the run stops (exit 3) once the training loss has been NaN or infinite for this many
+    consecutive batches (see :class:`~llmshear.callbacks.nonfinite.NonFiniteLossGuard`).
+    """
 
     max_batches: int
     global_batch_size: int
@@ -128,6 +132,7 @@ class TrainSection:
     device: str | None = None
     log_interval: int = 1
     progress_bar: bool = False
+    max_nonfinite: int = 3
 
 
 @dataclass
@@ -225,5 +230,5 @@ def load(path: str | Path, overrides: list[str] = (), world_size: int | None = N
     if cfg is not None:
         problems += check_run(cfg, world_size, cuda)
     if problems:
-        raise ConfigError(annotate(problems, path), origin=str(path))
+        raise ConfigError(annotate(problems, path, overrides), origin=str(path))
     return cfg

@@ -31,6 +31,10 @@ def check_numbers(cfg: RunConfig) -> list[str]:
         ("train.micro_batch_size", t.micro_batch_size, t.micro_batch_size > 0, "must be positive"),
         ("train.eval_interval", t.eval_interval, t.eval_interval > 0, "must be positive"),
         ("train.log_interval", t.log_interval, t.log_interval > 0, "must be positive"),
+        ("train.eval_batches", t.eval_batches, t.eval_batches == -1 or t.eval_batches > 0,
+         "must be positive, or -1 for the whole eval split (dynamic loading needs evaluation)"),
+        ("train.max_nonfinite", t.max_nonfinite, t.max_nonfinite > 0, "must be positive"),
+        ("seed", cfg.seed, 0 <= cfg.seed < 2**32, "must lie in [0, 2**32)"),
         ("train.eval_batch_size", t.eval_batch_size, t.eval_batch_size is None or t.eval_batch_size > 0,
          "must be positive"),
         ("data.seq_len", d.seq_len, d.seq_len >= 2, "must be at least 2"),
@@ -201,8 +205,9 @@ def check_checkpoint(cfg: RunConfig) -> list[str]:
         if problem:
             problems.append(f"checkpoint.load_path: {problem}")
     folder = Path(c.save_folder)
-    if folder.exists() and not folder.is_dir():
-        return problems + [f"checkpoint.save_folder={c.save_folder!r} is a file"]
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return problems + [f"checkpoint.save_folder={c.save_folder!r}: {blocker} is a file, not a directory"]
     existing = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
     if c.autoresume and (folder / LATEST_CHECKPOINT).exists():
         problem = checkpoint_problem((folder / LATEST_CHECKPOINT).resolve())
