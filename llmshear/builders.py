@@ -18,6 +18,7 @@ from composer.utils.parallelism import FSDP2Config
 
 from llmshear.callbacks.clipping import ClipGradNorm
 from llmshear.callbacks.dynamic_loading import DynamicLoadingCallback
+from llmshear.callbacks.nonfinite import NonFiniteLossGuard
 from llmshear.callbacks.pruning import PruningCallback
 from llmshear.callbacks.resume_rng import ResumeRNG
 from llmshear.config import RunConfig
@@ -137,10 +138,11 @@ def build_eval_loader(cfg: RunConfig):
 
 
 def build_callbacks(cfg: RunConfig) -> list:
-    """Dynamic loading, RNG restoration on resume, gradient clipping (``optimizer.clip_norm`` > 0) and the pruning
-    callback (pruning runs)."""
+    """The non-finite loss guard, dynamic loading, RNG restoration on resume, gradient clipping
+    (``optimizer.clip_norm`` > 0) and the pruning callback (pruning runs)."""
     d = cfg.data
-    callbacks = [DynamicLoadingCallback(d.domains, rule=d.update, reference_losses=d.reference_losses, eta=d.eta,
+    callbacks = [NonFiniteLossGuard(cfg.train.max_nonfinite),
+                 DynamicLoadingCallback(d.domains, rule=d.update, reference_losses=d.reference_losses, eta=d.eta,
                                         smoothing=d.smoothing, floor=d.floor, cap=d.cap, eval_label=EVAL_LABEL),
                  ResumeRNG()]
     if cfg.optimizer.clip_norm > 0:
