@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from llmshear.datasets.mds import open_domains
 from llmshear.datasets.proportions import bounds_errors, proportion_errors, reference_loss_errors
-from llmshear.models.hf import load_config
+from llmshear.models.hf import check_weights, load_config
 from llmshear.models.l0 import TargetShape
 
 if TYPE_CHECKING:
@@ -84,10 +84,11 @@ def check_batches(cfg: RunConfig, world_size: int) -> list[str]:
 
 
 def check_model(cfg: RunConfig) -> list[str]:
-    """The source (and teacher) configs load, and the pruning target fits in the source."""
+    """The source (and teacher) configs and weight-file headers load, and the pruning target fits in the source."""
     problems = []
     try:
         source = load_config(cfg.model.pretrained)
+        check_weights(cfg.model.pretrained)
     except (OSError, ValueError) as err:
         return [f"model.pretrained={cfg.model.pretrained!r}: {err}"]
     if cfg.pruning is not None:
@@ -98,6 +99,7 @@ def check_model(cfg: RunConfig) -> list[str]:
     if cfg.distill is not None:
         try:
             teacher = load_config(cfg.distill.teacher)
+            check_weights(cfg.distill.teacher)
         except (OSError, ValueError) as err:
             problems.append(f"distill.teacher={cfg.distill.teacher!r}: {err}")
         else:
