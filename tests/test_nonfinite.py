@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -77,3 +78,21 @@ def test_a_diverging_run_stops_with_exit_3_naming_the_batches_and_keeps_its_chec
     assert all(zipfile.ZipFile(p).testzip() is None for p in checkpoints)
     assert hashlib.sha256((folder / "notes.txt").read_bytes()).hexdigest() == hashlib.sha256(
         b"the user's own file").hexdigest()
+
+
+def test_plot_run_draws_a_run_with_nan_metrics(repo_root, tmp_path):
+    spec = importlib.util.spec_from_file_location("plot_run", repo_root / "scripts" / "plot_run.py")
+    plot_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_run)
+    run = tmp_path / "run"
+    logger = JSONLinesLogger(run)
+    logger.init(None, None)
+    for batch, weight in enumerate([0.5, math.nan, math.inf, 0.25]):
+        logger.log_metrics({"dynamic_loading/weight/alpha": weight}, step=batch)
+    logger.close(None, None)
+    curves, _ = plot_run.series([read_metrics(run / METRICS_FILE)], r"dynamic_loading/weight/(.+)")
+    batches, values = curves["alpha"]
+    assert batches == [0, 1, 2, 3] and values[0] == 0.5 and values[3] == 0.25
+    assert math.isnan(values[1]) and math.isnan(values[2])  # drawn as gaps
+    assert plot_run.main([str(run), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "domain_weights.png").stat().st_size > 0
