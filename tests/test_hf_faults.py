@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
+from safetensors.torch import load_file
 
 from llmshear.config import ConfigError, load
 from llmshear.models.build import PRESETS, build_model
@@ -122,3 +124,18 @@ def test_train_py_with_a_truncated_source_exits_2_without_traceback(repo_root, t
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout, result.stderr
     assert "model.pretrained=" in result.stderr and all(n in result.stderr for n in needles), result.stderr
     assert _hashes(model) == before and not (tmp_path / "run").exists()
+
+
+def test_a_truncated_pytorch_bin_file_is_named_by_the_loader(tmp_path):
+    """``pytorch_model*.bin`` files are read only when loading (unpickling is not a config-time check)."""
+    model = save_pretrained(build_model(PRESETS["tiny-gqa"](), seed=0), tmp_path / "model")
+    torch.save(load_file(model / "model.safetensors"), model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    assert load_model(model).cfg == PRESETS["tiny-gqa"]()
+    path = model / "pytorch_model.bin"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    before = _hashes(model)
+    check_weights(model)
+    with pytest.raises(WeightFileError, match=r"pytorch_model\.bin: not a readable PyTorch weight file"):
+        load_model(model)
+    assert _hashes(model) == before

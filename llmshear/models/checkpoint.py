@@ -47,7 +47,6 @@ class LazyTensor:
     """One tensor of a weight file, read when called; ``shape`` as the file's header records it."""
 
     file: Path
-    key: str
     read: Callable[[], torch.Tensor]
     shape: tuple[int, ...]
 
@@ -92,7 +91,7 @@ def _safetensors_tensors(path: Path) -> dict[str, LazyTensor]:
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except (SafetensorError, OSError) as err:
         raise WeightFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from err
-    return {key: LazyTensor(path, key, partial(handle.get_tensor, key), shape) for key, shape in shapes.items()}
+    return {key: LazyTensor(path, partial(handle.get_tensor, key), shape) for key, shape in shapes.items()}
 
 
 def _pickled_tensors(path: Path) -> dict[str, LazyTensor]:
@@ -103,7 +102,7 @@ def _pickled_tensors(path: Path) -> dict[str, LazyTensor]:
         raise WeightFileError(f"{path}: not a readable PyTorch weight file (truncated or corrupt?): {err}") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightFileError(f"{path}: not a state dict of tensors")
-    return {key: LazyTensor(path, key, partial(state.__getitem__, key), tuple(t.shape)) for key, t in state.items()}
+    return {key: LazyTensor(path, partial(state.__getitem__, key), tuple(t.shape)) for key, t in state.items()}
 
 
 def read_hf_weights(directory: Path) -> LazyStateDict:
