@@ -18,6 +18,7 @@ from pathlib import Path
 from composer.utils import dist
 
 from llmshear.builders import build_trainer
+from llmshear.callbacks.nonfinite import NonFiniteLossError
 from llmshear.config import ConfigError, RunConfig, load
 
 log = logging.getLogger("train")
@@ -47,7 +48,8 @@ def run(cfg: RunConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``train.py RECIPE.yaml [key=value ...]``; returns the exit status (2 for an invalid config)."""
+    """``train.py RECIPE.yaml [key=value ...]``; returns the exit status (2 for an invalid config, 3 for a run
+    stopped by a non-finite loss)."""
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{dist.get_global_rank()} %(name)s: %(message)s")
     if not args or args[0] in ("-h", "--help") or "=" in args[0]:
@@ -58,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         log.error("%s", err)
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    except NonFiniteLossError as err:
+        log.error("%s", err)
+        return 3
     return 0
 
 

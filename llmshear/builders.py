@@ -18,6 +18,7 @@ from composer.utils.parallelism import FSDP2Config
 
 from llmshear.callbacks.clipping import ClipGradNorm
 from llmshear.callbacks.dynamic_loading import DynamicLoadingCallback
+from llmshear.callbacks.nonfinite import NonFiniteLossGuard
 from llmshear.callbacks.pruning import PruningCallback
 from llmshear.callbacks.resume_rng import ResumeRNG
 from llmshear.composer_parts import build_composer_callbacks, build_loggers, clip_threshold
@@ -141,10 +142,11 @@ def build_eval_loader(cfg: RunConfig):
 
 
 def build_callbacks(cfg: RunConfig) -> list:
-    """Dynamic loading, RNG restoration on resume, gradient clipping (unless its threshold is 0), the pruning
-    callback (pruning runs) and the recipe's Composer ``callbacks:``."""
+    """The non-finite loss guard, dynamic loading, RNG restoration on resume, gradient clipping (unless its
+    threshold is 0), the pruning callback (pruning runs) and the recipe's Composer ``callbacks:``."""
     d = cfg.data
-    callbacks = [DynamicLoadingCallback(d.domains, rule=d.update, reference_losses=d.reference_losses, eta=d.eta,
+    callbacks = [NonFiniteLossGuard(cfg.train.max_nonfinite),
+                 DynamicLoadingCallback(d.domains, rule=d.update, reference_losses=d.reference_losses, eta=d.eta,
                                         smoothing=d.smoothing, floor=d.floor, cap=d.cap, eval_label=EVAL_LABEL),
                  ResumeRNG()]
     if clip_threshold(cfg) > 0:

@@ -124,6 +124,8 @@ class TrainSection:
     The duration is ``max_batches``, or ``max_duration`` as Composer writes it (``3200ba``, tokens ``tok``,
     samples ``sp``); ``eval_interval`` and ``log_interval`` take either form too (see :mod:`llmshear.durations`).
     ``micro_batch_size: auto`` lets Composer find the largest that fits (GPU only).
+    ``max_nonfinite``: the run stops (exit 3) once the training loss has been NaN or infinite for this many
+    consecutive batches (see :class:`~llmshear.callbacks.nonfinite.NonFiniteLossGuard`).
     """
 
     global_batch_size: int
@@ -137,6 +139,7 @@ class TrainSection:
     device: str | None = None
     log_interval: int | str = 1
     progress_bar: bool = False
+    max_nonfinite: int = 3
 
 
 @dataclass
@@ -239,5 +242,5 @@ def load(path: str | Path, overrides: list[str] = (), world_size: int | None = N
         problems += resolve_durations(cfg)
         problems += check_run(cfg, world_size, cuda)
     if problems:
-        raise ConfigError(annotate(problems, path), origin=str(path))
+        raise ConfigError(annotate(problems, path, overrides), origin=str(path))
     return cfg

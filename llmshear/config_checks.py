@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from llmshear.composer_parts import check_parts
 from llmshear.datasets.mds import open_domains
 from llmshear.datasets.proportions import bounds_errors, proportion_errors, reference_loss_errors
-from llmshear.models.hf import load_config
+from llmshear.models.hf import check_weights, load_config
 from llmshear.models.l0 import TargetShape
 
 if TYPE_CHECKING:
@@ -34,6 +34,10 @@ def check_numbers(cfg: RunConfig) -> list[str]:
          "must be positive or 'auto'"),
         ("train.eval_interval", t.eval_interval, t.eval_interval > 0, "must be positive"),
         ("train.log_interval", t.log_interval, t.log_interval > 0, "must be positive"),
+        ("train.eval_batches", t.eval_batches, t.eval_batches == -1 or t.eval_batches > 0,
+         "must be positive, or -1 for the whole eval split (dynamic loading needs evaluation)"),
+        ("train.max_nonfinite", t.max_nonfinite, t.max_nonfinite > 0, "must be positive"),
+        ("seed", cfg.seed, 0 <= cfg.seed < 2**32, "must lie in [0, 2**32)"),
         ("train.eval_batch_size", t.eval_batch_size, t.eval_batch_size is None or t.eval_batch_size > 0,
          "must be positive"),
         ("data.seq_len", d.seq_len, d.seq_len >= 2, "must be at least 2"),
@@ -84,10 +88,11 @@ def check_batches(cfg: RunConfig, world_size: int) -> list[str]:
 
 
 def check_model(cfg: RunConfig) -> list[str]:
-    """The source (and teacher) configs load, and the pruning target fits in the source."""
+    """The source (and teacher) configs and weight-file headers load, and the pruning target fits in the source."""
     problems = []
     try:
         source = load_config(cfg.model.pretrained)
+        check_weights(cfg.model.pretrained)
     except (OSError, ValueError) as err:
         return [f"model.pretrained={cfg.model.pretrained!r}: {err}"]
     if cfg.pruning is not None:
@@ -98,6 +103,7 @@ def check_model(cfg: RunConfig) -> list[str]:
     if cfg.distill is not None:
         try:
             teacher = load_config(cfg.distill.teacher)
+            check_weights(cfg.distill.teacher)
         except (OSError, ValueError) as err:
             problems.append(f"distill.teacher={cfg.distill.teacher!r}: {err}")
         else:
@@ -205,8 +211,9 @@ def check_checkpoint(cfg: RunConfig) -> list[str]:
         if problem:
             problems.append(f"checkpoint.load_path: {problem}")
     folder = Path(c.save_folder)
-    if folder.exists() and not folder.is_dir():
-        return problems + [f"checkpoint.save_folder={c.save_folder!r} is a file"]
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return problems + [f"checkpoint.save_folder={c.save_folder!r}: {blocker} is a file, not a directory"]
     existing = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
     if c.autoresume and (folder / LATEST_CHECKPOINT).exists():
         problem = checkpoint_problem((folder / LATEST_CHECKPOINT).resolve())

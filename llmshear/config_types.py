@@ -7,6 +7,7 @@ dotted key) instead of stopping at the first one.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -28,12 +29,15 @@ def load_raw(path: str | Path, overrides: list[str] = ()) -> tuple[dict, list[st
 
     Returns:
         The plain nested dict, and the problems met so far (an unresolvable interpolation names its key; its
-        value becomes None).
+        value becomes None; an override without ``=`` is reported as the command line's and left out).
 
     Raises:
         ConfigError: the file is missing or not YAML (with its line), or an override is malformed.
     """
     path = Path(path)
+    problems = [f"command line: {item!r} is not key=value (to set it, write {item.strip()}=VALUE)"
+                for item in overrides if not override_key(item)]
+    overrides = [item for item in overrides if override_key(item)]
     if not path.is_file():
         raise ConfigError([f"{path}: no such file"])
     try:
@@ -45,9 +49,14 @@ def load_raw(path: str | Path, overrides: list[str] = ()) -> tuple[dict, list[st
     try:
         conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
     except Exception as err:  # OmegaConf raises several grammar/validation error types
-        raise ConfigError([f"overrides {list(overrides)}: {err}"]) from err
-    problems: list[str] = []
+        raise ConfigError([f"command line: overrides {list(overrides)}: {err}"]) from err
     return _resolve(conf, "", problems), problems
+
+
+def override_key(item: str) -> str:
+    """The dotted key of a ``key=value`` override, or ``""`` when it has no ``=`` or no key."""
+    key, equals, _ = item.partition("=")
+    return key.strip() if equals else ""
 
 
 def _resolve(node, prefix: str, problems: list[str]):
@@ -126,6 +135,8 @@ def _check_value(value, hint, key: str, problems: list[str]):
         if dataclasses.is_dataclass(option):
             return build_section(option, value, f"{key}.", problems)
         if _matches(value, option):
+            if not _finite(value):
+                problems.append(f"{key}: must be a finite number, got {value!r}")
             return float(value) if option is float else value
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     problems.append(f"{key}: expected {names}, got {_kind(value)} {value!r}")
@@ -144,16 +155,28 @@ def _matches(value, hint) -> bool:
     return isinstance(value, hint)
 
 
+def _finite(value) -> bool:
+    """False for a NaN or infinite float, also inside a list (YAML's ``.nan`` / ``.inf`` type-check as floats)."""
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
 def _kind(value) -> str:
     return {dict: "a mapping", list: "a list"}.get(type(value), type(value).__name__)
 
 
-def annotate(problems: list[str], path: str | Path) -> list[str]:
-    """Prefix each problem whose key was written in the YAML file with ``file:line``."""
+def annotate(problems: list[str], path: str | Path, overrides: list[str] = ()) -> list[str]:
+    """Prefix each problem with where its key was set: ``command line`` when an override set the key (or a
+    section above it), else ``file:line`` when it was written in the YAML file."""
     lines = key_lines(path)
+    given = [override_key(item) for item in overrides if override_key(item)]
     out = []
     for problem in problems:
         key = problem.split(":", 1)[0].split("=", 1)[0].strip()
         line = lines.get(key) or lines.get(key.rsplit(".", 1)[0])
-        out.append(f"{path}:{line}: {problem}" if line else problem)
+        if any(key == k or key.startswith(f"{k}.") for k in given):
+            out.append(f"command line: {problem}")
+        else:
+            out.append(f"{path}:{line}: {problem}" if line else problem)
     return out

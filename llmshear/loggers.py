@@ -31,7 +31,8 @@ class JSONLinesLogger(LoggerDestination):
 
     The file is opened for appending, so a resumed run continues it; batches logged twice (after a resume
     from an earlier checkpoint) appear twice, the later line being the one that counts. NaN and infinite
-    values are written as ``null``.
+    values, which JSON has no number for, are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"``
+    (never ``null``); :func:`read_metrics` turns them back into floats.
 
     Args:
         folder: the run folder (created if needed).
@@ -54,7 +55,7 @@ class JSONLinesLogger(LoggerDestination):
         for name, value in metrics.items():
             number = _scalar(value)
             if number is not None:
-                line[name] = number if math.isfinite(number) else None
+                line[name] = number if math.isfinite(number) else str(number)
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()
 
@@ -65,12 +66,19 @@ class JSONLinesLogger(LoggerDestination):
             self._file = None
 
 
+NON_FINITE = {str(x): x for x in (math.nan, math.inf, -math.inf)}  # as the logger writes them: "nan", "inf", "-inf"
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    """The lines of a ``metrics.jsonl`` file as dicts (a truncated last line, from a killed run, is skipped)."""
+    """The lines of a ``metrics.jsonl`` file as dicts, ``"nan"`` / ``"inf"`` / ``"-inf"`` values as floats (a
+    truncated last line, from a killed run, is skipped)."""
     rows = []
     for number, text in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         try:
-            rows.append(json.loads(text))
+            row = json.loads(text)
         except json.JSONDecodeError:
             log.warning("%s:%d: skipping an unreadable line", path, number)
+            continue
+        rows.append({key: NON_FINITE.get(value, value) if isinstance(value, str) else value
+                     for key, value in row.items()})
     return rows

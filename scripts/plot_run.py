@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ TARGET = "l0/{}/target_sparsity"
 def series(runs: list[list[dict]], pattern: str) -> tuple[dict[str, tuple[list, list]], list[int]]:
     """``{name: (batches, values)}`` of every key matching ``pattern``, runs laid end to end, and the run starts.
 
-    A batch logged twice (a resumed run) keeps its last value.
+    A batch logged twice (a resumed run) keeps its last value; a NaN or infinite value is drawn as a gap.
     """
     regex = re.compile(pattern)
     merged: dict[str, dict[int, float]] = {}
@@ -53,8 +54,8 @@ def series(runs: list[list[dict]], pattern: str) -> tuple[dict[str, tuple[list, 
             last = max(last, batch)
             for key, value in row.items():
                 match = regex.fullmatch(key)
-                if match and value is not None:
-                    merged.setdefault(match.group(1), {})[offset + batch] = value
+                if match and isinstance(value, int | float):
+                    merged.setdefault(match.group(1), {})[offset + batch] = value if math.isfinite(value) else math.nan
         offset += last
     return {name: (sorted(points), [points[b] for b in sorted(points)]) for name, points in merged.items()}, starts
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -91,10 +94,10 @@ def test_demo_recipes_validate_and_build_on_meta(repo_root, demo_dir, monkeypatc
 
 
 def problems_of(path, overrides=(), **kwargs) -> list[str]:
-    """The problems reported, without the ``file:line:`` prefix of keys written in the file."""
+    """The problems reported, without the ``file:line:`` / ``command line:`` prefix saying where a key was set."""
     with pytest.raises(ConfigError) as caught:
         load(path, list(overrides), **kwargs)
-    return [re.sub(rf"^{re.escape(str(path))}:\d+: ", "", p) for p in caught.value.problems]
+    return [re.sub(rf"^({re.escape(str(path))}:\d+|command line): ", "", p) for p in caught.value.problems]
 
 
 def test_tiny_recipe_is_valid(tmp_path, data):
@@ -135,6 +138,17 @@ def test_tiny_recipe_is_valid(tmp_path, data):
     ("pruning.final_temperature=0.5", "pruning.final_temperature=0.5 must lie in (0, pruning.temperature=0.1]"),
     ("optimizer.gate_schedule=decay", "optimizer.gate_schedule: 'decay' is not one of"),
     ("optimizer.clip_norm=-1", "optimizer.clip_norm=-1.0 must not be negative"),
+    ("optimizer.lr=.inf", "optimizer.lr: must be a finite number, got inf"),
+    ("optimizer.lr=.nan", "optimizer.lr: must be a finite number, got nan"),
+    ("optimizer.lag_lr=-.inf", "optimizer.lag_lr: must be a finite number, got -inf"),
+    ("optimizer.betas=[0.9,.nan]", "optimizer.betas: must be a finite number, got [0.9, nan]"),
+    ("pruning.temperature=.inf", "pruning.temperature: must be a finite number"),
+    ("data.reference_losses=[1.0,.nan,2.0]", "data.reference_losses: must be a finite number"),
+    ("train.eval_batches=0", "train.eval_batches=0 must be positive, or -1"),
+    ("train.eval_batches=-2", "train.eval_batches=-2 must be positive, or -1"),
+    ("train.max_nonfinite=0", "train.max_nonfinite=0 must be positive"),
+    ("seed=-1", "seed=-1 must lie in [0, 2**32)"),
+    ("seed=4294967296", "seed=4294967296 must lie in [0, 2**32)"),
 ])
 def test_bad_value_names_its_key(tmp_path, data, override, key):
     problems = problems_of(tiny_recipe(tmp_path, data), [override], cuda=False)
@@ -151,11 +165,22 @@ def test_all_problems_at_once_with_file_and_line(tmp_path, data):
     problems = problems_of(path, ["train.max_batchs=3", "data.proportions=[0.9,0.3,0.2]", "train.micro_batch_size=3",
                                   "pruning.target.n_layers=9"])
     assert len(problems) == 4, problems
+    path = tiny_recipe(tmp_path, data, data={"proportions": [0.9, 0.3, 0.2]})
     with pytest.raises(ConfigError) as caught:
-        load(path, ["data.proportions=[0.9,0.3,0.2]"])
+        load(path)
     (problem,) = caught.value.problems
     line = int(problem.removeprefix(f"{path}:").split(":")[0])
     assert "proportions:" in path.read_text().splitlines()[line - 1]
+
+
+def test_a_bad_override_is_blamed_on_the_command_line_not_the_yaml_line(tmp_path, data):
+    path = tiny_recipe(tmp_path, data)
+    with pytest.raises(ConfigError) as caught:
+        load(path, ["data.proportions=[0.9,0.3,0.2]", "train.max_batches", "optimizer.lr=.inf"])
+    problems = caught.value.problems
+    assert len(problems) == 3, problems
+    assert all(p.startswith("command line: ") for p in problems), problems
+    assert any("'train.max_batches' is not key=value" in p for p in problems), problems
 
 
 def test_missing_model_pretrained_and_missing_section(tmp_path, data):
@@ -230,3 +255,39 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     path.write_text("model:\n  pretrained: [unclosed\n")
     with pytest.raises(ConfigError, match=r"line 3|line 2"):
         load(path)
+
+
+def test_non_finite_value_in_the_yaml_names_file_and_line(tmp_path, data):
+    path = tiny_recipe(tmp_path, data, optimizer={"lr": float("inf")})
+    assert "lr: .inf" in path.read_text()
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    (problem,) = caught.value.problems
+    line = int(problem.removeprefix(f"{path}:").split(":")[0])
+    assert "lr: .inf" in path.read_text().splitlines()[line - 1] and "optimizer.lr: must be a finite" in problem
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_save_folder_at_or_under_a_regular_file(tmp_path, data, depth):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("not a folder")
+    folder = blocker.joinpath(*["sub"] * depth)
+    problems = problems_of(tiny_recipe(tmp_path, data), [f"checkpoint.save_folder={folder}"])
+    assert problems == [f"checkpoint.save_folder={str(folder)!r}: {blocker} is a file, not a directory"]
+    assert blocker.read_text() == "not a folder"
+
+
+def test_bad_input_on_the_command_line_exits_2_without_traceback(repo_root, tmp_path, data):
+    """train.py as a user runs it: every problem at once, exit 2, no traceback, the run folder untouched."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text('{"batch": 0, "loss/train/total": 5.0}\n')
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    overrides = ["optimizer.lr=.inf", "train.eval_batches=0", "seed=-1", "train.max_batches"]
+    result = subprocess.run([sys.executable, str(repo_root / "train.py"), str(tiny_recipe(tmp_path, data)),
+                             *overrides], capture_output=True, text=True, timeout=120, cwd=repo_root)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    for key in ("optimizer.lr", "train.eval_batches", "seed=-1", "'train.max_batches' is not key=value"):
+        assert f"command line: {key}" in result.stderr, result.stderr
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()} == before

@@ -267,3 +267,37 @@ def test_prune_a_checkpoint_written_by_composers_trainer(tmp_path):
     with torch.no_grad():
         assert (hf(tokens).logits - model.model(tokens, l0.deterministic_masks())).abs().max() <= TOL
     assert summary["pruned"] == {k: getattr(l0.target.to_config(cfg), k) for k in summary["pruned"]}
+
+
+ADVERSARIAL_LOGITS = {
+    "all equal": lambda shape: torch.zeros(shape),
+    "all far negative (gates underflow to 0)": lambda shape: torch.full(shape, -1e4),
+    "all -inf": lambda shape: torch.full(shape, -torch.inf),
+    "all +inf": lambda shape: torch.full(shape, torch.inf),
+    "all NaN": lambda shape: torch.full(shape, torch.nan),
+    "NaN, inf and far negative mixed": lambda shape: torch.tensor([torch.nan, -torch.inf, -1e4, torch.inf])
+    .repeat(shape[-1] // 4 + 1)[: shape[-1]].expand(shape).clone(),
+}
+
+
+@pytest.mark.parametrize("structure", ["layer", "kv_group", "head", "intermediate", "hidden", "all"])
+@pytest.mark.parametrize("kind", list(ADVERSARIAL_LOGITS))
+def test_the_cut_reaches_the_target_whatever_the_gate_logits(structure, kind):
+    """A huge ``optimizer.lag_lr`` drives kept gates to exactly 0 (or NaN): the cut still has the target shape."""
+    cfg = PRESETS["tiny-gqa"]()
+    target = TargetShape.from_dict(_target_for(cfg, structure), cfg)
+    l0 = L0Module(cfg, target)
+    with torch.no_grad():
+        for log_alpha in l0.log_alpha.values():
+            log_alpha.copy_(ADVERSARIAL_LOGITS[kind](log_alpha.shape))
+    masks = l0.deterministic_masks()
+    for spec in l0.specs:
+        kept = masks[spec.name] != 0
+        assert (kept.sum(-1) == spec.keep).all(), spec.name
+        assert torch.isfinite(masks[spec.name]).all() and (masks[spec.name] >= 0).all()
+        if kind in ("all equal", "all NaN"):  # ties go to the lower index
+            assert kept[..., : spec.keep].all() and not kept[..., spec.keep:].any()
+    assert plan_cut(cfg, masks).config(cfg) == target.to_config(cfg)
+    cut = cut_model(build_model(cfg, seed=0), masks)
+    assert cut.cfg == target.to_config(cfg)
+    assert all(torch.isfinite(p).all() for p in cut.parameters())

@@ -1,8 +1,9 @@
 """Reading weights of an HF directory or a GGUF file lazily, and copying them into a model strictly.
 
 A checkpoint is read as a *lazy state dict*: ``{hf_parameter_name: thunk}`` where calling the thunk reads (and for
-GGUF dequantises) that one tensor. Key sets are compared before any tensor is read, so a checkpoint that does not
-match the config fails fast and names the keys.
+GGUF dequantises) that one tensor. Key sets, and for safetensors the shapes in the file headers, are compared before
+any tensor is read, so a checkpoint that does not match the config fails fast and names the keys. A missing shard,
+an unreadable index or a truncated or corrupt file is a :class:`WeightFileError` naming the file (and tensor).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from llmshear.models.llama import LlamaLM
@@ -35,28 +38,89 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's keys or shapes differ from the model's; the message names the keys."""
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    """The weight files of an HF directory, safetensors preferred, sharded or not."""
+class WeightFileError(ValueError):
+    """A weight file or index is missing, truncated or corrupt; the message names the file (and the tensor)."""
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """One tensor of a weight file, read when called; ``shape`` as the file's header records it."""
+
+    file: Path
+    read: Callable[[], torch.Tensor]
+    shape: tuple[int, ...]
+
+    def __call__(self) -> torch.Tensor:
+        return self.read()
+
+
+def has_weights(directory: Path) -> bool:
+    """Whether an HF directory has a weight index or an unsharded weight file."""
+    return any((directory / name).is_file() for name in WEIGHT_INDEXES + WEIGHT_FILES)
+
+
+def weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The weight files of an HF directory (safetensors preferred, sharded or not) and the index's weight map.
+
+    Raises:
+        FileNotFoundError: no weights at all.
+        WeightFileError: the index is unreadable or names a shard that is not there.
+    """
     for index in WEIGHT_INDEXES:
-        if (directory / index).is_file():
-            weight_map = json.loads((directory / index).read_text())["weight_map"]
-            return [directory / name for name in sorted(set(weight_map.values()))]
+        path = directory / index
+        if path.is_file():
+            try:
+                weight_map = dict(json.loads(path.read_text())["weight_map"])
+                names = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise WeightFileError(f"{path}: not a readable weight index ({err!r})") from err
+            missing = [name for name in names if not (directory / name).is_file()]
+            if missing:
+                raise WeightFileError(f"{path} names shard(s) missing from {directory}: {_listed(missing)}")
+            return [directory / name for name in names], weight_map
     for name in WEIGHT_FILES:
         if (directory / name).is_file():
-            return [directory / name]
+            return [directory / name], None
     raise FileNotFoundError(f"{directory} has no weights: expected one of {WEIGHT_INDEXES + WEIGHT_FILES}")
 
 
+def _safetensors_tensors(path: Path) -> dict[str, LazyTensor]:
+    """The tensors of a safetensors file; only its header is read (and checked against the file's size)."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise WeightFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from err
+    return {key: LazyTensor(path, partial(handle.get_tensor, key), shape) for key, shape in shapes.items()}
+
+
+def _pickled_tensors(path: Path) -> dict[str, LazyTensor]:
+    """The tensors of a ``pytorch_model*.bin`` file (memory-mapped, so only what is used is read)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch.load raises zip, pickle, EOF and runtime errors for a broken file
+        raise WeightFileError(f"{path}: not a readable PyTorch weight file (truncated or corrupt?): {err}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightFileError(f"{path}: not a state dict of tensors")
+    return {key: LazyTensor(path, partial(state.__getitem__, key), tuple(t.shape)) for key, t in state.items()}
+
+
 def read_hf_weights(directory: Path) -> LazyStateDict:
-    """Lazy state dict of an HF model directory (safetensors or ``pytorch_model*.bin``, sharded or not)."""
-    lazy: LazyStateDict = {}
-    for path in _weight_files(directory):
-        if path.suffix == ".safetensors":
-            handle = safe_open(str(path), framework="pt")
-            lazy.update({key: (lambda h=handle, k=key: h.get_tensor(k)) for key in handle.keys()})
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            lazy.update({key: (lambda s=state, k=key: s[k]) for key in state})
+    """Lazy state dict of an HF model directory (safetensors or ``pytorch_model*.bin``, sharded or not).
+
+    Raises:
+        FileNotFoundError: no weights. WeightFileError: a missing shard, an unreadable index or file, or an index
+            that puts a tensor in a shard that lacks it (the file and tensor are named).
+    """
+    files, weight_map = weight_files(directory)
+    lazy: dict[str, LazyTensor] = {}
+    for path in files:
+        lazy.update(_safetensors_tensors(path) if path.suffix == ".safetensors" else _pickled_tensors(path))
+    misplaced = [f"{key} (in {name})" for key, name in (weight_map or {}).items()
+                 if key not in lazy or lazy[key].file.name != name]
+    if misplaced:
+        index = next(directory / i for i in WEIGHT_INDEXES if (directory / i).is_file())
+        raise WeightFileError(f"{index} lists tensors its shards do not hold: {_listed(misplaced)}")
     return lazy
 
 
@@ -140,6 +204,26 @@ def check_keys(model: nn.Module, keys: set[str], origin: str) -> None:
         raise CheckpointMismatchError(f"{origin} does not match the model config; " + "; ".join(problems))
 
 
+def _shape_error(lazy: LazyStateDict, name: str, shape: tuple, param: torch.Tensor, origin: str) -> str:
+    file = getattr(lazy[name], "file", origin)
+    return (f"{file}: shape mismatch for {name}: checkpoint {shape}, model {tuple(param.shape)} (from the config of "
+            f"{origin})")
+
+
+def check_shapes(model: nn.Module, lazy: LazyStateDict, origin: str) -> None:
+    """:func:`check_keys`, then every shape a file header records (:class:`LazyTensor`) against the model's.
+
+    Raises:
+        CheckpointMismatchError: naming the keys, or the file and tensor whose shape differs.
+    """
+    check_keys(model, set(lazy), origin)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in sorted(set(lazy) & set(params)):
+        shape = getattr(lazy[name], "shape", None)
+        if shape is not None and shape != tuple(params[name].shape):
+            raise CheckpointMismatchError(_shape_error(lazy, name, shape, params[name], origin))
+
+
 @torch.no_grad()
 def load_strict(model: nn.Module, lazy: LazyStateDict, origin: str) -> None:
     """Copy every tensor of ``lazy`` into ``model`` (cast to its dtype/device); nothing missing, extra or misshapen.
@@ -148,16 +232,15 @@ def load_strict(model: nn.Module, lazy: LazyStateDict, origin: str) -> None:
     embedding it aliases, otherwise the checkpoint is not tied and the config is wrong.
 
     Raises:
-        CheckpointMismatchError: naming the missing / unexpected keys or the key whose shape differs.
+        CheckpointMismatchError: naming the missing / unexpected keys or the file and key whose shape differs.
     """
-    check_keys(model, set(lazy), origin)
+    check_shapes(model, lazy, origin)
     params = dict(model.named_parameters(remove_duplicate=False))
     primary = {name for name, _ in model.named_parameters()}
     for name in sorted(set(lazy) & set(params), key=lambda n: n not in primary):
         tensor, param = lazy[name](), params[name]
         if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointMismatchError(
-                f"{origin}: shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, model {tuple(param.shape)}")
+            raise CheckpointMismatchError(_shape_error(lazy, name, tuple(tensor.shape), param, origin))
         if name in primary:
             param.copy_(tensor)
         elif not torch.equal(tensor.to(device=param.device, dtype=param.dtype), param):

@@ -21,11 +21,18 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
 from llmshear.models.build import CONFIG_ONLY, PRESETS, build_model, empty_model, reset_rotary
-from llmshear.models.checkpoint import load_strict, read_gguf_weights, read_hf_weights
+from llmshear.models.checkpoint import (
+    check_shapes,
+    has_weights,
+    load_strict,
+    read_gguf_weights,
+    read_hf_weights,
+    weight_files,
+)
 from llmshear.models.llama import LlamaConfig, LlamaLM
 from llmshear.models.sources import resolve_source
 
-__all__ = ["PRESETS", "build_model", "config_from_hf", "config_to_hf", "load_config", "load_model",
+__all__ = ["PRESETS", "build_model", "check_weights", "config_from_hf", "config_to_hf", "load_config", "load_model",
            "save_pretrained"]
 
 log = logging.getLogger(__name__)
@@ -168,6 +175,29 @@ def load_config(source: str | os.PathLike) -> LlamaConfig:
     if raw.get("model_type") not in FAMILIES:
         raise ValueError(f"{path}: key 'model_type' is {raw.get('model_type')!r}; supported: {sorted(FAMILIES)}")
     return config_from_hf(transformers.AutoConfig.from_pretrained(location.directory), origin=str(path))
+
+
+def check_weights(source: str | os.PathLike) -> None:
+    """Check an HF directory's weight files without reading a tensor (what a config check can afford).
+
+    The index is readable and every shard it names exists; every safetensors header reads (a truncated file or a
+    corrupt header fails here) and records the keys and shapes that ``config.json`` implies. ``pytorch_model*.bin``
+    files are only checked to exist. Presets, GGUF files and a directory without any weights (a config-only
+    shape) pass: :func:`load_model` reports the last when weights are needed.
+
+    Raises:
+        FileNotFoundError / ValueError: see :func:`load_config`; :class:`~llmshear.models.checkpoint.WeightFileError`
+            or :class:`~llmshear.models.checkpoint.CheckpointMismatchError` naming the file and tensor.
+    """
+    if str(source) in PRESETS:
+        return
+    location = resolve_source(source)
+    if location.gguf_file is not None or not has_weights(location.directory):
+        return
+    model = empty_model(load_config(source), device="meta")
+    files, _ = weight_files(location.directory)
+    if all(path.suffix == ".safetensors" for path in files):
+        check_shapes(model, read_hf_weights(location.directory), str(location.directory))
 
 
 def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32,

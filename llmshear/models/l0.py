@@ -205,11 +205,15 @@ def expected_gates(log_alpha: torch.Tensor) -> torch.Tensor:
 def deterministic_gates(log_alpha: torch.Tensor, keep: int) -> torch.Tensor:
     """Keep exactly the ``keep`` highest-scoring units of every row (last axis); the rest are exactly 0.
 
-    A kept unit's value is its probability of being nonzero, :func:`prob_nonzero`: strictly positive, so it
-    is never mistaken for a pruned unit, and close to 1 for the confident gates a finished run has.
+    Whatever the logits: ties go to the lower index (a stable sort), and a NaN logit ranks below every number.
+    A kept unit's value is its probability of being nonzero, :func:`prob_nonzero`, floored at :data:`EPS`:
+    strictly positive, so it is never mistaken for a pruned unit even when the gate underflowed (a far
+    negative logit after a large ``lag_lr`` step) or is NaN, and close to 1 for the confident gates a finished
+    run has.
     """
-    index = log_alpha.topk(keep, dim=-1).indices
-    values = prob_nonzero(log_alpha).gather(-1, index)
+    scores = log_alpha.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    index = scores.sort(dim=-1, descending=True, stable=True).indices[..., :keep]
+    values = prob_nonzero(log_alpha).gather(-1, index).nan_to_num(nan=EPS).clamp_min(EPS)
     return torch.zeros_like(log_alpha).scatter(-1, index, values)
 
 
