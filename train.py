@@ -19,6 +19,7 @@ from composer.utils import dist
 
 from llmshear.builders import build_trainer
 from llmshear.config import ConfigError, RunConfig, load
+from llmshear.datasets.mds import ShardError
 
 log = logging.getLogger("train")
 
@@ -58,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         log.error("%s", err)
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    except ShardError as err:  # data damaged after the config check; the message names domain, shard and sample
+        log.error("%s", err)
+        return 2
     return 0
 
 
