@@ -235,6 +235,21 @@ def test_damaged_sample_names_domain_shard_and_sample_when_read(tmp_path):
         domain[3]
 
 
+def test_garbage_token_bytes_are_named_when_read(tmp_path, prepared):
+    data = _copy(prepared[0], tmp_path / "data")
+    domain = MDSDomain(data / "train" / "beta")
+    shard = data / "train" / "beta" / domain.shards[0].raw_data.basename
+    raw = bytearray(shard.read_bytes())
+    begin, end = np.frombuffer(bytes(raw[4 * 3: 4 * 5]), np.uint32).tolist()  # sample 2's bytes
+    raw[begin:end] = b"\xff" * (end - begin)
+    shard.write_bytes(bytes(raw))
+    damaged = MDSDomain(data / "train" / "beta")  # size and header are intact: opening passes
+    assert len(damaged[1]) == SEQ
+    with pytest.raises(ShardError, match=f"domain 'beta': shard {shard}: sample 2 .*cannot be read: token id 65535 "
+                                         f"above the largest, {prepared[1]['domains']['beta']['max_token_id']}"):
+        damaged[2]
+
+
 def test_damaged_sample_mid_run_stops_train_with_its_name(tmp_path, caplog):
     data = write_mds(tmp_path / "data", DOMAINS, SEQ, n_train=16, n_eval=2)
     for name in DOMAINS:

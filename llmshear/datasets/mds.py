@@ -27,7 +27,7 @@ import numpy as np
 from llmshear.datasets.jsonl import find_domains
 from llmshear.datasets.packing import DomainPacker, FileResult, FileTask, file_tasks, tokenize_all
 from llmshear.datasets.redpajama import find_files
-from llmshear.datasets.vocab import SUMMARY, vocab_fingerprint
+from llmshear.datasets.vocab import SUMMARY, read_summary, vocab_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,14 @@ def prepare(input_dir: str | Path, tokenizer: str | Path, out: str | Path, seq_l
     return summary
 
 
+def recorded_max_token_id(directory: Path) -> int | None:
+    """The largest token id prepare_data wrote for the domain of ``<data>/<split>/<domain>`` (None: unknown)."""
+    found = read_summary(directory.parent.parent)
+    info = found[1].get("domains", {}).get(directory.name) if found else None
+    top = info.get("max_token_id") if isinstance(info, dict) else None
+    return top if isinstance(top, int) and top >= 0 else None
+
+
 class ShardError(ValueError):
     """A shard that does not match its ``index.json`` (truncated, overwritten, garbage bytes); the message names
     the domain, the shard file and, for a read, the sample."""
@@ -186,7 +194,8 @@ class MDSDomain:
     memory-mapped on first use, so reading a sample is two slices of the page cache, in any order, with no
     shared memory, no file handle per read and no worker process. Opening checks every shard against the
     index (its size, its sample count and first and last offsets: a few bytes per shard), and every read
-    checks its sample's offsets, so a damaged shard is named instead of failing deep inside a batch.
+    checks its sample's offsets and that no token id exceeds the largest one ``summary.json`` records for the
+    domain, so a damaged shard is named instead of failing deep inside a batch (or the embedding).
 
     Args:
         directory: the directory holding ``index.json`` (``<data>/<split>/<domain>``).
@@ -212,6 +221,7 @@ class MDSDomain:
         for shard in self.shards:
             self._check_shard(shard)
         self.starts = np.cumsum([0] + [shard.samples for shard in self.shards]).tolist()
+        self.max_token_id = recorded_max_token_id(self.directory)
         self._maps: dict[int, np.ndarray] = {}
         self.seq_len = len(self[0]) if len(self) else 0
 
@@ -260,7 +270,11 @@ class MDSDomain:
         try:
             if not 4 * (reader.samples + 2) <= begin <= end <= len(data):
                 raise ValueError(f"offsets {begin}..{end} outside the file's {len(data)} bytes")
-            return reader.decode_sample(data[begin:end].tobytes())[TOKENS]
+            tokens = reader.decode_sample(data[begin:end].tobytes())[TOKENS]
+            if self.max_token_id is not None and len(tokens) and int(tokens.max()) > self.max_token_id:
+                raise ValueError(f"token id {int(tokens.max())} above the largest, {self.max_token_id}, that "
+                                 "prepare_data wrote for this domain (summary.json)")
+            return tokens
         except (ValueError, TypeError) as err:
             raise ShardError(f"{self._where(reader)}: sample {local} (sample {index} of the domain) cannot be "
                              f"read: {err}; the file is damaged, re-run scripts/prepare_data.py") from err
