@@ -324,7 +324,7 @@ def _docs(prefix: str, n: int) -> list[str]:
     return [f"{prefix} document {i}: " + "alpha beta gamma delta " * 6 for i in range(n)]
 
 
-def test_redpajama_1t_folders_and_sample_files_map_to_the_recipe_domains(tmp_path, tiny_tokenizer):  # noqa: F811
+def test_redpajama_1t_folders_and_sample_files_map_to_the_recipe_domains(tmp_path, tiny_tokenizer, caplog):  # noqa: F811
     folders = {"arxiv": "arxiv/arxiv_0a.jsonl", "book": "book/book.jsonl", "c4": "c4/c4-train.00000-of-01024.jsonl",
                "common_crawl": "common_crawl/2019-30/en_head_0000.json.gz.dedup.classifier.jsonl.zst",
                "github": "github/filtered_0b.sampled.jsonl", "stackexchange": "stackexchange/stackexchange.jsonl",
@@ -345,6 +345,9 @@ def test_redpajama_1t_folders_and_sample_files_map_to_the_recipe_domains(tmp_pat
         assert list(summary["domains"]) == sorted(ours.values())
         for i, source in enumerate(names):
             assert summary["domains"][ours[source]]["documents"] == 20 + i
+    with caplog.at_level(logging.WARNING), pytest.raises(FileNotFoundError, match="domain 'common_crawl'"):
+        prepare(tmp_path / "1t", tiny_tokenizer, tmp_path / "default_out", seq_len=16, eval_seqs=1)  # default layout
+    assert "--layout redpajama maps them" in caplog.text and "'c4', 'common_crawl', 'wikipedia'" in caplog.text
 
 
 def test_documents_naming_their_set_are_routed_by_it(tmp_path, tiny_tokenizer, caplog):  # noqa: F811

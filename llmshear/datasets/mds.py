@@ -90,11 +90,12 @@ def input_tasks(input_dir: str | Path, layout: str, domains: list[str] | None) -
         selected = tuple(domains) if domains else None
         tasks = [FileTask(str(p), d, routed=True, selected=selected) for p, d in find_files(input_dir, domains)]
         return tasks, list(domains) if domains else []
-    files = find_domains(input_dir, domains)
-    published = sorted(set(files) & {"common_crawl", "wikipedia", "c4"})
+    folders = {p.name for p in Path(input_dir).iterdir() if p.is_dir()} if Path(input_dir).is_dir() else set()
+    published = sorted(folders & {"common_crawl", "wikipedia", "c4"})
     if published:
-        log.warning("domain folders %s look like RedPajama's published names; --layout redpajama maps them to the "
-                    "recipes' domains", published)
+        log.warning("--input folders %s are RedPajama's published names, not the recipes' domains: "
+                    "--layout redpajama maps them (common_crawl -> cc, c4 -> c4-rp, wikipedia -> wiki)", published)
+    files = find_domains(input_dir, domains)
     return file_tasks(files), list(files)
 
 
