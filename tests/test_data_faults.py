@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,8 +146,6 @@ def prepared(tmp_path_factory, tiny_tokenizer):  # noqa: F811
 
 
 def _copy(src: Path, dst: Path) -> Path:
-    import shutil
-
     shutil.copytree(src, dst)
     return dst
 
@@ -156,12 +155,14 @@ def test_data_beyond_the_model_vocabulary_is_a_config_error(tmp_path, prepared):
     model_vocab = load_config("tiny-gqa").vocab_size
     top = summary["domains"]["alpha"]["max_token_id"]
     assert top >= model_vocab  # precondition: the 300-token tokenizer's ids exceed tiny-gqa's vocabulary
+    before = digest(data)
     with pytest.raises(ConfigError) as caught:
         load(tiny_recipe(tmp_path, data))
     text = str(caught.value)
     assert f"data.path: domain 'alpha' holds token ids up to {top}, model 'tiny-gqa' has a vocabulary of " \
            f"{model_vocab}" in text and f"vocabulary {summary['vocab_size']}" in text
     assert train_module().main([str(tiny_recipe(tmp_path, data, run="again"))]) == 2
+    assert digest(data) == before and not (tmp_path / "again").exists()
 
 
 def _model_dir(root: Path, vocab: int, tokenizer: Path | None) -> Path:
