@@ -20,6 +20,7 @@ from composer.utils import dist
 from llmshear.builders import build_trainer
 from llmshear.callbacks.nonfinite import NonFiniteLossError
 from llmshear.config import ConfigError, RunConfig, load
+from llmshear.datasets.mds import ShardError
 
 log = logging.getLogger("train")
 
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as err:
         log.error("%s", err)
         return 3
+    except ShardError as err:  # data damaged after the config check; the message names domain, shard and sample
+        log.error("%s", err)
+        return 2
     return 0
 
 

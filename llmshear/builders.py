@@ -24,8 +24,12 @@ from llmshear.callbacks.resume_rng import ResumeRNG
 from llmshear.composer_parts import build_composer_callbacks, build_loggers, clip_threshold
 from llmshear.config import RunConfig
 from llmshear.config_checks import LATEST_CHECKPOINT
-from llmshear.datasets.dynamic import DynamicDomainDataset, build_eval_dataloader, build_train_dataloader
-from llmshear.datasets.mds import open_domains
+from llmshear.datasets.dynamic import (
+    DynamicDomainDataset,
+    build_eval_dataloader,
+    build_train_dataloader,
+    open_train_parts,
+)
 from llmshear.loggers import JSONLinesLogger
 from llmshear.models.composer_llama import ComposerLlama, Distillation
 from llmshear.models.hf import build_model, load_config, load_model
@@ -86,7 +90,8 @@ def calibration_batches(cfg: RunConfig) -> list[torch.Tensor]:
     constant init draws. The eval split is left alone, so evaluation stays unseen by the init.
     """
     d = cfg.data
-    sources = open_domains([Path(d.path) / d.train_split / domain for domain in d.domains], d.seq_len)
+    sources = open_train_parts([Path(d.path) / d.train_split / domain for domain in d.domains], d.seq_len,
+                               d.train_range)
     size = cfg.train.eval_batch_size if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size
     stream = iter(DynamicDomainDataset(sources, d.domains, d.proportions, global_batch_size=size, seed=cfg.seed,
                                        rank=0, world_size=1))
@@ -130,7 +135,7 @@ def build_train_loader(cfg: RunConfig, world_size: int):
     return build_train_dataloader(
         [Path(d.path) / d.train_split / domain for domain in d.domains], d.domains, d.proportions,
         batch_size=cfg.train.global_batch_size // world_size, seq_len=d.seq_len, seed=cfg.seed,
-        num_workers=d.num_workers)
+        num_workers=d.num_workers, train_range=d.train_range)
 
 
 def build_eval_loader(cfg: RunConfig):

@@ -71,7 +71,11 @@ class DistillSection:
 
 @dataclass
 class DataSection:
-    """MDS data under ``path/<split>/<domain>/`` and the dynamic-loading rule."""
+    """MDS data under ``path/<split>/<domain>/`` and the dynamic-loading rule.
+
+    ``train_range``: the fraction ``[begin, end]`` of each domain's train sequences this run reads; pruning and
+    continued pre-training take adjacent ranges so they never read the same sequence (docs/data.md).
+    """
 
     path: str
     domains: list[str]
@@ -87,6 +91,7 @@ class DataSection:
     cap: float = 1.0
     train_split: str = "train"
     eval_split: str = "eval"
+    train_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
     num_workers: int = 0
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmshear.composer_parts import check_parts
+from llmshear.datasets.dynamic import open_train_parts
 from llmshear.datasets.mds import open_domains
 from llmshear.datasets.proportions import bounds_errors, proportion_errors, reference_loss_errors
+from llmshear.datasets.vocab import vocab_problems
 from llmshear.models.hf import check_weights, load_config
 from llmshear.models.l0 import TargetShape
 
@@ -41,6 +43,8 @@ def check_numbers(cfg: RunConfig) -> list[str]:
         ("train.eval_batch_size", t.eval_batch_size, t.eval_batch_size is None or t.eval_batch_size > 0,
          "must be positive"),
         ("data.seq_len", d.seq_len, d.seq_len >= 2, "must be at least 2"),
+        ("data.train_range", d.train_range, len(d.train_range) == 2 and 0 <= d.train_range[0] < d.train_range[-1] <= 1,
+         "must be [begin, end] with 0 <= begin < end <= 1 (the fraction of each domain's train split to read)"),
         ("data.num_workers", d.num_workers, d.num_workers == 0,
          "must be 0: worker processes would see proportion updates late and break exact resumption"),
         ("data.eta", d.eta, d.eta > 0, "must be positive"),
@@ -87,11 +91,21 @@ def check_batches(cfg: RunConfig, world_size: int) -> list[str]:
     return []
 
 
+_CONFIGS: dict[str, object] = {}  # source configs read during one check_run (a GGUF takes seconds to read)
+
+
+def source_config(name: str):
+    """``load_config(name)``, read once per :func:`check_run`."""
+    if name not in _CONFIGS:
+        _CONFIGS[name] = load_config(name)
+    return _CONFIGS[name]
+
+
 def check_model(cfg: RunConfig) -> list[str]:
     """The source (and teacher) configs and weight-file headers load, and the pruning target fits in the source."""
     problems = []
     try:
-        source = load_config(cfg.model.pretrained)
+        source = source_config(cfg.model.pretrained)
         check_weights(cfg.model.pretrained)
     except (OSError, ValueError) as err:
         return [f"model.pretrained={cfg.model.pretrained!r}: {err}"]
@@ -168,24 +182,43 @@ def check_proportions(cfg: RunConfig) -> list[str]:
 
 
 def check_data(cfg: RunConfig) -> list[str]:
-    """Every ``data.path/<split>/<domain>`` is non-empty MDS of ``data.seq_len`` sequences with all its shards."""
-    root = Path(cfg.data.path)
+    """Every ``data.path/<split>/<domain>`` is non-empty MDS of ``data.seq_len`` sequences whose shards match their
+    index; ``data.train_range`` selects samples of every domain; the eval split is not the train split; the
+    token ids fit the model's vocabulary (``summary.json``)."""
+    d = cfg.data
+    root = Path(d.path)
     if not root.is_dir():
         return [f"data.path={str(root)!r}: no such directory"]
     problems = []
+    valid_range = len(d.train_range) == 2 and 0 <= d.train_range[0] < d.train_range[1] <= 1  # else reported
+    if d.train_split == d.eval_split:
+        problems.append(f"data.eval_split={d.eval_split!r} is data.train_split: evaluation must use held-out sequences")
     for split_key in ("train_split", "eval_split"):
-        split = getattr(cfg.data, split_key)
-        for domain in cfg.data.domains:
+        split = getattr(d, split_key)
+        for domain in d.domains:
             directory = root / split / domain
             if not (directory / "index.json").is_file():
                 problems.append(f"data.domains: {domain!r} has no MDS data for data.{split_key}={split!r} "
                                 f"({directory}/index.json is missing)")
                 continue
             try:
-                open_domains([directory], cfg.data.seq_len)
+                if split_key == "train_split" and valid_range:
+                    open_train_parts([directory], d.seq_len, d.train_range)
+                else:
+                    open_domains([directory], d.seq_len)
             except (OSError, ValueError) as err:
                 problems.append(f"data.path: {err}")
-    return problems
+    return problems + check_vocabulary(cfg)
+
+
+def check_vocabulary(cfg: RunConfig) -> list[str]:
+    """The data's token ids (and tokenizer, when known) fit ``model.pretrained`` (:mod:`llmshear.datasets.vocab`)."""
+    try:
+        vocab = source_config(cfg.model.pretrained).vocab_size
+    except (OSError, ValueError):
+        return []  # reported by check_model
+    problems = vocab_problems(cfg.data.path, cfg.data.domains, vocab, cfg.model.pretrained)
+    return [f"data.path: {problem}" for problem in problems]
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -275,6 +308,7 @@ def check_run(cfg: RunConfig, world_size: int, cuda: bool) -> list[str]:
               check_local_paths, check_checkpoint, lambda c: check_runtime(c, cuda),
               lambda c: check_parts(c, world_size, cuda)]
     problems = []
+    _CONFIGS.clear()
     for check in checks:
         try:
             problems += check(cfg)

@@ -58,7 +58,8 @@ from omegaconf import OmegaConf
 
 from llmshear.datasets.demo import make_demo_corpus
 from llmshear.datasets.mds import SUMMARY, TOKENS, MDSDomain, open_domains, prepare
-from llmshear.datasets.reference import check_vocab, eval_domains
+from llmshear.datasets.reference import eval_domains
+from llmshear.datasets.vocab import check_vocab
 from llmshear.evaluation import evaluate_domains
 from llmshear.export import export_checkpoint, prune_checkpoint
 from llmshear.models.build import PRESETS, build_model
@@ -221,16 +222,17 @@ def cached(path: Path, compute: Callable[[], dict]) -> dict:
     return json.loads(path.read_text())
 
 
-def check_data(data: Path, vocab_size: int, test: Path) -> tuple[list[str], int]:
+def check_data(data: Path, vocab_size: int, test: Path, source: str) -> tuple[list[str], int]:
     """The domains and sequence length of a prepared MDS root (train, eval and ``test`` split of every domain).
 
     Raises:
-        FileNotFoundError / ValueError: a missing split or domain, empty or unequal sequences, a larger vocabulary.
+        FileNotFoundError / ValueError: a missing split or domain, empty or unequal sequences, token ids beyond
+            the source's vocabulary or another tokenizer.
     """
     domains = eval_domains(data / "eval")
     seq_len = open_domains([data / "eval" / domains[0]])[0].seq_len
     open_domains([split / d for split in (data / "train", data / "eval", test) for d in domains], seq_len)
-    check_vocab(data / "eval", vocab_size)
+    check_vocab(data / "eval", domains, vocab_size, source, "--source")
     return domains, seq_len
 
 
@@ -266,7 +268,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Bench, list[
         runs = parse_arms(args.arms)
         source = load_config(args.source)
         TargetShape.from_dict(args.target, source)
-        domains, seq_len = check_data(data, source.vocab_size, test) if args.data else (None, None)
+        domains, seq_len = check_data(data, source.vocab_size, test, args.source) if args.data else (None, None)
     except (OSError, ValueError, TypeError) as err:
         parser.error(str(err))
     bench = Bench(args.out, data, test, args.source, args.target,
@@ -632,7 +634,8 @@ def setup_data(bench: Bench, use_demo_data: bool) -> None:
     """The data (built for the demo), its domains and sequence length, and the tokens of a batch, into ``bench``."""
     if use_demo_data:
         prepare_demo_data(bench)
-        bench.domains, bench.seq_len = check_data(bench.data, load_config(bench.source).vocab_size, bench.test)
+        bench.domains, bench.seq_len = check_data(bench.data, load_config(bench.source).vocab_size, bench.test,
+                                                    bench.source)
     elif bench.test.name != "test":
         log.warning("%s has no test split: the final evaluation reads %s, the split the in-training evaluations "
                     "and dynamic loading read too", bench.data, bench.test)

@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 from llmshear.datasets.reference import eval_domains
+from llmshear.datasets.vocab import check_vocab
 from llmshear.evaluation import evaluate_domains, format_table
-from llmshear.models.hf import load_model
+from llmshear.models.hf import load_config, load_model
 
 log = logging.getLogger("eval_ppl")
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for source in args.model:
             log.info("evaluating %s", source)
+            check_vocab(args.data, domains, load_config(source).vocab_size, source, "--model")
             results[source] = evaluate_domains(load_model(source), args.data, domains, args.batch_size, args.max_seqs)
     except (OSError, ValueError) as err:
         log.error("%s", err)

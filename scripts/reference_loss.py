@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from llmshear.datasets.reference import check_vocab, eval_domains, scaling_reference, source_reference, yaml_list
+from llmshear.datasets.reference import eval_domains, scaling_reference, source_reference, yaml_list
+from llmshear.datasets.vocab import check_vocab
 
 log = logging.getLogger("reference_loss")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,11 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def from_source(args: argparse.Namespace) -> tuple[dict, str]:
     """Load the model, evaluate it on every domain of ``--data``."""
-    from llmshear.models.hf import load_model
+    from llmshear.models.hf import load_config, load_model
 
     domains = [d.strip() for d in args.domains.split(",")] if args.domains else eval_domains(args.data)
+    check_vocab(args.data, domains, load_config(args.source).vocab_size, args.source, "--source")
     model = load_model(args.source, dtype=DTYPES[args.dtype], device=args.device)
-    check_vocab(args.data, model.cfg.vocab_size)
     result = source_reference(model, args.data, domains, args.batch_size, args.max_seqs, args.device)
     result["source"], result["params"] = args.source, sum(p.numel() for p in model.parameters())
     return result, f"mean next-token loss of {args.source} on {args.data} (source reference)"

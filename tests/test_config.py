@@ -34,7 +34,7 @@ def paper_env(tmp_path_factory) -> dict[str, str]:
         write_config_dir(runs / f"pruned_{size}", "llama2-7b", target)
         write_proportions(runs / f"prune_{size}" / "proportions.json", REDPAJAMA)
     return {"LLAMA2_7B": str(write_config_dir(root / "llama2-7b", "llama2-7b")),
-            "DATA_DIR": str(write_mds(root / "data", REDPAJAMA, 4096, n_train=1, n_eval=1)),
+            "DATA_DIR": str(write_mds(root / "data", REDPAJAMA, 4096, n_train=50, n_eval=1)),  # 1 in train_range 0.02
             "RUN_DIR": str(runs)}
 
 
@@ -71,7 +71,7 @@ DEMO_TARGET = {"d_model": 384, "n_layers": 20, "n_heads": 6, "n_kv_heads": 2, "i
 def demo_dir(tmp_path_factory) -> Path:
     """What scripts/demo.sh has written before each training stage (tiny stand-ins)."""
     root = tmp_path_factory.mktemp("demo")
-    write_mds(root / "data", DEMO_DOMAINS, 256, n_train=1, n_eval=1)
+    write_mds(root / "data", DEMO_DOMAINS, 256, n_train=4, n_eval=1)  # each stage's train_range holds one
     (root / "reference_losses.json").write_text(
         json.dumps({"domains": DEMO_DOMAINS, "reference_losses": [1.0, 2.0, 3.0], "tokens": [1, 1, 1]}))
     write_proportions(root / "runs" / "demo_prune" / "proportions.json", DEMO_DOMAINS)

@@ -125,9 +125,9 @@ def _bad_corpus(root: Path) -> Path:
 def test_bad_lines_are_counted_with_file_and_line(tmp_path, tiny_tokenizer):  # noqa: F811
     path = _bad_corpus(tmp_path / "in")
     summary = prepare(tmp_path / "in", tiny_tokenizer, tmp_path / "out", seq_len=SEQ, eval_seqs=1, progress=False)
-    info = summary["domains"]["d"]
-    assert info["documents"] == 12 and info["bad_lines"] == 6
-    examples = info["bad_line_files"][str(path)]["examples"]
+    assert summary["domains"]["d"]["documents"] == 12 and summary["bad_lines"] == 6
+    assert summary["bad_line_files"][str(path)]["count"] == 6
+    examples = summary["bad_line_files"][str(path)]["examples"]
     assert examples == [f"{path}:7: invalid JSON (Expecting property name enclosed in double quotes, column 2)",
                         f"{path}:8: no 'text' field", f"{path}:9: empty 'text'"]
 

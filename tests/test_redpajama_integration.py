@@ -26,7 +26,8 @@ def test_prepare_load_and_update_on_redpajama(redpajama_dir, tmp_path):
     summary = prepare(redpajama_dir, "smollm2", tmp_path / "mds", seq_len=128, eval_seqs=2, workers=2, progress=False)
     assert summary["vocab_size"] == VOCAB and summary["dtype"] == "uint16"
     assert sorted(summary["domains"]) == DOMAINS
-    assert all(info["train"]["sequences"] > 10 and info["bad_lines"] == 0 for info in summary["domains"].values())
+    assert summary["bad_lines"] == 0 and not summary["skipped_files"]
+    assert all(info["train"]["sequences"] > 10 and info["max_token_id"] < VOCAB for info in summary["domains"].values())
 
     train = build_train_dataloader([tmp_path / "mds" / "train" / d for d in DOMAINS], DOMAINS, PROPORTIONS,
                                    batch_size=4, seq_len=128, seed=1, rank=0, world_size=1)

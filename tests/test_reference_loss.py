@@ -95,7 +95,7 @@ def test_vocabulary_mismatch_is_refused(eval_dir, capsys, caplog, tmp_path):
             code, _ = _run(capsys, ["--source", "tiny-llama2", "--data", str(eval_dir)])
     finally:
         summary.write_text(original)
-    assert code == 2 and "vocabulary of 100000, the model has 256" in caplog.text
+    assert code == 2 and "(vocabulary 100000), larger than model 'tiny-llama2''s vocabulary of 256" in caplog.text
 
 
 def test_scaling_fit_predicts_the_target(tmp_path, capsys):

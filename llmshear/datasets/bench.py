@@ -89,14 +89,15 @@ def tokenization_report(corpus: Path, tokenizer: str, workers: tuple[int, ...] =
     """
     from llmshear.datasets.jsonl import find_domains
     from llmshear.datasets.mds import fast_tokenizer
-    from llmshear.datasets.packing import tokenize_all
+    from llmshear.datasets.packing import file_tasks, tokenize_all
 
     tokenizer_json, eos_id, _ = fast_tokenizer(tokenizer)
     files = find_domains(corpus)
     report = {"tokenizer": tokenizer, "files": sum(len(f) for f in files.values())}
     for count in workers:
         start = time.perf_counter()
-        tokens = sum(len(r.tokens) for _, r in tokenize_all(files, tokenizer_json, eos_id, count, progress=False))
+        results = tokenize_all(file_tasks(files), tokenizer_json, eos_id, count, progress=False)
+        tokens = sum(len(part.tokens) for r in results for part in r.parts.values())
         report[f"workers_{count}_tokens_per_s"] = round(tokens / (time.perf_counter() - start))
         report["tokens"] = tokens
     return report

@@ -13,6 +13,11 @@ How a global batch ``b`` of ``G`` samples is drawn (identically on every rank):
 The state (batch index, per-domain position and pass, proportions) is small and identical on every rank, so
 Composer's checkpoint resumes the exact sequence an uninterrupted run draws.
 
+A run reads only its part of each domain's train split, ``data.train_range = [begin, end]`` (fractions): samples
+``[floor(begin·n), floor(end·n))`` of a domain of ``n``. Pruning and continued pre-training take adjacent
+ranges, so the two stages never read the same sequence (the paper uses separate data for them); the eval
+split is a separate set of sequences written by ``prepare_data.py``.
+
 Worker processes are refused (``data.num_workers`` must be 0): a worker holds a copy of the dataset, so a
 proportion set by the callback would reach it only after its prefetched batches, and the resumed state
 would not match what was trained on. Reading a sample is a file read of ``seq_len`` tokens (see
@@ -49,6 +54,47 @@ def _world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world size {world_size})")
     return rank, world_size
+
+
+def part_bounds(size: int, train_range: Sequence[float]) -> tuple[int, int]:
+    """``[start, stop)`` sample indices that ``train_range = [begin, end]`` selects of a domain of ``size``.
+
+    Adjacent ranges (``[0, x]`` and ``[x, 1]``) split a domain without overlap or gap.
+    """
+    begin, end = train_range
+    return int(np.floor(begin * size)), size if end >= 1 else int(np.floor(end * size))
+
+
+class DomainPart(Sequence):
+    """Samples ``[start, stop)`` of one domain's source, indexed from 0."""
+
+    def __init__(self, source: Sequence[np.ndarray], start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range [0, {len(self)})")
+        return self.source[self.start + index]
+
+
+def open_train_parts(directories: Sequence[str | Path], seq_len: int | None,
+                     train_range: Sequence[float] = (0.0, 1.0)) -> list[DomainPart]:
+    """Each domain's MDS train split, cut to ``train_range`` (see the module docstring).
+
+    Raises:
+        ValueError: a domain of which the range selects no sample (named), and what :func:`open_domains` raises.
+    """
+    parts = []
+    for directory, domain in zip(directories, open_domains(directories, seq_len), strict=True):
+        part = DomainPart(domain, *part_bounds(len(domain), train_range))
+        if len(part) == 0:
+            raise ValueError(f"data.train_range={list(train_range)} selects no sample of domain "
+                             f"{Path(directory).name!r} ({len(domain)} train sequences)")
+        parts.append(part)
+    return parts
 
 
 def _sample(tokens: np.ndarray, domain: int, sample_id: int) -> dict:
@@ -88,6 +134,7 @@ class DynamicDomainDataset(IterableDataset):
         if min(self.sizes) == 0:
             raise ValueError(f"domain {self.domains[self.sizes.index(0)]!r} has no samples")
         self.offsets = np.cumsum([0] + self.sizes[:-1]).tolist()
+        self.part_starts = [int(getattr(s, "start", 0)) for s in self.sources]
         self.global_batch_size, self.seed = global_batch_size, seed
         self.batch_size = global_batch_size // self.world_size
         self._weights = validate_proportions(proportions, self.domains)
@@ -164,7 +211,8 @@ class DynamicDomainDataset(IterableDataset):
         if num_samples is not None and num_samples != self._batch * self.global_batch_size:
             log.warning("trainer consumed %d samples but %d batches of %d were drawn: the checkpoint resumes "
                         "after the drawn batches", num_samples, self._batch, self.global_batch_size)
-        return {"version": STATE_VERSION, "domains": self.domains, "sizes": self.sizes, "seed": self.seed,
+        return {"version": STATE_VERSION, "domains": self.domains, "sizes": self.sizes,
+                "part_starts": self.part_starts, "seed": self.seed,
                 "global_batch_size": self.global_batch_size, "batch": self._batch,
                 "positions": list(self._positions), "passes": list(self._passes), "proportions": self.proportions}
 
@@ -174,13 +222,15 @@ class DynamicDomainDataset(IterableDataset):
         Raises:
             ValueError: the checkpoint was drawn over other domains, data, seed or global batch size.
         """
-        expected = {"domains": self.domains, "sizes": self.sizes, "seed": self.seed,
+        expected = {"domains": self.domains, "sizes": self.sizes, "part_starts": self.part_starts, "seed": self.seed,
                     "global_batch_size": self.global_batch_size}
-        problems = [f"{key}: checkpoint has {obj.get(key)!r}, this run {value!r}" for key, value in expected.items()
-                    if obj.get(key) != value]
+        found = {"part_starts": [0] * len(self.domains)} | obj  # states written before data.train_range started at 0
+        problems = [f"{key}: checkpoint has {found.get(key)!r}, this run {value!r}"
+                    for key, value in expected.items() if found.get(key) != value]
         if problems:
             raise ValueError("the train data state in the checkpoint does not fit this run (an exact resume "
-                             "needs the same data, domains, seed and train.global_batch_size): " + "; ".join(problems))
+                             "needs the same data, domains, data.train_range, seed and train.global_batch_size): "
+                             + "; ".join(problems))
         self._batch = int(obj["batch"])
         self._positions = [int(p) for p in obj["positions"]]
         self._passes = [int(p) for p in obj["passes"]]
@@ -229,7 +279,8 @@ class DomainEvalDataset(IterableDataset):
 
 def build_train_dataloader(directories: Sequence[str | Path], domains: Sequence[str], proportions: Sequence[float],
                            batch_size: int, seq_len: int | None = None, seed: int = 17, num_workers: int = 0,
-                           rank: int | None = None, world_size: int | None = None) -> DataLoader:
+                           rank: int | None = None, world_size: int | None = None,
+                           train_range: Sequence[float] = (0.0, 1.0)) -> DataLoader:
     """The training ``DataLoader`` over one MDS directory per domain (what Composer gets as ``train_dataloader``).
 
     Args:
@@ -241,9 +292,10 @@ def build_train_dataloader(directories: Sequence[str | Path], domains: Sequence[
         seed: the run's ``seed``.
         num_workers: ``data.num_workers``; must be 0 (see the module docstring).
         rank, world_size: default from ``composer.utils.dist``.
+        train_range: ``data.train_range``, the part of each domain this run reads.
 
     Raises:
-        ValueError: ``num_workers > 0``, bad proportions, a sequence length mismatch, an empty domain.
+        ValueError: ``num_workers > 0``, bad proportions, a sequence length mismatch, an empty domain or part.
         FileNotFoundError: a directory without MDS data.
     """
     if num_workers != 0:
@@ -251,7 +303,7 @@ def build_train_dataloader(directories: Sequence[str | Path], domains: Sequence[
                          "so proportion updates would reach them late and resumption would not be exact; loading in "
                          "the main process is far faster than training consumes (scripts/bench_data.py)")
     rank, world_size = _world(rank, world_size)
-    dataset = DynamicDomainDataset(open_domains(directories, seq_len), domains, proportions,
+    dataset = DynamicDomainDataset(open_train_parts(directories, seq_len, train_range), domains, proportions,
                                    global_batch_size=batch_size * world_size, seed=seed, rank=rank,
                                    world_size=world_size)
     return DataLoader(dataset, batch_size=batch_size, num_workers=0)

@@ -2,6 +2,8 @@
 
 Bad lines (invalid UTF-8, invalid JSON, not an object, missing / non-string / empty ``text``) are counted per
 file with ``file:line`` examples, or raise at the first one in strict mode. Blank lines are skipped silently.
+A compressed file that ends inside its compressed stream (a cut download) or holds corrupt compressed data
+raises :class:`CorruptFileError` naming the file: it is never read as if it ended early.
 """
 
 from __future__ import annotations
@@ -9,16 +11,22 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 MAX_EXAMPLES = 3
+_CHUNK = 1 << 20
 
 
 class BadLineError(ValueError):
     """A bad input line in strict mode; the message starts with ``file:line``."""
+
+
+class CorruptFileError(ValueError):
+    """A truncated or corrupt compressed input file; the message starts with the file."""
 
 
 @dataclass
@@ -67,19 +75,62 @@ def find_domains(root: str | Path, only: list[str] | None = None) -> dict[str, l
     return domains
 
 
+class _ZstdFrames(io.RawIOBase):
+    """Decompressed bytes of a file of concatenated zstd frames; ``EOFError`` when the file ends inside a frame.
+
+    ``zstandard``'s stream reader returns a cut frame's bytes as if the file had ended there, which would
+    silently drop the rest of a truncated download.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__()
+        import zstandard
+
+        self._zstd = zstandard
+        self._file = open(path, "rb")
+        self._frame = None
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            if self._frame is None or self._frame.eof:
+                data = self._frame.unused_data if self._frame is not None else b""
+                data = data or self._file.read(_CHUNK)
+                if not data:
+                    return 0  # the file ends between frames: complete
+                self._frame = self._zstd.ZstdDecompressor().decompressobj()
+            else:
+                data = self._file.read(_CHUNK)
+                if not data:
+                    raise EOFError("the file ends inside a zstd frame")
+            self._pending = self._frame.decompress(data)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def open_binary(path: Path) -> io.BufferedIOBase:
-    """A binary reader of ``path``, decompressing ``.gz`` and ``.zst``."""
+    """A binary reader of ``path``, decompressing ``.gz`` and ``.zst`` (a cut stream raises ``EOFError``)."""
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.name.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_ZstdFrames(path))
     return open(path, "rb")
 
 
-def parse_line(raw: bytes) -> tuple[str | None, str | None]:
-    """``(text, None)`` for a good line, ``(None, reason)`` for a bad one, ``(None, None)`` for a blank one."""
+def parse_record(raw: bytes) -> tuple[dict | None, str | None]:
+    """``(object, None)`` for a good line, ``(None, reason)`` for a bad one, ``(None, None)`` for a blank one.
+
+    A good line is a JSON object with a non-empty string ``text``.
+    """
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -99,21 +150,42 @@ def parse_line(raw: bytes) -> tuple[str | None, str | None]:
         return None, f"'text' is {type(text).__name__}, not a string"
     if not text.strip():
         return None, "empty 'text'"
-    return text, None
+    return obj, None
 
 
-def read_documents(path: Path, bad: BadLines, strict: bool = False) -> Iterator[str]:
-    """The ``text`` of every good line of ``path``, in file order; bad lines go to ``bad``.
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    """What reading a cut or corrupt compressed stream raises (gzip: EOFError / BadGzipFile / zlib.error)."""
+    import zstandard
+
+    return EOFError, OSError, zlib.error, zstandard.ZstdError
+
+
+def read_records(path: Path, bad: BadLines, strict: bool = False) -> Iterator[tuple[int, dict]]:
+    """``(line number, JSON object)`` of every good line of ``path``, in file order; bad lines go to ``bad``.
 
     Raises:
         BadLineError: in strict mode, at the first bad line (the message is ``file:line: reason``).
+        CorruptFileError: the file cannot be read to its end (a truncated or corrupt compressed stream, an
+            I/O error); the message names the file and how far it was read.
     """
-    with open_binary(path) as stream:
-        for number, raw in enumerate(stream, 1):
-            text, reason = parse_line(raw)
-            if text is not None:
-                yield text
-            elif reason is not None:
-                if strict:
-                    raise BadLineError(f"{path}:{number}: {reason}")
-                bad.add(f"{path}:{number}", reason)
+    number = 0
+    try:
+        with open_binary(path) as stream:
+            for number, raw in enumerate(stream, 1):
+                obj, reason = parse_record(raw)
+                if obj is not None:
+                    yield number, obj
+                elif reason is not None:
+                    if strict:
+                        raise BadLineError(f"{path}:{number}: {reason}")
+                    bad.add(f"{path}:{number}", reason)
+    except _stream_errors() as err:
+        kind = "compressed stream" if path.name.endswith((".gz", ".zst")) else "file"
+        raise CorruptFileError(f"{path}: truncated or corrupt {kind} after line {number} "
+                               f"({type(err).__name__}: {err})") from err
+
+
+def read_documents(path: Path, bad: BadLines, strict: bool = False) -> Iterator[str]:
+    """The ``text`` of every good line of ``path`` (see :func:`read_records`)."""
+    for _, obj in read_records(path, bad, strict):
+        yield obj["text"]

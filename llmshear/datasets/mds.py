@@ -18,19 +18,22 @@ import bisect
 import json
 import logging
 import mmap
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from llmshear.datasets.jsonl import find_domains
-from llmshear.datasets.packing import DomainPacker, tokenize_all
+from llmshear.datasets.packing import DomainPacker, FileResult, FileTask, file_tasks, tokenize_all
+from llmshear.datasets.redpajama import find_files
+from llmshear.datasets.vocab import SUMMARY, read_summary, vocab_fingerprint
 
 log = logging.getLogger(__name__)
 
 TOKENS = "tokens"
 SPLITS = ("train", "eval")
-SUMMARY = "summary.json"
+LAYOUTS = ("domains", "redpajama")
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -55,12 +58,14 @@ def fast_tokenizer(name: str | Path):
     return tokenizer.backend_tokenizer.to_str(), int(tokenizer.eos_token_id), vocab
 
 
-def check_arguments(out: Path, seq_len: int, eval_seqs: int, workers: int, overwrite: bool) -> None:
+def check_arguments(input_dir: Path, out: Path, seq_len: int, eval_seqs: int, workers: int, overwrite: bool,
+                    layout: str = "domains") -> None:
     """Reject bad arguments before any work.
 
     Raises:
         FileExistsError: ``out`` exists and ``overwrite`` is false.
-        ValueError: a number out of range (the option is named).
+        ValueError: a number out of range, an unknown layout, or ``out`` overlapping ``input_dir`` (the option is
+            named): writing the output there would replace or mix with the corpus being read.
     """
     if seq_len < 2:
         raise ValueError(f"--seq-len {seq_len}: must be at least 2")
@@ -68,52 +73,99 @@ def check_arguments(out: Path, seq_len: int, eval_seqs: int, workers: int, overw
         raise ValueError(f"--eval-seqs {eval_seqs}: must be at least 1")
     if workers < 1:
         raise ValueError(f"--workers {workers}: must be at least 1")
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout {layout}: must be one of {', '.join(LAYOUTS)}")
+    source, target = input_dir.resolve(), out.resolve()
+    if source == target or source in target.parents or target in source.parents:
+        relation = "is" if source == target else "is inside" if source in target.parents else "contains"
+        raise ValueError(f"--out {out} {relation} --input {input_dir}: the output must lie outside the corpus it "
+                         "reads (and not around it); choose another --out")
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it")
 
 
+def input_tasks(input_dir: str | Path, layout: str, domains: list[str] | None) -> tuple[list[FileTask], list[str]]:
+    """The files to read and the domains in output order (see :func:`prepare`'s ``layout``)."""
+    if layout == "redpajama":
+        selected = tuple(domains) if domains else None
+        tasks = [FileTask(str(p), d, routed=True, selected=selected) for p, d in find_files(input_dir, domains)]
+        return tasks, list(domains) if domains else []
+    folders = {p.name for p in Path(input_dir).iterdir() if p.is_dir()} if Path(input_dir).is_dir() else set()
+    published = sorted(folders & {"common_crawl", "wikipedia", "c4"})
+    if published:
+        log.warning("--input folders %s are RedPajama's published names, not the recipes' domains: "
+                    "--layout redpajama maps them (common_crawl -> cc, c4 -> c4-rp, wikipedia -> wiki)", published)
+    files = find_domains(input_dir, domains)
+    return file_tasks(files), list(files)
+
+
+def _record(result: FileResult, summary: dict) -> None:
+    """Note a file's bad lines, its skip (logged), and its documents of unselected domains in the summary."""
+    if result.bad.count:
+        summary["bad_lines"] += result.bad.count
+        summary["bad_line_files"][result.path] = {"count": result.bad.count, "examples": result.bad.examples}
+        log.warning("%s: %d bad line(s), e.g. %s", result.path, result.bad.count, result.bad.examples[0])
+    if result.skipped is not None:
+        summary["skipped_files"][result.path] = {"reason": result.skipped, "documents": result.documents}
+        log.warning("skipped %s, %d document(s) read before the fault not used (--strict stops instead)",
+                    result.skipped, result.documents)
+    for domain, count in result.unselected.items():
+        summary["unselected_documents"][domain] = summary["unselected_documents"].get(domain, 0) + count
+
+
 def prepare(input_dir: str | Path, tokenizer: str | Path, out: str | Path, seq_len: int, eval_seqs: int,
             workers: int = 1, strict: bool = False, overwrite: bool = False, domains: list[str] | None = None,
-            progress: bool | None = None) -> dict:
+            progress: bool | None = None, layout: str = "domains") -> dict:
     """Tokenize, pack and write every domain of ``input_dir`` as MDS under ``out`` (see the module docstring).
 
     The output is built in a sibling temporary directory and moved into place only when complete, so a
     failure never leaves a half-written ``out`` (nor removes an existing one).
 
     Args:
-        input_dir: ``DIR`` with ``DIR/<domain>/*.jsonl[.gz|.zst]``.
+        input_dir: ``DIR`` with ``DIR/<domain>/*.jsonl[.gz|.zst]`` (layout ``domains``), or RedPajama as it is
+            published (layout ``redpajama``, see :mod:`llmshear.datasets.redpajama`).
         tokenizer: an HF tokenizer directory, a ``.gguf`` file or ``smollm2``.
-        out: the output directory.
+        out: the output directory; must not be, lie inside or contain ``input_dir``.
         seq_len: tokens per sequence (N).
         eval_seqs: sequences held out per domain for evaluation (K); a domain needs at least K + 1.
         workers: tokenizer processes (files are the unit of parallelism).
-        strict: fail at the first bad input line instead of counting it.
+        strict: fail at the first bad input line or unreadable file instead of counting / skipping it.
         overwrite: replace an existing ``out``.
-        domains: only these domains, in this order (default: every sub-directory, sorted).
+        domains: only these domains, in this order (default: every domain found, sorted).
         progress: show a progress bar (default: when stderr is a terminal).
+        layout: ``domains`` or ``redpajama``.
 
     Returns:
         The summary, also written to ``out/summary.json``.
 
     Raises:
         FileExistsError / FileNotFoundError / ValueError: bad arguments or input, named; a domain with fewer
-            than ``eval_seqs + 1`` sequences; a bad line in strict mode (``file:line: reason``).
+            than ``eval_seqs + 1`` sequences; a bad line (``file:line: reason``) or a truncated / corrupt file
+            (:class:`~llmshear.datasets.jsonl.CorruptFileError`, naming it) in strict mode.
     """
     out = Path(out)
-    check_arguments(out, seq_len, eval_seqs, workers, overwrite)
-    files = find_domains(input_dir, domains)
+    check_arguments(Path(input_dir), out, seq_len, eval_seqs, workers, overwrite, layout)
+    tasks, order = input_tasks(input_dir, layout, domains)
     tokenizer_json, eos_id, vocab = fast_tokenizer(tokenizer)
     dtype = token_dtype(vocab)
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        summary = {"tokenizer": str(tokenizer), "vocab_size": vocab, "dtype": dtype, "seq_len": seq_len,
-                   "eval_seqs": eval_seqs, "domains": {}}
-        packers = {d: DomainPacker(d, staging, seq_len, eval_seqs, dtype, TOKENS) for d in files}
-        for domain, result in tokenize_all(files, tokenizer_json, eos_id, workers, strict, progress):
-            packers[domain].add(result)
-        for domain, packer in packers.items():
-            summary["domains"][domain] = packer.close()
+        summary = {"tokenizer": str(tokenizer), "vocab_size": vocab, "tokenizer_fingerprint":
+                   vocab_fingerprint(tokenizer_json), "dtype": dtype, "seq_len": seq_len, "eval_seqs": eval_seqs,
+                   "layout": layout, "bad_lines": 0, "bad_line_files": {}, "skipped_files": {},
+                   "unselected_documents": {}, "domains": {}}
+        packers: dict[str, DomainPacker] = {}
+        for result in tokenize_all(tasks, tokenizer_json, eos_id, workers, strict, progress):
+            _record(result, summary)
+            for domain, part in result.parts.items():
+                if domain not in packers:
+                    packers[domain] = DomainPacker(domain, staging, seq_len, eval_seqs, dtype, TOKENS)
+                packers[domain].add(part)
+        for domain in order or sorted(packers):
+            if domain not in packers:
+                raise ValueError(f"domain {domain!r}: no document was read (see the warnings above)")
+            summary["domains"][domain] = packers[domain].close()
         (staging / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -123,18 +175,35 @@ def prepare(input_dir: str | Path, tokenizer: str | Path, out: str | Path, seq_l
     return summary
 
 
+def recorded_max_token_id(directory: Path) -> int | None:
+    """The largest token id prepare_data wrote for the domain of ``<data>/<split>/<domain>`` (None: unknown)."""
+    found = read_summary(directory.parent.parent)
+    info = found[1].get("domains", {}).get(directory.name) if found else None
+    top = info.get("max_token_id") if isinstance(info, dict) else None
+    return top if isinstance(top, int) and top >= 0 else None
+
+
+class ShardError(ValueError):
+    """A shard that does not match its ``index.json`` (truncated, overwritten, garbage bytes); the message names
+    the domain, the shard file and, for a read, the sample."""
+
+
 class MDSDomain:
     """Random access to the token sequences of one MDS directory written by :func:`prepare`.
 
     The index is parsed by streaming's own shard readers (which also decode samples); the shard files are
     memory-mapped on first use, so reading a sample is two slices of the page cache, in any order, with no
-    shared memory, no file handle per read and no worker process.
+    shared memory, no file handle per read and no worker process. Opening checks every shard against the
+    index (its size, its sample count and first and last offsets: a few bytes per shard), and every read
+    checks its sample's offsets and that no token id exceeds the largest one ``summary.json`` records for the
+    domain, so a damaged shard is named instead of failing deep inside a batch (or the embedding).
 
     Args:
-        directory: the directory holding ``index.json``.
+        directory: the directory holding ``index.json`` (``<data>/<split>/<domain>``).
 
     Raises:
         FileNotFoundError: no ``index.json``, or a shard file is missing (compressed-only shards included).
+        ShardError: a shard whose size or header contradicts the index.
         ValueError: not MDS, or no ``tokens`` column.
     """
 
@@ -153,34 +222,78 @@ class MDSDomain:
         for shard in self.shards:
             self._check_shard(shard)
         self.starts = np.cumsum([0] + [shard.samples for shard in self.shards]).tolist()
+        self.max_token_id = recorded_max_token_id(self.directory)
         self._maps: dict[int, np.ndarray] = {}
         self.seq_len = len(self[0]) if len(self) else 0
+
+    def _where(self, shard) -> str:
+        return f"domain {self.directory.name!r}: shard {self.directory / shard.raw_data.basename}"
 
     def _check_shard(self, shard) -> None:
         if getattr(shard, "column_names", None) is None or TOKENS not in shard.column_names:
             raise ValueError(f"{self.directory}: shards have no {TOKENS!r} column (not written by prepare_data)")
         shard.validate(allow_unsafe_types=False)
-        if not (self.directory / shard.raw_data.basename).is_file():
-            raise FileNotFoundError(f"{self.directory / shard.raw_data.basename} is missing (compressed shards "
-                                    "are not read; re-run scripts/prepare_data.py)")
+        path = self.directory / shard.raw_data.basename
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing (compressed shards are not read; re-run "
+                                    "scripts/prepare_data.py)")
+        size = path.stat().st_size
+        if size != shard.raw_data.bytes:
+            raise ShardError(f"{self._where(shard)} has {size} bytes, its index.json says {shard.raw_data.bytes} "
+                             "(truncated or overwritten); re-run scripts/prepare_data.py")
+        # an MDS shard: count n, n + 1 uint32 sample offsets (the last is the file size), its config, the samples
+        with open(path, "rb") as handle:
+            head = np.frombuffer(handle.read(8), np.uint32).tolist()
+            handle.seek(4 * (shard.samples + 1))
+            last = np.frombuffer(handle.read(4), np.uint32).tolist()
+        if len(head) != 2 or head[0] != shard.samples or not 4 * (shard.samples + 2) <= head[1] <= size \
+                or last != [size]:
+            raise ShardError(f"{self._where(shard)}: its header (sample count {head[:1]}, offsets {head[1:]}..{last}) "
+                             f"contradicts index.json ({shard.samples} samples, {size} bytes): the file is damaged; "
+                             "re-run scripts/prepare_data.py")
 
     def __len__(self) -> int:
         return self.starts[-1]
 
     def __getitem__(self, index: int) -> np.ndarray:
-        """Sequence ``index`` as an integer array of shape ``(seq_len,)``."""
+        """Sequence ``index`` as an integer array of shape ``(seq_len,)``.
+
+        Raises:
+            IndexError: ``index`` out of range.
+            ShardError: the sample's bytes are damaged (the domain, shard and sample are named).
+        """
         if not 0 <= index < len(self):
             raise IndexError(f"{self.directory}: sample {index} out of range [0, {len(self)})")
         shard = bisect.bisect_right(self.starts, index) - 1
         data = self._map(shard)
-        offset = (1 + index - self.starts[shard]) * 4  # an MDS shard: count, then n + 1 uint32 sample offsets
-        begin, end = data[offset:offset + 8].view(np.uint32)
-        return self.shards[shard].decode_sample(data[begin:end].tobytes())[TOKENS]
+        reader, local = self.shards[shard], index - self.starts[shard]
+        begin, end = data[(1 + local) * 4:(3 + local) * 4].view(np.uint32).tolist()
+        try:
+            if not 4 * (reader.samples + 2) <= begin <= end <= len(data):
+                raise ValueError(f"offsets {begin}..{end} outside the file's {len(data)} bytes")
+            tokens = reader.decode_sample(data[begin:end].tobytes())[TOKENS]
+            if self.max_token_id is not None and len(tokens) and int(tokens.max()) > self.max_token_id:
+                raise ValueError(f"token id {int(tokens.max())} above the largest, {self.max_token_id}, that "
+                                 "prepare_data wrote for this domain (summary.json)")
+            return tokens
+        except (ValueError, TypeError) as err:
+            raise ShardError(f"{self._where(reader)}: sample {local} (sample {index} of the domain) cannot be "
+                             f"read: {err}; the file is damaged, re-run scripts/prepare_data.py") from err
 
     def _map(self, shard: int) -> np.ndarray:
-        """The shard file as a read-only uint8 array over a memory map (the file handle is closed at once)."""
+        """The shard file as a read-only uint8 array over a memory map (the file handle is closed at once).
+
+        Raises:
+            ShardError: the file no longer has the size its index gives (changed since the run started).
+        """
         if shard not in self._maps:
-            with open(self.directory / self.shards[shard].raw_data.basename, "rb") as handle:
+            reader = self.shards[shard]
+            with open(self.directory / reader.raw_data.basename, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size != reader.raw_data.bytes:
+                    raise ShardError(f"{self._where(reader)} has {size} bytes, its index.json says "
+                                     f"{reader.raw_data.bytes} (changed since it was checked); re-run "
+                                     "scripts/prepare_data.py")
                 self._maps[shard] = np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
         return self._maps[shard]
 

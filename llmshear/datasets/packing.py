@@ -7,12 +7,13 @@ import logging
 import multiprocessing
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from llmshear.datasets.jsonl import BadLines, read_documents
+from llmshear.datasets.jsonl import BadLineError, BadLines, CorruptFileError, read_records
+from llmshear.datasets.redpajama import document_domain
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +23,37 @@ _TOKENIZER = None  # the worker's tokenizers.Tokenizer, set by _init_worker
 
 @dataclass
 class FileTokens:
-    """One input file, tokenized: every document's tokens followed by EOS, concatenated."""
+    """The documents of one domain in one input file, tokenized: each followed by EOS, concatenated."""
 
-    path: str
     tokens: np.ndarray  # (n,) uint32
     doc_lengths: np.ndarray  # (documents,) int64, EOS included; sums to n
+
+
+@dataclass
+class FileResult:
+    """One input file: its tokens per domain, its bad lines, and why it was skipped (None: it was not).
+
+    ``documents`` counts the good documents read (before the fault, for a skipped file); ``unselected``
+    the documents of domains left out by ``--domains``.
+    """
+
+    path: str
+    parts: dict[str, FileTokens]
     bad: BadLines
+    documents: int = 0
+    skipped: str | None = None
+    unselected: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FileTask:
+    """What a worker needs to read one file: its domain by place (None: route every document by its own set),
+    whether documents are routed by their RedPajama set, the selected domains (None: all)."""
+
+    path: str
+    domain: str | None
+    routed: bool = False
+    selected: tuple[str, ...] | None = None
 
 
 def _init_worker(tokenizer_json: str) -> None:
@@ -55,59 +81,89 @@ def _single_threaded(tokenizer_json: str) -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
-def _tokenize_file(task: tuple[str, int, bool]) -> FileTokens:
-    """Tokenize one file (``(path, eos id, strict)``); runs in a worker or in the main process."""
-    path, eos_id, strict = task
-    bad = BadLines()
-    pieces, lengths, chunk = [], [], []
-
-    def flush() -> None:
-        for encoding in _TOKENIZER.encode_batch(chunk, add_special_tokens=False):
-            pieces.append(np.asarray(encoding.ids + [eos_id], dtype=np.uint32))
-            lengths.append(len(encoding.ids) + 1)
-        chunk.clear()
-
-    for text in read_documents(Path(path), bad, strict):
-        chunk.append(text)
-        if len(chunk) == CHUNK_DOCS:
-            flush()
-    flush()
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)
-    return FileTokens(path, tokens, np.asarray(lengths, dtype=np.int64), bad)
+def _domain_texts(task: FileTask, bad: BadLines, strict: bool, unselected: dict[str, int]) -> Iterator[tuple[str, str]]:
+    """``(domain, text)`` of every selected good document of the file, in file order."""
+    for number, obj in read_records(Path(task.path), bad, strict):
+        domain, reason = document_domain(obj, task.domain) if task.routed else (task.domain, None)
+        if reason is not None:
+            if strict:
+                raise BadLineError(f"{task.path}:{number}: {reason}")
+            bad.add(f"{task.path}:{number}", reason)
+        elif task.selected is not None and domain not in task.selected:
+            unselected[domain] = unselected.get(domain, 0) + 1
+        else:
+            yield domain, obj["text"]
 
 
-def tokenize_all(files: dict[str, list[Path]], tokenizer_json: str, eos_id: int, workers: int = 1,
-                 strict: bool = False, progress: bool | None = None) -> Iterator[tuple[str, FileTokens]]:
-    """Yield ``(domain, FileTokens)`` for every file, domain by domain and file by file, whatever ``workers``.
+def _tokenize_file(job: tuple[FileTask, int, bool]) -> FileResult:
+    """Tokenize one file (``(task, eos id, strict)``); runs in a worker or in the main process.
+
+    A truncated or corrupt file raises in strict mode; otherwise it is skipped whole (none of its documents
+    are used) and the result says why.
+    """
+    task, eos_id, strict = job
+    bad, unselected = BadLines(), {}
+    pieces: dict[str, list[np.ndarray]] = {}
+    chunks: dict[str, list[str]] = {}
+    documents = 0
+
+    def flush(domain: str) -> None:
+        for encoding in _TOKENIZER.encode_batch(chunks[domain], add_special_tokens=False):
+            pieces.setdefault(domain, []).append(np.asarray(encoding.ids + [eos_id], dtype=np.uint32))
+        chunks[domain].clear()
+
+    try:
+        for domain, text in _domain_texts(task, bad, strict, unselected):
+            documents += 1
+            chunks.setdefault(domain, []).append(text)
+            if len(chunks[domain]) == CHUNK_DOCS:
+                flush(domain)
+    except CorruptFileError as err:
+        if strict:
+            raise
+        return FileResult(task.path, {}, bad, documents, skipped=str(err), unselected=unselected)
+    for domain in chunks:
+        flush(domain)
+    parts = {domain: FileTokens(np.concatenate(p), np.asarray([len(x) for x in p], dtype=np.int64))
+             for domain, p in sorted(pieces.items())}
+    return FileResult(task.path, parts, bad, documents, unselected=unselected)
+
+
+def tokenize_all(tasks: list[FileTask], tokenizer_json: str, eos_id: int, workers: int = 1, strict: bool = False,
+                 progress: bool | None = None) -> Iterator[FileResult]:
+    """Yield a :class:`FileResult` for every task, in task order, whatever ``workers``.
 
     Args:
-        files: ``{domain: files}`` (see :func:`llmshear.datasets.jsonl.find_domains`).
+        tasks: the files to read (see :func:`file_tasks`).
         tokenizer_json: a ``tokenizers.Tokenizer`` serialized to JSON (what every worker builds).
         eos_id: the token appended after every document.
         workers: processes; 1 tokenizes in this process.
-        strict: raise at the first bad line.
+        strict: raise at the first bad line or unreadable file.
         progress: tqdm bar over files (None: only on a terminal).
     """
     from tqdm import tqdm
 
-    tasks = [(domain, (str(path), eos_id, strict)) for domain, paths in files.items() for path in paths]
-    bar = tqdm(total=len(tasks), unit="file", desc="tokenize", disable=None if progress is None else not progress)
+    jobs = [(task, eos_id, strict) for task in tasks]
+    bar = tqdm(total=len(jobs), unit="file", desc="tokenize", disable=None if progress is None else not progress)
     if workers == 1:
         with _single_threaded(tokenizer_json):
-            yield from _with_bar(tasks, map(_tokenize_file, [task for _, task in tasks]), bar)
+            yield from _with_bar(map(_tokenize_file, jobs), bar)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch / Rust threads
     with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json,)) as pool:
-        results = pool.imap(_tokenize_file, [task for _, task in tasks])
-        yield from _with_bar(tasks, results, bar)
+        yield from _with_bar(pool.imap(_tokenize_file, jobs), bar)
 
 
-def _with_bar(tasks, results, bar) -> Iterator[tuple[str, FileTokens]]:
+def file_tasks(files: dict[str, list[Path]]) -> list[FileTask]:
+    """One task per file of ``{domain: files}`` (every document goes to the file's domain)."""
+    return [FileTask(str(path), domain) for domain, paths in files.items() for path in paths]
+
+
+def _with_bar(results, bar) -> Iterator[FileResult]:
     with bar:
-        for (domain, _), result in zip(tasks, results, strict=True):
+        for result in results:
             bar.update(1)
-            bar.set_postfix(domain=domain, refresh=False)
-            yield domain, result
+            yield result
 
 
 class DomainPacker:
@@ -134,13 +190,10 @@ class DomainPacker:
         self.written = 0
         self.documents = {"eval": 0, "train": 0}
         self.total_documents = 0
-        self.bad_lines: dict[str, dict] = {}
+        self.max_token_id = -1
 
     def add(self, result: FileTokens) -> None:
-        """Append one file's tokens and write every sequence that is now complete."""
-        if result.bad.count:
-            self.bad_lines[result.path] = {"count": result.bad.count, "examples": result.bad.examples}
-            log.warning("%s: %d bad line(s), e.g. %s", result.path, result.bad.count, result.bad.examples[0])
+        """Append one file's tokens of this domain and write every sequence that is now complete."""
         offsets = np.concatenate([[0], np.cumsum(result.doc_lengths)[:-1]]) if len(result.doc_lengths) else []
         starts = np.concatenate([self.leftover_starts, len(self.leftover) + np.asarray(offsets, dtype=np.int64)])
         stream = np.concatenate([self.leftover, result.tokens])
@@ -149,6 +202,8 @@ class DomainPacker:
         sequence_of_start = self.written + starts[starts < complete * self.seq_len] // self.seq_len
         self.documents["eval"] += int(np.sum(sequence_of_start < self.eval_seqs))
         self.documents["train"] += int(np.sum(sequence_of_start >= self.eval_seqs))
+        if complete:
+            self.max_token_id = max(self.max_token_id, int(stream[: complete * self.seq_len].max()))
         for row in stream[: complete * self.seq_len].reshape(complete, self.seq_len):
             split = "eval" if self.written < self.eval_seqs else "train"
             self.writers[split].write({self.column: row.astype(self.dtype)})
@@ -172,5 +227,4 @@ class DomainPacker:
                                  "tokens": counts[split] * self.seq_len} for split in counts}
         return {"documents": self.total_documents, "tokens": self.written * self.seq_len + len(self.leftover),
                 "dropped_tokens": len(self.leftover), "dropped_documents": len(self.leftover_starts),
-                "bad_lines": sum(b["count"] for b in self.bad_lines.values()), "bad_line_files": self.bad_lines,
-                **split_summary}
+                "max_token_id": self.max_token_id, **split_summary}

@@ -34,20 +34,6 @@ def eval_domains(data: str | Path) -> list[str]:
     return present
 
 
-def check_vocab(data: str | Path, model_vocab: int) -> None:
-    """Fail early when the data was tokenized with a larger vocabulary than the model's (``../summary.json``).
-
-    Raises:
-        ValueError: naming both sizes.
-    """
-    summary = Path(data).parent / SUMMARY
-    if summary.is_file():
-        data_vocab = json.loads(summary.read_text()).get("vocab_size")
-        if isinstance(data_vocab, int) and data_vocab > model_vocab:
-            raise ValueError(f"{summary}: the data was tokenized with a vocabulary of {data_vocab}, the model has "
-                             f"{model_vocab}: use the model the data was prepared for")
-
-
 def source_reference(model, data: str | Path, domains: Sequence[str], batch_size: int = 4,
                      max_seqs: int | None = None, device: str = "cpu") -> dict:
     """Per-domain mean next-token loss of ``model`` on ``data/<domain>`` (every sequence, or the first ``max_seqs``).
