@@ -57,6 +57,7 @@ from llmshear.datasets.mds import TOKENS, token_dtype
 from llmshear.models.hf import PRESETS, build_model, save_pretrained
 from llmshear.models.llama import LlamaConfig
 from llmshear.optim import build_optimizer
+from llmshear.resources import train_flops_per_token
 
 log = logging.getLogger("bench_train")
 
@@ -210,10 +211,7 @@ def summary(step_s: list[float], tokens: int, flops: float, peak_tflops: float |
 
 def model_flops_per_step(cfg: LlamaConfig, batch: int, seq_len: int) -> float:
     """``6·N·tokens`` plus attention ``12·layers·heads·head_dim·seq_len²·batch`` (see the module docstring)."""
-    n = sum(p.numel() for p in build_model(cfg, device="meta").parameters())
-    if not cfg.tie_word_embeddings:
-        n -= cfg.vocab_size * cfg.d_model  # the input embedding is a lookup, not a matmul
-    return 6 * n * batch * seq_len + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len**2 * batch
+    return train_flops_per_token(cfg, seq_len) * batch * seq_len
 
 
 def bench_stage(recipe: Path, args: argparse.Namespace, flops: float) -> dict:
