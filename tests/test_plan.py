@@ -14,6 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from llmshear.config import ConfigError, load
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import load_config
 from llmshear.plan import GPUS, RESERVED, Machine, cut_source, load_recipe, plan, warnings
@@ -112,3 +113,14 @@ def test_cli_bad_override_exits_2_naming_the_key(recipe_env, capsys):
     assert script.main([str(ROOT / "yaml" / "prune_1.3b.yaml"), "train.micro_batch_size=0"]) == 2
     assert script.main([str(ROOT / "yaml" / "demo" / "prune.yaml"), "--gpus", "1", "--markdown"]) == 0
     assert capsys.readouterr().out.startswith("| `")
+
+
+def test_planning_skips_only_the_file_checks(recipe_env):
+    recipe = str(ROOT / "yaml" / "prune_1.3b.yaml")
+    with pytest.raises(ConfigError, match="data.path"):
+        load(recipe, world_size=8, cuda=True)
+    assert load(recipe, world_size=8, cuda=True, files=False).run_name == "prune_1.3b"
+    with pytest.raises(ConfigError, match="data.proportions") as err:
+        load(recipe, ["data.proportions=[0.5,0.5,0,0,0,0,0.1]", "train.micro_batch_size=3"], world_size=8, cuda=True,
+             files=False)
+    assert "train.global_batch_size=32 is not divisible" in str(err.value)
