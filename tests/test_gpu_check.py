@@ -8,6 +8,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 
 def test_gpu_check_cpu_mode_runs_every_stage(repo_root):
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(repo_root)}
@@ -24,3 +27,11 @@ def test_gpu_check_cpu_mode_runs_every_stage(repo_root):
     assert all(math.isfinite(loss) and loss < math.log(256) + 0.5 for loss in runs["final_loss"].values())
     assert runs["cut"]["pruned"]["d_model"] == 72 and runs["cut"]["pruned"]["n_layers"] == 2
     assert 0.5 < report["memory"]["ratio"] < 2.0 and report["memory"]["measured_bytes"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_without_a_gpu_it_points_to_cpu_mode(repo_root):
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(repo_root)}
+    result = subprocess.run(["bash", str(repo_root / "scripts" / "gpu_check.sh")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "no GPU is visible; --cpu" in result.stderr
