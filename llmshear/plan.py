@@ -77,13 +77,16 @@ def gate_counts(cfg: RunConfig, source: LlamaConfig) -> tuple[int, int]:
 
 
 def step_shape(cfg: RunConfig, gpus: int, micro_batch: int, checkpointing: bool) -> StepShape:
+    """The run's step: bf16 activations when FSDP's mixed precision casts the weights, else fp32."""
     f = cfg.fsdp
     bf16 = cfg.train.precision != "fp32" and f.enabled and f.mixed_precision != "FULL"
     return StepShape(micro_batch, cfg.data.seq_len, world_size=gpus, sharded=f.enabled, act_bytes=2 if bf16 else 4,
                      masked=cfg.pruning is not None, checkpointing=checkpointing)
 
 
-def memory_of(cfg, source, teacher, gpus, micro_batch, checkpointing, gates):
+def memory_of(cfg: RunConfig, source: LlamaConfig, teacher: LlamaConfig | None, gpus: int, micro_batch: int,
+              checkpointing: bool, gates: tuple[int, int]):
+    """:func:`step_memory` of the run at ``micro_batch``, with or without activation checkpointing."""
     return step_memory(source, step_shape(cfg, gpus, micro_batch, checkpointing), *gates, teacher=teacher)
 
 
