@@ -103,7 +103,8 @@ def test_sbatch_script_launches_one_composer_per_node(repo_root, tmp_path, kind)
 
 def test_sbatch_master_from_scontrol(repo_root, tmp_path):
     scontrol = tmp_path / "scontrol"
-    scontrol.write_text('#!/bin/bash\n[ "$1 $2" = "show hostnames" ] && printf "head07\\nhead08\\n"\n')
+    # thousands of hosts: a reader that stops after the first line would kill the writer (SIGPIPE, pipefail)
+    scontrol.write_text('#!/bin/bash\n[ "$1 $2" = "show hostnames" ] && printf "head%02d\\n" $(seq 7 20000)\n')
     scontrol.chmod(0o755)
     lines = _sbatch(repo_root, "prune", _sbatch_env(repo_root, tmp_path))
     assert all("--master_addr head07 " in line for line in lines)
