@@ -226,7 +226,7 @@ def parse(raw: dict) -> tuple[RunConfig | None, list[str]]:
 
 
 def load(path: str | Path, overrides: list[str] = (), world_size: int | None = None,
-         cuda: bool | None = None) -> RunConfig:
+         cuda: bool | None = None, files: bool = True) -> RunConfig:
     """Load, merge, type-check and validate a run config; nothing heavy is read.
 
     Args:
@@ -234,6 +234,8 @@ def load(path: str | Path, overrides: list[str] = (), world_size: int | None = N
         overrides: ``key=value`` strings (OmegaConf dotlist), applied after the file.
         world_size: processes in the run (default: ``WORLD_SIZE`` of the environment, else 1).
         cuda: whether a GPU is usable (default: ``torch.cuda.is_available()``).
+        files: check the data, the checkpoints and the ``*_from`` files (False: the resource planner, which
+            runs before any of them exists, reads only the model configs).
 
     Raises:
         ConfigError: listing every problem, each naming its key (with ``file:line`` where it is in the file).
@@ -245,7 +247,7 @@ def load(path: str | Path, overrides: list[str] = (), world_size: int | None = N
     problems += schema_problems
     if cfg is not None:
         problems += resolve_durations(cfg)
-        problems += check_run(cfg, world_size, cuda)
+        problems += check_run(cfg, world_size, cuda, files)
     if problems:
         raise ConfigError(annotate(problems, path, overrides), origin=str(path))
     return cfg

@@ -164,12 +164,19 @@ def resolve_from_files(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def check_proportions(cfg: RunConfig) -> list[str]:
-    """Resolve the ``*_from`` files; check proportions, reference losses and bounds against the domains."""
+def check_proportions(cfg: RunConfig, files: bool = True) -> list[str]:
+    """Resolve the ``*_from`` files; check proportions, reference losses and bounds against the domains.
+
+    With ``files=False`` a value that comes from a file is not read, and not checked.
+    """
     d = cfg.data
     problems = []
     if len(set(d.domains)) != len(d.domains) or not d.domains:
         problems.append(f"data.domains={d.domains}: must be a non-empty list of distinct names")
+    if not files:
+        if d.proportions is not None and d.proportions_from is None:
+            problems += proportion_errors(d.proportions, d.domains, key="data.proportions")
+        return problems + bounds_errors(d.floor, d.cap, len(d.domains))
     resolved = resolve_from_files(cfg)
     if resolved:
         return problems + resolved
@@ -302,11 +309,15 @@ def check_local_paths(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def check_run(cfg: RunConfig, world_size: int, cuda: bool) -> list[str]:
-    """All semantic checks; a check that trips over a value of the wrong type (already reported) is skipped."""
-    checks = [check_numbers, lambda c: check_batches(c, world_size), check_model, check_proportions, check_data,
-              check_local_paths, check_checkpoint, lambda c: check_runtime(c, cuda),
-              lambda c: check_parts(c, world_size, cuda)]
+def check_run(cfg: RunConfig, world_size: int, cuda: bool, files: bool = True) -> list[str]:
+    """All semantic checks; a check that trips over a value of the wrong type (already reported) is skipped.
+
+    ``files=False`` leaves out the checks of the data, the checkpoints and the ``*_from`` files.
+    """
+    file_checks = [check_data, check_checkpoint] if files else []
+    checks = [check_numbers, lambda c: check_batches(c, world_size), check_model,
+              lambda c: check_proportions(c, files), *file_checks, check_local_paths,
+              lambda c: check_runtime(c, cuda), lambda c: check_parts(c, world_size, cuda)]
     problems = []
     _CONFIGS.clear()
     for check in checks:

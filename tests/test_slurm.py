@@ -1,12 +1,14 @@
 """The multi-node launch: the composer command rendered from a simulated SLURM job of 2 nodes x 8 GPUs."""
 
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from llmshear.slurm import SlurmEnvironmentError, first_host, launch_command
+from llmshear.slurm import SlurmEnvironmentError, expand_hostlist, first_host, launch_command
 
 JOB = {"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_NODELIST": "gpu[07-08]",
        "SLURM_JOB_ID": "123456"}
@@ -27,6 +29,28 @@ def test_first_host(nodelist, host):
     assert first_host(nodelist) == host
 
 
+@pytest.mark.parametrize(("nodelist", "hosts"), [
+    ("rack[1-2]-gpu[01-02]", ["rack1-gpu01", "rack1-gpu02", "rack2-gpu01", "rack2-gpu02"]),
+    ("node[001-004,010]", ["node001", "node002", "node003", "node004", "node010"]),
+    ("a1,b[3-4],c[09-10]x", ["a1", "b3", "b4", "c09x", "c10x"]),
+    ("single", ["single"]),
+])
+def test_expand_hostlist(nodelist, hosts):
+    assert expand_hostlist(nodelist) == hosts
+    assert first_host(nodelist) == hosts[0]
+
+
+@pytest.mark.parametrize("nodelist", ["", "a[1-", "a[3-1]", "a]b", "a[x]", "a,,b"])
+def test_malformed_hostlist_is_named(nodelist):
+    with pytest.raises(SlurmEnvironmentError, match="SLURM_JOB_NODELIST"):
+        expand_hostlist(nodelist)
+
+
+def test_per_rank_logs_when_a_log_dir_is_set():
+    command = launch_command({**JOB, "SLURM_NODEID": "0", "LLMSHEAR_LOG_DIR": "logs/j"}, "composer", "train.py", [])
+    assert command[11:15] == ["--stdout", "logs/j/rank{rank}.stdout.txt", "--stderr", "logs/j/rank{rank}.stderr.txt"]
+
+
 def test_explicit_master_and_gpu_count_win():
     env = {**JOB, "SLURM_NODEID": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400",
            "SLURM_GPUS_ON_NODE": "", "SLURM_GPUS_PER_NODE": "a100:4"}
@@ -43,22 +67,50 @@ def test_missing_variable_is_named(drop, name):
         launch_command(env, "composer", "train.py", [])
 
 
-def test_sbatch_script_launches_one_composer_per_node(repo_root, tmp_path):
-    """Run the sbatch file with a stand-in ``srun`` that plays both nodes with ``--dry-run``."""
+def _sbatch_env(repo_root, tmp_path, nodelist="rack[1-2]-gpu[01-02]"):
     srun = tmp_path / "srun"
     srun.write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n'
                     'for n in 0 1; do SLURM_NODEID=$n "$@" --dry-run || exit 1; done\n')
     srun.chmod(0o755)
-    env = {**os.environ, **JOB, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": sys.executable,
-           "SLURM_SUBMIT_DIR": str(repo_root)}
-    for kind in ("prune", "continue"):
-        result = subprocess.run(["bash", str(repo_root / "scripts" / "slurm" / f"{kind}.sbatch"), "yaml/x.yaml",
-                                 "seed=3"], env=env, capture_output=True, text=True, check=True)
-        lines = result.stdout.splitlines()
-        assert len(lines) == 2
-        for node, line in enumerate(lines):
-            assert f"--world_size 16 --node_rank {node} --master_addr gpu07" in line
-            assert line.endswith(f"{repo_root}/train.py yaml/x.yaml seed=3")
-    usage = subprocess.run(["bash", str(repo_root / "scripts" / "slurm" / "prune.sbatch")], env=env,
-                           capture_output=True, text=True)
+    return {**os.environ, **JOB, "SLURM_JOB_NODELIST": nodelist, "SLURM_JOB_NAME": "llmshear-x",
+            "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": sys.executable, "SLURM_SUBMIT_DIR": str(repo_root),
+            "LLMSHEAR_LOG_DIR": str(tmp_path / "logs")}
+
+
+def _sbatch(repo_root, kind, env):
+    return subprocess.run(["bash", str(repo_root / "scripts" / "slurm" / f"{kind}.sbatch"), "yaml/x.yaml", "seed=3"],
+                          env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+@pytest.mark.parametrize("kind", ["prune", "continue"])
+def test_sbatch_script_launches_one_composer_per_node(repo_root, tmp_path, kind):
+    """Run the sbatch file with a stand-in ``srun`` that plays both nodes with ``--dry-run``; without
+    ``scontrol`` the master address comes from our parser of the bracketed node list."""
+    text = (repo_root / "scripts" / "slurm" / f"{kind}.sbatch").read_text()
+    for directive in ("--cpus-per-task=", "--mem=", "--requeue", "--ntasks-per-node=1"):
+        assert f"#SBATCH {directive}" in text
+    env = _sbatch_env(repo_root, tmp_path)
+    lines = _sbatch(repo_root, kind, env)
+    master = "rack1-gpu01" if shutil.which("scontrol") is None else None
+    assert len(lines) == 2
+    for node, line in enumerate(lines):
+        assert f"--world_size 16 --node_rank {node} --master_addr {master or ''}" in line
+        words = shlex.split(line)
+        assert words[words.index("--stdout") + 1] == f"{tmp_path}/logs/rank{{rank}}.stdout.txt"
+        assert line.endswith(f"{repo_root}/train.py yaml/x.yaml checkpoint.autoresume=true seed=3")
+    assert (tmp_path / "logs").is_dir()
+
+
+def test_sbatch_master_from_scontrol(repo_root, tmp_path):
+    scontrol = tmp_path / "scontrol"
+    # thousands of hosts: a reader that stops after the first line would kill the writer (SIGPIPE, pipefail)
+    scontrol.write_text('#!/bin/bash\n[ "$1 $2" = "show hostnames" ] && printf "head%02d\\n" $(seq 7 20000)\n')
+    scontrol.chmod(0o755)
+    lines = _sbatch(repo_root, "prune", _sbatch_env(repo_root, tmp_path))
+    assert all("--master_addr head07 " in line for line in lines)
+
+
+def test_sbatch_without_recipe_prints_usage(repo_root, tmp_path):
+    usage = subprocess.run(["bash", str(repo_root / "scripts" / "slurm" / "prune.sbatch")],
+                           env=_sbatch_env(repo_root, tmp_path), capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr

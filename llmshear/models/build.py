@@ -1,7 +1,8 @@
 """Named model shapes (presets) and building a :class:`LlamaLM` on a device, randomly initialised or empty.
 
 Presets are usable wherever a model source is accepted (``load_model("tiny-gqa")``). The ``tiny-*`` presets are
-small random models for tests and for porting checks; ``llama2-7b`` and ``smollm2-135m`` are shapes only, meant
+small random models for tests and for porting checks; ``llama2-7b``, ``smollm2-135m`` and
+the two Sheared-LLaMA targets are shapes only, meant
 for ``build_model(load_config(name), device="meta")`` (no memory is allocated on the meta device).
 """
 
@@ -48,6 +49,12 @@ def _llama2_7b() -> LlamaConfig:
                        intermediate_size=11008, max_seq_len=4096)
 
 
+def _sheared_llama(d_model: int, n_layers: int, n_heads: int, intermediate_size: int) -> LlamaConfig:
+    """A Sheared-LLaMA shape (Xia et al. 2023, table 1): LLaMA2's vocabulary and head size, no GQA."""
+    return LlamaConfig(vocab_size=32000, d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
+                       head_dim=128, intermediate_size=intermediate_size, max_seq_len=4096)
+
+
 def _smollm2_135m() -> LlamaConfig:
     return LlamaConfig(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
                        intermediate_size=1536, rope_theta=1e5, max_seq_len=8192, tie_word_embeddings=True,
@@ -61,9 +68,11 @@ PRESETS: dict[str, Callable[[], LlamaConfig]] = {
     "tiny-smollm2": _tiny_smollm2,
     "llama2-7b": _llama2_7b,
     "smollm2-135m": _smollm2_135m,
+    "sheared-llama-1.3b": lambda: _sheared_llama(2048, 24, 16, 5504),
+    "sheared-llama-2.7b": lambda: _sheared_llama(2560, 32, 20, 6912),
 }
 # Shapes of real models: random weights of this size are useless and large, so load_model refuses them.
-CONFIG_ONLY = frozenset({"llama2-7b", "smollm2-135m"})
+CONFIG_ONLY = frozenset({"llama2-7b", "smollm2-135m", "sheared-llama-1.3b", "sheared-llama-2.7b"})
 
 
 def empty_model(cfg: LlamaConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LlamaLM:
