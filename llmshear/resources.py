@@ -49,7 +49,7 @@ def non_embedding_params(cfg: LlamaConfig) -> int:
 def forward_flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     """Forward FLOPs of one token: 2 per multiplying weight (layers and output head) plus attention's
     ``QKᵀ`` and ``AV`` over the whole sequence (causality not discounted, as in bench_train's MFU)."""
-    matmul = cfg.n_layers * layer_params(cfg) + cfg.vocab_size * cfg.d_model
+    matmul = non_embedding_params(cfg) + cfg.vocab_size * cfg.d_model  # norms count like weights; a tied head too
     attention = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
     return 2.0 * matmul + attention
 

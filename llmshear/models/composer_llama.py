@@ -10,6 +10,7 @@ from torch import nn
 
 from llmshear.metrics import DomainMetric, build_domain_metrics
 from llmshear.models.llama import DecoderLayer, LlamaConfig, LlamaLM
+from llmshear.resources import forward_flops_per_token, train_flops_per_token
 
 IGNORE_INDEX = -100
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size")
@@ -20,32 +21,18 @@ def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     return logits[:, :-1].contiguous(), labels[:, 1:].contiguous()
 
 
-def matmul_params(cfg: LlamaConfig) -> int:
-    """Parameters that multiply every token: all of them but the input embedding table (a lookup, no FLOPs).
-
-    The output projection counts even when it is tied to the embedding (it is still a ``d_model x vocab``
-    matmul); norms and biases, a few FLOPs per parameter and per token, count like matmul weights.
-    """
-    with torch.device("meta"):
-        n = sum(p.numel() for p in LlamaLM(cfg).parameters())
-    return n if cfg.tie_word_embeddings else n - cfg.vocab_size * cfg.d_model
-
-
 def model_flops(cfg: LlamaConfig, batch: int, seq_len: int, backward: bool = True) -> int:
-    """FLOPs of a forward (and backward) pass over ``batch`` sequences of ``seq_len`` tokens of a ``cfg``-shaped model.
-
-    A forward pass costs ``2·N`` per token (one multiply and one add per matmul weight, ``N`` =
-    :func:`matmul_params`) plus attention ``4·L·H·d_head·T`` per token (``QKᵀ`` and ``AV``: ``2·T·d_head`` each,
-    per head and layer; causality not discounted). The backward pass costs twice the forward, so training is
+    """FLOPs of a forward (and backward) pass over ``batch`` sequences of ``seq_len`` tokens of a ``cfg``-shaped
+    model, as :mod:`llmshear.resources` counts them (one definition for the speed monitor, the benchmarks and the
+    planner):
 
         ``6·N·B·T + 12·L·H·d_head·T²·B``      (B sequences of T tokens, L layers, H query heads)
 
-    the convention of PaLM's model-FLOPs utilisation. A masked (pruning) model computes at its full source
-    shape, the masks only scale activations; a cut model at its own, smaller shape.
+    ``N``: every parameter but the input embedding (a tied output head still multiplies). A masked (pruning)
+    model computes at its full source shape, the masks only scale activations; a cut model at its own shape.
     """
-    tokens = batch * seq_len
-    forward = 2 * matmul_params(cfg) * tokens + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len * tokens
-    return 3 * forward if backward else forward
+    per_token = train_flops_per_token(cfg, seq_len) if backward else forward_flops_per_token(cfg, seq_len)
+    return round(per_token * batch * seq_len)
 
 
 class Distillation:
