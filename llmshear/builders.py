@@ -20,8 +20,8 @@ from llmshear.callbacks.clipping import ClipGradNorm
 from llmshear.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshear.callbacks.pruning import PruningCallback
 from llmshear.callbacks.resume_rng import ResumeRNG
+from llmshear.checkpoints import LATEST_CHECKPOINT
 from llmshear.config import RunConfig
-from llmshear.config_checks import LATEST_CHECKPOINT
 from llmshear.datasets.dynamic import DynamicDomainDataset, build_eval_dataloader, build_train_dataloader
 from llmshear.datasets.mds import open_domains
 from llmshear.loggers import JSONLinesLogger

@@ -7,10 +7,10 @@ directory), never weights or samples, so a bad run fails in seconds.
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmshear.checkpoints import LATEST_CHECKPOINT, CheckpointError, CheckpointInfo, checkpoint_problem, describe
 from llmshear.datasets.mds import open_domains
 from llmshear.datasets.proportions import bounds_errors, proportion_errors, reference_loss_errors
 from llmshear.models.hf import load_config
@@ -19,7 +19,7 @@ from llmshear.models.l0 import TargetShape
 if TYPE_CHECKING:
     from llmshear.config import RunConfig
 
-LATEST_CHECKPOINT = "latest-rank0.pt"
+__all__ = ["LATEST_CHECKPOINT", "check_run", "checkpoint_problem", "read_domain_values"]
 
 
 def check_numbers(cfg: RunConfig) -> list[str]:
@@ -49,6 +49,9 @@ def check_numbers(cfg: RunConfig) -> list[str]:
         ("scheduler.alpha_f", cfg.scheduler.alpha_f, 0 <= cfg.scheduler.alpha_f <= 1, "must lie in [0, 1]"),
         ("checkpoint.save_interval", cfg.checkpoint.save_interval, cfg.checkpoint.save_interval >= 0,
          "must not be negative (0: only at the end)"),
+        ("checkpoint.keep", cfg.checkpoint.keep, cfg.checkpoint.keep == -1 or cfg.checkpoint.keep >= 1,
+         "must be -1 (keep every checkpoint) or a positive count (0 would delete each checkpoint as soon as it "
+         "is written)"),
     ]
     if cfg.pruning is not None:
         p = cfg.pruning
@@ -178,40 +181,50 @@ def check_data(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be a readable checkpoint (missing, a directory, truncated, corrupt), or None."""
-    if not path.exists():
-        return f"{path} does not exist"
-    if path.is_dir():
-        return f"{path} is a directory (sharded checkpoints are not supported; use a .pt file)"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (OSError, zipfile.BadZipFile) as err:
-        return f"{path} is truncated or corrupt ({err})"
-    return f"{path} is corrupt (member {bad} fails its checksum)" if bad else None
+def resume_problems(cfg: RunConfig, info: CheckpointInfo, key: str) -> list[str]:
+    """Why the checkpoint ``info`` cannot be loaded by this run: another kind, or train data drawn otherwise."""
+    expected = "continued" if cfg.pruning is None else "pruning"
+    if info.kind != expected:
+        what = "has no pruning section" if cfg.pruning is None else "has a pruning section"
+        return [f"{key}: {info.path} is a {info.kind} checkpoint ({'with' if info.kind == 'pruning' else 'without'} "
+                f"L0 masks), but this run {what} and needs a {expected} checkpoint"]
+    if cfg.checkpoint.load_weights_only and key == "checkpoint.load_path":
+        return []
+    mine = {"train.global_batch_size": ("global_batch_size", cfg.train.global_batch_size),
+            "data.domains": ("domains", cfg.data.domains), "seed": ("seed", cfg.seed)}
+    return [f"{name}={value!r} differs from {info.data[field]!r} in {info.path} ({key}): an exact resume needs "
+            f"the same; restore it, or start a new checkpoint.save_folder"
+            for name, (field, value) in mine.items() if field in info.data and info.data[field] != value]
 
 
 def check_checkpoint(cfg: RunConfig) -> list[str]:
-    """``load_path`` readable; a resumable latest checkpoint readable; no foreign checkpoints overwritten."""
+    """``load_path`` readable and of this run's kind; the latest checkpoint (autoresume) of this run's kind; no
+    foreign checkpoints overwritten. An incomplete latest checkpoint is no problem: the run sets it aside
+    (:func:`llmshear.checkpoints.recover`). Only zip directories and pickled metadata are read, never tensors."""
     c = cfg.checkpoint
     problems = []
+    candidates = []
     if c.load_path is not None and "://" not in c.load_path:
         problem = checkpoint_problem(Path(c.load_path))
         if problem:
             problems.append(f"checkpoint.load_path: {problem}")
+        else:
+            candidates.append(("checkpoint.load_path", Path(c.load_path)))
     folder = Path(c.save_folder)
     if folder.exists() and not folder.is_dir():
         return problems + [f"checkpoint.save_folder={c.save_folder!r} is a file"]
     existing = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
-    if c.autoresume and (folder / LATEST_CHECKPOINT).exists():
-        problem = checkpoint_problem((folder / LATEST_CHECKPOINT).resolve())
-        if problem:
-            problems.append(f"checkpoint.autoresume: the latest checkpoint {problem}; remove it to resume from an "
-                            f"earlier one")
+    latest = folder / LATEST_CHECKPOINT
+    if c.autoresume and latest.exists() and checkpoint_problem(latest) is None:
+        candidates.append(("checkpoint.autoresume", latest.resolve()))
     elif existing and not c.autoresume:
         problems.append(f"checkpoint.save_folder={c.save_folder!r} already holds checkpoints {existing[:3]}; set "
                         f"checkpoint.autoresume=true to continue that run, or choose another folder")
+    for key, path in candidates:
+        try:
+            problems += resume_problems(cfg, describe(path), key)
+        except CheckpointError as err:
+            problems.append(f"{key}: {err}")
     return problems
 
 

@@ -6,9 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
-from llmshear.config_checks import checkpoint_problem
+from llmshear.checkpoints import CheckpointError, kind_of, read_model_state
 from llmshear.models.hf import save_pretrained
 from llmshear.models.llama import LlamaConfig, LlamaLM
 from llmshear.models.prune import model_from_state
@@ -16,37 +14,17 @@ from llmshear.models.prune import model_from_state
 log = logging.getLogger(__name__)
 
 
-def read_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor | object]:
-    """``state['model']`` of a Composer checkpoint (``.pt``), without the DDP ``module.`` prefix.
-
-    The file's zip directory and checksums are verified first, so a truncated or corrupt file fails with a
-    message naming it. The checkpoint is unpickled: read only checkpoints your own runs wrote.
-
-    Raises:
-        ValueError: missing, a directory, truncated, corrupt, or not a Composer checkpoint.
-    """
-    path = Path(path)
-    problem = checkpoint_problem(path)
-    if problem:
-        raise ValueError(problem)
-    # Composer checkpoints pickle more than tensors (timestamps, RNG states): weights_only cannot read them.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = checkpoint.get("state", {}).get("model") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a Composer checkpoint: it has no state['model']")
-    return {key.removeprefix("module."): value for key, value in state.items()}
-
-
 def model_from_checkpoint(path: str | os.PathLike) -> LlamaLM:
     """The :class:`LlamaLM` of a continued-pre-training checkpoint, rebuilt strictly from its stored config.
 
     Raises:
-        ValueError: see :func:`read_model_state`; a checkpoint without the model config; a pruning checkpoint
-            (those are cut by ``scripts/prune.py``); weights that do not match the config.
+        ValueError: see :func:`llmshear.checkpoints.read_model_state`; a checkpoint without the model config; a
+            pruning checkpoint (those are cut by ``scripts/prune.py``); weights that do not match the config.
     """
     state = read_model_state(path)
-    if any(key.startswith("l0.") for key in state):
-        raise ValueError(f"{path} is a pruning checkpoint (it has L0 masks): cut it with scripts/prune.py instead")
+    if kind_of(state) != "continued":
+        raise CheckpointError(f"{path} is a pruning checkpoint (it has L0 masks): cut it with scripts/prune.py "
+                              "instead")
     extra = state.get("_extra_state")
     if not isinstance(extra, dict) or "model_config" not in extra:
         raise ValueError(f"{path} carries no model config (_extra_state): not a checkpoint of llmshear's train.py")
