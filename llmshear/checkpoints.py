@@ -74,9 +74,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     The checkpoint is unpickled: read only checkpoints your own runs wrote.
 
     Raises:
-        CheckpointError: missing, a directory, truncated, corrupt, or not a Composer checkpoint.
+        FileNotFoundError: no such file.
+        CheckpointError: a directory, truncated, corrupt, or not a Composer checkpoint.
     """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
     problem = checkpoint_problem(path)
     if problem:
         raise CheckpointError(problem)

@@ -225,7 +225,7 @@ def load_pruning_checkpoint(path: str | os.PathLike) -> tuple[LlamaLM, L0Module]
     state = read_model_state(path)
     l0_state = {k.removeprefix("l0."): v for k, v in state.items() if k.startswith("l0.")}
     if "_extra_state" not in l0_state:
-        raise CheckpointError(f"{path} is a continued checkpoint (it has no L0 module, l0._extra_state), not the "
+        raise CheckpointError(f"{path} is a continued checkpoint (it has no L0 module, l0._extra_state), not a "
                               "checkpoint of a pruning run: export it with scripts/export_hf.py instead")
     l0 = l0_from_state_dict(l0_state)
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
