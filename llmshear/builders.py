@@ -163,8 +163,8 @@ def parallelism_config(cfg: RunConfig) -> dict | None:
     if not f.enabled:
         return None
     if f.version == 2:
-        return {"fsdp": FSDP2Config(activation_checkpointing=f.activation_checkpointing, state_dict_type="full",
-                                    mixed_precision=f.mixed_precision)}
+        return {"fsdp": FSDP2Config(activation_checkpointing=f.activation_checkpointing,
+                                    state_dict_type=f.state_dict_type, mixed_precision=f.mixed_precision)}
     return {"fsdp": {"sharding_strategy": "FULL_SHARD", "state_dict_type": "full", "mixed_precision":
                      f.mixed_precision, "activation_checkpointing": f.activation_checkpointing,
                      "activation_checkpointing_reentrant": False}}

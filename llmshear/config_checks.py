@@ -241,6 +241,11 @@ def check_runtime(cfg: RunConfig, cuda: bool) -> list[str]:
         problems.append("fsdp.activation_checkpointing needs fsdp.enabled=true")
     if cfg.model.init_device == "meta" and not cfg.fsdp.enabled:
         problems.append("model.init_device='meta' needs fsdp.enabled=true (rank 0 loads, FSDP broadcasts)")
+    if cfg.fsdp.state_dict_type == "sharded" and not (cfg.fsdp.enabled and cfg.fsdp.version == 2):
+        problems.append("fsdp.state_dict_type='sharded' needs fsdp.enabled=true and fsdp.version=2")
+    if cfg.model.init_device == "meta" and cfg.distill is not None:
+        problems.append("distill with model.init_device='meta': the teacher is not sharded by FSDP, so ranks other "
+                        "than 0 would keep it on the meta device (no weights); use model.init_device='cpu'")
     if cfg.model.init_device == "meta" and cfg.pruning is not None and cfg.pruning.init == "importance":
         problems.append("pruning.init='importance' needs model.init_device='cpu': every rank scores the source "
                         "model's activations, and with 'meta' only rank 0 has its weights")

@@ -44,12 +44,14 @@ class JSONLinesLogger(LoggerDestination):
         self.path = Path(folder) / METRICS_FILE
         self._file = None
         self._resume_size = 0
+        self._opened_size = 0
 
     def init(self, state: State, logger: Logger) -> None:
         del state, logger
         if dist.get_global_rank() == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            self._opened_size = self.path.stat().st_size
 
     def state_dict(self) -> dict:
         return {"path": str(self.path.resolve()), "size": self.path.stat().st_size} if self._file else {}
@@ -59,20 +61,23 @@ class JSONLinesLogger(LoggerDestination):
         self._resume_size = int(state.get("size", 0)) if same_file else 0
 
     def fit_start(self, state: State, logger: Logger) -> None:
+        """Move what earlier processes logged after this run's starting point to ``metrics.superseded.jsonl``;
+        the lines this process already wrote (callbacks log at start-up) stay."""
         del state, logger
         if self._file is None:
             return
-        keep, size = self._resume_size, self.path.stat().st_size
-        if size <= keep:
+        keep = min(self._resume_size, self._opened_size)
+        data = self.path.read_bytes()
+        dropped = data[keep:self._opened_size]
+        if not dropped:
             return
-        with open(self.path, "rb") as handle:
-            handle.seek(keep)
-            tail = handle.read()
         with open(self.path.with_name(SUPERSEDED_FILE), "ab") as handle:
-            handle.write(tail)
+            handle.write(dropped)
         os.truncate(self.path, keep)
+        self._file.write(data[self._opened_size:].decode("utf-8"))
+        self._file.flush()
         log.info("%s: %d lines logged after the point this run starts from moved to %s", self.path,
-                 tail.count(b"\n"), SUPERSEDED_FILE)
+                 dropped.count(b"\n"), SUPERSEDED_FILE)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if self._file is None:

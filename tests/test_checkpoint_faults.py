@@ -116,6 +116,7 @@ def test_kills_inside_checkpoint_writes_resume_bit_identical(straight):
     # The logs and masks read as one run: what the killed runs wrote after their last checkpoint is set aside.
     assert (folder / "metrics.jsonl").read_bytes() == (straight["folder"] / "metrics.jsonl").read_bytes()
     assert (folder / "metrics.superseded.jsonl").stat().st_size > 0
+    assert not (straight["folder"] / "metrics.superseded.jsonl").exists()  # nothing to set aside in a fresh run
     masks = sorted(p.name for p in (folder / "masks").glob("*.*"))
     assert masks == sorted(p.name for p in (straight["folder"] / "masks").glob("*.*"))
     assert {p.name for p in (folder / "masks" / "superseded").iterdir()} >= {"ba6.pt", "ba6.json"}
