@@ -1,11 +1,14 @@
 """Everything about the Composer checkpoint files of a run folder: names, kinds, cheap validation, reading,
 recovery after a kill, and the lock that keeps two runs out of one folder.
 
-A run folder (``checkpoint.save_folder``) holds one file per checkpoint, ``ep<E>-ba<N>-rank0.pt`` (a torch zip
-archive written by rank 0), and ``latest-rank0.pt``, a symbolic link Composer moves to each new checkpoint once it
-is written. A kill can leave a partial newest file (torch writes the zip directory last, so a partial file has
-none) or a link to an older checkpoint; :func:`recover` makes such a folder resumable again without deleting
-anything. The checkpoint *kind* is ``pruning`` (the model state has the L0 module, ``l0.*``) or ``continued``.
+A run folder (``checkpoint.save_folder``) holds one entry per checkpoint: a *full* checkpoint is one file
+``ep<E>-ba<N>-rank0.pt`` (a torch zip archive written by rank 0), a *sharded* one (``fsdp.state_dict_type:
+sharded``) a directory ``ep<E>-ba<N>/`` with one ``__<rank>_0.distcp`` file per rank and a ``.metadata`` file
+(torch.distributed.checkpoint), written last. ``latest-rank0.pt`` is a symbolic link Composer moves to each new
+checkpoint once it is written. A kill can leave a partial newest checkpoint (a zip without its directory, a
+directory without ``.metadata``) or a link to an older one; :func:`recover` makes such a folder resumable again
+without deleting anything. The checkpoint *kind* is ``pruning`` (the model state has the L0 module, ``l0.*``)
+or ``continued``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from pathlib import Path
 
 import torch
 from composer.utils import dist
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +35,8 @@ LATEST_CHECKPOINT = "latest-rank0.pt"
 SET_ASIDE_DIR = "incomplete"
 LOCK_FILE = "run.lock"
 KINDS = ("pruning", "continued")
-_NAME = re.compile(r"ep(\d+)-ba(\d+)-rank0\.pt")
+METADATA_FILE = ".metadata"
+_NAME = re.compile(r"ep(\d+)-ba(\d+)(-rank0\.pt)?")
 
 
 class CheckpointError(ValueError):
@@ -37,7 +44,7 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_batch(path: str | os.PathLike) -> int | None:
-    """The batch in a checkpoint's file name (``ep0-ba400-rank0.pt`` → 400), or None for another name."""
+    """The batch in a checkpoint's name (``ep0-ba400-rank0.pt`` or ``ep0-ba400/`` → 400), or None for another."""
     match = _NAME.fullmatch(Path(path).name)
     return int(match.group(2)) if match else None
 
@@ -53,7 +60,7 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     if not path.exists():
         return f"{path} does not exist"
     if path.is_dir():
-        return f"{path} is a directory, not a checkpoint file (.pt)"
+        return sharded_problem(path)
     size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as archive:
@@ -68,8 +75,38 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """A Composer checkpoint, its tensors memory-mapped (read from disk only when used).
+def sharded_problem(path: Path) -> str | None:
+    """Why the directory ``path`` is no complete sharded checkpoint, or None: ``.metadata`` (written last) must
+    be readable and every shard file it lists must hold the bytes it points to."""
+    if not (path / METADATA_FILE).is_file():
+        return f"{path} is an incomplete sharded checkpoint (no {METADATA_FILE}: its write did not finish)"
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as err:  # unpickling a damaged file raises anything
+        return f"{path / METADATA_FILE} is unreadable ({err})"
+    sizes: dict[str, int] = {}
+    for item in metadata.storage_data.values():
+        shard = path / item.relative_path
+        if item.relative_path not in sizes:
+            sizes[item.relative_path] = shard.stat().st_size if shard.is_file() else -1
+        if sizes[item.relative_path] < 0:
+            return f"{path} is an incomplete sharded checkpoint ({item.relative_path} is missing)"
+        if item.offset + item.length > sizes[item.relative_path]:
+            return f"{path} is an incomplete sharded checkpoint ({item.relative_path} is truncated)"
+    return None
+
+
+def _load_sharded(path: Path, keys: set[str] | None) -> dict:
+    """The (full, unsharded) entries ``keys`` (dotted prefixes; None: all) of a sharded checkpoint, in one process."""
+    content: dict = {}
+    _load_state_dict(content, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(keys),
+                     no_dist=True)
+    return content
+
+
+def load_checkpoint(path: str | os.PathLike, keys: set[str] | None = None) -> dict:
+    """A Composer checkpoint, full (a file; its tensors memory-mapped, read from disk only when used) or sharded
+    (a directory; only the entries under the dotted prefixes ``keys`` are read, e.g. ``{"state.model"}``).
 
     The checkpoint is unpickled: read only checkpoints your own runs wrote.
 
@@ -84,10 +121,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if problem:
         raise CheckpointError(problem)
     try:
+        if path.is_dir():
+            return _checked(_load_sharded(path, keys), path)
         # Composer checkpoints pickle more than tensors (timestamps, RNG states): weights_only cannot read them.
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # torch.load raises pickle, zip, EOF and runtime errors for broken files
         raise CheckpointError(f"{path} cannot be read (truncated or corrupt checkpoint?): {err}") from err
+    return _checked(checkpoint, path)
+
+
+def _checked(checkpoint, path: Path) -> dict:
     state = checkpoint.get("state") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{path} is not a Composer checkpoint: it has no state['model']")
@@ -100,8 +143,8 @@ def model_state(checkpoint: dict) -> dict:
 
 
 def read_model_state(path: str | os.PathLike) -> dict:
-    """``state['model']`` of the checkpoint at ``path`` (see :func:`load_checkpoint`)."""
-    return model_state(load_checkpoint(path))
+    """``state['model']`` of the checkpoint at ``path``, full or sharded (see :func:`load_checkpoint`)."""
+    return model_state(load_checkpoint(path, keys={"state.model"}))
 
 
 def kind_of(state: dict) -> str:
@@ -120,22 +163,29 @@ class CheckpointInfo:
 
 
 def describe(path: str | os.PathLike) -> CheckpointInfo:
-    """Kind, batch and train-data state of a checkpoint; the tensors are not read (memory-mapped, untouched).
+    """Kind, batch and train-data state of a checkpoint, without reading its tensors (a full checkpoint is
+    memory-mapped and its tensors left untouched; of a sharded one only the metadata and small entries are read).
 
     Raises:
         CheckpointError: see :func:`load_checkpoint`.
     """
-    checkpoint = load_checkpoint(path)
+    path = Path(path)
+    checkpoint = load_checkpoint(path, keys={"state.model._extra_state", "state.dataset_state", "state.timestamp"})
     state = checkpoint["state"]
+    if path.is_dir():
+        names = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        kind = kind_of({name.removeprefix("state.model.") for name in names if name.startswith("state.model.")})
+    else:
+        kind = kind_of(model_state(checkpoint))
     timestamp = state.get("timestamp") or {}
-    batch = timestamp.get("batch") if isinstance(timestamp, dict) else None
-    batch = int(getattr(batch, "value", batch)) if batch is not None else checkpoint_batch(path) or 0
+    timestamp = timestamp.get("Timestamp", timestamp) if isinstance(timestamp, dict) else {}
+    batch = timestamp.get("batch", checkpoint_batch(path) or 0)
     data = (state.get("dataset_state") or {}).get("train") or {}
-    return CheckpointInfo(Path(path), kind_of(model_state(checkpoint)), batch, data if isinstance(data, dict) else {})
+    return CheckpointInfo(path, kind, int(getattr(batch, "value", batch)), data if isinstance(data, dict) else {})
 
 
 def checkpoints_in(folder: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``(batch, path)`` of every checkpoint file in ``folder`` (not the latest link), oldest first."""
+    """``(batch, path)`` of every checkpoint (file or directory) in ``folder``, not the latest link; oldest first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []

@@ -10,7 +10,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmshear.checkpoints import LATEST_CHECKPOINT, CheckpointError, CheckpointInfo, checkpoint_problem, describe
+from llmshear.checkpoints import (
+    LATEST_CHECKPOINT,
+    CheckpointError,
+    CheckpointInfo,
+    checkpoint_problem,
+    checkpoints_in,
+    describe,
+)
 from llmshear.datasets.mds import open_domains
 from llmshear.datasets.proportions import bounds_errors, proportion_errors, reference_loss_errors
 from llmshear.models.hf import load_config
@@ -188,6 +195,11 @@ def resume_problems(cfg: RunConfig, info: CheckpointInfo, key: str) -> list[str]
         what = "has no pruning section" if cfg.pruning is None else "has a pruning section"
         return [f"{key}: {info.path} is a {info.kind} checkpoint ({'with' if info.kind == 'pruning' else 'without'} "
                 f"L0 masks), but this run {what} and needs a {expected} checkpoint"]
+    sharded = cfg.fsdp.enabled and cfg.fsdp.version == 2 and cfg.fsdp.state_dict_type == "sharded"
+    if info.path.is_dir() != sharded:
+        found, wanted = ("sharded", "full") if info.path.is_dir() else ("full", "sharded")
+        return [f"{key}: {info.path} is a {found} checkpoint, but this run reads {wanted} ones "
+                f"(fsdp.state_dict_type={cfg.fsdp.state_dict_type!r}, fsdp.enabled={cfg.fsdp.enabled})"]
     if cfg.checkpoint.load_weights_only and key == "checkpoint.load_path":
         return []
     mine = {"train.global_batch_size": ("global_batch_size", cfg.train.global_batch_size),
@@ -213,7 +225,7 @@ def check_checkpoint(cfg: RunConfig) -> list[str]:
     folder = Path(c.save_folder)
     if folder.exists() and not folder.is_dir():
         return problems + [f"checkpoint.save_folder={c.save_folder!r} is a file"]
-    existing = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
+    existing = [path.name for _, path in checkpoints_in(folder)]
     latest = folder / LATEST_CHECKPOINT
     if c.autoresume and latest.exists() and checkpoint_problem(latest) is None:
         candidates.append(("checkpoint.autoresume", latest.resolve()))
