@@ -3,7 +3,9 @@
     python tests/stall_worker.py BATCH MODE MARKER RECIPE.yaml [key=value ...]
 
 MODE ``empty`` stalls with the file created and empty, ``partial`` with half of it written, ``complete`` with
-all of it written but ``latest-rank0.pt`` not yet moved. ``MARKER`` is created once the stall begins.
+all of it written but ``latest-rank0.pt`` not yet moved; ``sharded`` stalls a sharded checkpoint with every
+rank's shard written but not its ``.metadata``. ``MARKER`` is created once the stall begins. Also runs under
+``composer -n 2``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import composer.utils.checkpoint as composer_checkpoint
 import torch
+from torch.distributed.checkpoint import filesystem
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,9 +42,24 @@ def stalling_writer(batch: int, mode: str, marker: Path):
     return stalled
 
 
+def stalling_finish(batch: int, marker: Path):
+    finish = filesystem.FileSystemWriter.finish
+
+    def stalled(self, metadata, results) -> None:
+        if not str(self.path).endswith(f"-ba{batch}"):
+            return finish(self, metadata, results)
+        marker.touch()
+        time.sleep(3600)
+
+    return stalled
+
+
 if __name__ == "__main__":
     batch, mode, marker, *args = sys.argv[1:]
-    composer_checkpoint._write_checkpoint_file = stalling_writer(int(batch), mode, Path(marker))
+    if mode == "sharded":
+        filesystem.FileSystemWriter.finish = stalling_finish(int(batch), Path(marker))
+    else:
+        composer_checkpoint._write_checkpoint_file = stalling_writer(int(batch), mode, Path(marker))
     sys.path.insert(0, str(REPO))
     import train
 
