@@ -20,7 +20,7 @@ from llmshear.callbacks.clipping import ClipGradNorm
 from llmshear.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshear.callbacks.pruning import PruningCallback
 from llmshear.callbacks.resume_rng import ResumeRNG
-from llmshear.checkpoints import LATEST_CHECKPOINT
+from llmshear.checkpoints import LATEST_CHECKPOINT, KeepAcrossResumes
 from llmshear.config import RunConfig
 from llmshear.datasets.dynamic import DynamicDomainDataset, build_eval_dataloader, build_train_dataloader
 from llmshear.datasets.mds import open_domains
@@ -137,8 +137,8 @@ def build_eval_loader(cfg: RunConfig):
 
 
 def build_callbacks(cfg: RunConfig) -> list:
-    """Dynamic loading, RNG restoration on resume, gradient clipping (``optimizer.clip_norm`` > 0) and the pruning
-    callback (pruning runs)."""
+    """Dynamic loading, RNG restoration on resume, gradient clipping (``optimizer.clip_norm`` > 0), the pruning
+    callback (pruning runs) and, with a bounded ``checkpoint.keep``, its count across resumes."""
     d = cfg.data
     callbacks = [DynamicLoadingCallback(d.domains, rule=d.update, reference_losses=d.reference_losses, eta=d.eta,
                                         smoothing=d.smoothing, floor=d.floor, cap=d.cap, eval_label=EVAL_LABEL),
@@ -147,6 +147,8 @@ def build_callbacks(cfg: RunConfig) -> list:
         callbacks.append(ClipGradNorm(cfg.optimizer.clip_norm))
     if cfg.pruning is not None:
         callbacks.append(PruningCallback(cfg.checkpoint.save_folder, target_label=TARGET_EVAL_LABEL))
+    if cfg.checkpoint.keep > 0:
+        callbacks.append(KeepAcrossResumes(cfg.checkpoint.save_folder))
     return callbacks
 
 

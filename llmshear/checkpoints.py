@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from composer.callbacks import CheckpointSaver
+from composer.core import Callback, State
+from composer.loggers import Logger
 from composer.utils import dist
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
@@ -244,6 +247,28 @@ def recover(folder: str | os.PathLike) -> Path | None:
         log.warning("%s now points to %s, the newest complete checkpoint", latest, newest.name)
     _point_latest(folder, newest)
     return newest
+
+
+class KeepAcrossResumes(Callback):
+    """Make ``checkpoint.keep`` count the checkpoints written before a resume too.
+
+    Composer's checkpoint saver rotates only the checkpoints its own process wrote; after each resume the older
+    ones would stay forever. At ``fit_start`` rank 0 (the rank that deletes) hands the saver the checkpoints
+    already in the folder up to the batch the run starts from, oldest first.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        del logger
+        saver = next((c for c in state.callbacks if isinstance(c, CheckpointSaver)), None)
+        if saver is None or saver.saved_checkpoints or dist.get_global_rank() != 0:
+            return
+        start = int(state.timestamp.batch)
+        # Composer records a sharded checkpoint by this rank's shard file and deletes the directory around it.
+        saver.saved_checkpoints = [str(path / "__0_0.distcp") if path.is_dir() else str(path)
+                                   for batch, path in checkpoints_in(self.folder) if batch <= start]
 
 
 class RunLock:

@@ -105,7 +105,8 @@ def test_kills_inside_checkpoint_writes_resume_bit_identical(straight):
     assert checkpoint_problem(folder / "ep0-ba4-rank0.pt") is None
     kill_when_stalled(launch(recipe, resume, stall=(6, "empty")), recipe)  # the last one created, still empty
     assert (folder / "ep0-ba6-rank0.pt").stat().st_size == 0
-    assert launch(recipe, resume).wait(timeout=300) == 0, recipe.with_suffix(".log").read_text()[-3000:]
+    assert launch(recipe, resume, "checkpoint.keep=2").wait(timeout=300) == 0, \
+        recipe.with_suffix(".log").read_text()[-3000:]
 
     log = recipe.with_suffix(".log").read_text()
     assert "ep0-ba2-rank0.pt set aside" in log and "ep0-ba6-rank0.pt set aside" in log
@@ -113,6 +114,8 @@ def test_kills_inside_checkpoint_writes_resume_bit_identical(straight):
     assert sorted(p.name for p in (folder / "incomplete").iterdir()) == ["ep0-ba2-rank0.pt", "ep0-ba6-rank0.pt"]
     assert (folder / "incomplete" / "ep0-ba6-rank0.pt").stat().st_size == 0  # set aside as it was, not deleted
     assert_same_state(final_state(straight["folder"]), final_state(folder))
+    # keep=2 counts the checkpoint written before the resume (ba2, by the second run): it went at ba6.
+    assert sorted(p.name for p in folder.glob("ep*")) == ["ep0-ba4-rank0.pt", "ep0-ba6-rank0.pt"]
     # The logs and masks read as one run: what the killed runs wrote after their last checkpoint is set aside.
     assert (folder / "metrics.jsonl").read_bytes() == (straight["folder"] / "metrics.jsonl").read_bytes()
     assert (folder / "metrics.superseded.jsonl").stat().st_size > 0

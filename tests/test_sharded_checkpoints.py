@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
@@ -44,6 +45,8 @@ def everything(path: Path) -> dict:
 def assert_identical(a, b, where: str = "") -> None:
     if isinstance(a, torch.Tensor):
         assert torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), where
         for key in a:
