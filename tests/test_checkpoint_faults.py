@@ -213,3 +213,16 @@ def test_validation_reads_the_zip_directory_only(tmp_path):
     path.write_bytes(bytes(data[:middle]))
     assert "truncated or corrupt" in checkpoint_problem(path)
     assert recover(tmp_path) is None and (tmp_path / "incomplete" / path.name).read_bytes() == bytes(data[:middle])
+
+
+def test_distill_on_meta_and_sharded_without_fsdp2_are_config_errors(straight, tmp_path):
+    recipe = tiny_recipe(tmp_path, straight["data"], run="fresh", distill={"teacher": "tiny-gqa"},
+                         model={"init_device": "meta"}, fsdp={"enabled": True}, pruning={"init": "constant"})
+    problems = problems_of(recipe, [])
+    assert any("distill" in p and "model.init_device='meta'" in p for p in problems), problems
+    problems = problems_of(tiny_recipe(tmp_path, straight["data"], run="fresh"), ["fsdp.state_dict_type=sharded"])
+    assert any("fsdp.state_dict_type='sharded' needs fsdp.enabled=true" in p for p in problems), problems
+    problems = problems_of(straight["recipe"], ["checkpoint.autoresume=true", "fsdp.enabled=true",
+                                                "fsdp.state_dict_type=sharded"])
+    assert any("is a full checkpoint, but this run reads sharded ones" in p for p in problems), problems
+    assert not (tmp_path / "fresh").exists()
