@@ -48,7 +48,7 @@ def run(cfg: RunConfig) -> None:
     try:
         if done is not None:
             log.info("the run in %s is complete: its latest checkpoint is batch %d of train.max_batches=%d; nothing "
-                     "to do", c.save_folder, done, cfg.train.max_batches)
+                     "to do (raise train.max_batches to train on)", c.save_folder, done, cfg.train.max_batches)
             return
         trainer = build_trainer(cfg)
         trainer.fit()
