@@ -1,6 +1,7 @@
 """``composer -n 2`` (gloo, FSDP2) with sharded checkpoints: every rank writes and reads only its own shard; a run
 killed inside a checkpoint write (every shard written, ``.metadata`` not yet) resumes by itself and ends
-bit-identical to an uninterrupted run; ``scripts/prune.py``'s reader cuts the sharded checkpoint."""
+bit-identical to an uninterrupted run; ``scripts/prune.py``'s reader cuts the sharded checkpoint; a source
+initialised on rank 0 only trains exactly like one every rank loads."""
 
 from __future__ import annotations
 
@@ -92,3 +93,17 @@ def test_sharded_checkpoint_killed_inside_a_write_resumes_bit_identical(tmp_path
     assert (info.kind, info.batch, info.data["global_batch_size"]) == ("pruning", 6, 4)
     model, l0 = load_pruning_checkpoint(folder / "latest-rank0.pt")
     assert model.cfg.d_model == 96 and l0.target.d_model == 64 and l0.is_hardened()
+
+
+def test_continued_run_with_the_source_on_rank_0_only_trains_like_every_rank_loading_it(tmp_path):
+    """``model.init_device=meta`` (the continue recipes): only rank 0 reads the source, FSDP2 broadcasts it."""
+    data = write_mds(tmp_path / "data", DOMAINS, 32, n_train=8)
+    settings = {**SETTINGS, "train": {"max_batches": 2, "eval_interval": 2}}
+    recipes = {device: tiny_recipe(tmp_path, data, run=device, prune=False,
+                                   model={"pretrained": "tiny-gqa", "init_device": device}, **settings)
+               for device in ("cpu", "meta")}
+    runs = {device: launch(recipe) for device, recipe in recipes.items()}
+    for device, run in runs.items():
+        assert run.wait(timeout=400) == 0, recipes[device].with_suffix(".log").read_text()[-3000:]
+    cpu, meta = (load_checkpoint(tmp_path / device / "ep0-ba2", keys={"state.model"}) for device in ("cpu", "meta"))
+    assert_identical(cpu["state"]["model"], meta["state"]["model"])
