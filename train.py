@@ -15,10 +15,11 @@ import logging
 import sys
 from pathlib import Path
 
-from composer.utils import dist
+from composer.utils import dist, get_device
 
 from llmshear.builders import build_trainer
 from llmshear.callbacks.nonfinite import NonFiniteLossError
+from llmshear.checkpoints import CheckpointError, open_run_folder
 from llmshear.config import ConfigError, RunConfig, load
 from llmshear.datasets.mds import ShardError
 
@@ -38,14 +39,28 @@ def write_final_proportions(cfg: RunConfig, proportions: list[float]) -> Path | 
 
 
 def run(cfg: RunConfig) -> None:
-    """Build everything, fit, and record the final proportions."""
-    trainer = build_trainer(cfg)
-    trainer.fit()
-    dataset = trainer.state.train_dataloader.dataset
-    path = write_final_proportions(cfg, dataset.proportions)
-    if path is not None:
-        log.info("final domain proportions: %s", path)
-    trainer.close()
+    """Lock (and, resuming, recover) the run folder, build everything, fit, and record the final proportions.
+
+    Raises:
+        CheckpointError: the run folder is in use by another run (see :func:`llmshear.checkpoints.open_run_folder`).
+    """
+    dist.initialize_dist(get_device(cfg.train.device))  # the folder's lock and recovery need the ranks together
+    c = cfg.checkpoint
+    lock, done = open_run_folder(c.save_folder, c.autoresume, cfg.train.max_batches)
+    try:
+        if done is not None:
+            log.info("the run in %s is complete: its latest checkpoint is batch %d of train.max_batches=%d; nothing "
+                     "to do (raise train.max_batches to train on)", c.save_folder, done, cfg.train.max_batches)
+            return
+        trainer = build_trainer(cfg)
+        trainer.fit()
+        dataset = trainer.state.train_dataloader.dataset
+        path = write_final_proportions(cfg, dataset.proportions)
+        if path is not None:
+            log.info("final domain proportions: %s", path)
+        trainer.close()
+    finally:
+        lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,17 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load(args[0], args[1:])
-    except ConfigError as err:
+        run(cfg)
+    except (ConfigError, CheckpointError, ShardError) as err:  # a ShardError: data damaged after the checks
         log.error("%s", err)
         return 2
-    try:
-        run(cfg)
     except NonFiniteLossError as err:
         log.error("%s", err)
         return 3
-    except ShardError as err:  # data damaged after the config check; the message names domain, shard and sample
-        log.error("%s", err)
-        return 2
     return 0
 
 

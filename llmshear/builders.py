@@ -21,9 +21,9 @@ from llmshear.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshear.callbacks.nonfinite import NonFiniteLossGuard
 from llmshear.callbacks.pruning import PruningCallback
 from llmshear.callbacks.resume_rng import ResumeRNG
+from llmshear.checkpoints import LATEST_CHECKPOINT, KeepAcrossResumes
 from llmshear.composer_parts import build_composer_callbacks, build_loggers, clip_threshold
 from llmshear.config import RunConfig
-from llmshear.config_checks import LATEST_CHECKPOINT
 from llmshear.datasets.dynamic import (
     DynamicDomainDataset,
     build_eval_dataloader,
@@ -148,7 +148,8 @@ def build_eval_loader(cfg: RunConfig):
 
 def build_callbacks(cfg: RunConfig) -> list:
     """The non-finite loss guard, dynamic loading, RNG restoration on resume, gradient clipping (unless its
-    threshold is 0), the pruning callback (pruning runs) and the recipe's Composer ``callbacks:``."""
+    threshold is 0), the pruning callback (pruning runs), with a bounded ``checkpoint.keep`` its count across
+    resumes, and the recipe's Composer ``callbacks:``."""
     d = cfg.data
     callbacks = [NonFiniteLossGuard(cfg.train.max_nonfinite),
                  DynamicLoadingCallback(d.domains, rule=d.update, reference_losses=d.reference_losses, eta=d.eta,
@@ -158,6 +159,8 @@ def build_callbacks(cfg: RunConfig) -> list:
         callbacks.append(ClipGradNorm(clip_threshold(cfg)))
     if cfg.pruning is not None:
         callbacks.append(PruningCallback(cfg.checkpoint.save_folder, target_label=TARGET_EVAL_LABEL))
+    if cfg.checkpoint.keep > 0:
+        callbacks.append(KeepAcrossResumes(cfg.checkpoint.save_folder))
     return callbacks + build_composer_callbacks(cfg)
 
 
@@ -174,8 +177,8 @@ def parallelism_config(cfg: RunConfig) -> dict | None:
     if not f.enabled:
         return None
     if f.version == 2:
-        return {"fsdp": FSDP2Config(activation_checkpointing=f.activation_checkpointing, state_dict_type="full",
-                                    mixed_precision=f.mixed_precision)}
+        return {"fsdp": FSDP2Config(activation_checkpointing=f.activation_checkpointing,
+                                    state_dict_type=f.state_dict_type, mixed_precision=f.mixed_precision)}
     return {"fsdp": {"sharding_strategy": "FULL_SHARD", "state_dict_type": "full", "mixed_precision":
                      f.mixed_precision, "activation_checkpointing": f.activation_checkpointing,
                      "activation_checkpointing_reentrant": False}}

@@ -161,10 +161,15 @@ class CheckpointSection:
 
 @dataclass
 class FsdpSection:
-    """Fully sharded data parallelism (always full shard) through Composer's ``parallelism_config``."""
+    """Fully sharded data parallelism (always full shard) through Composer's ``parallelism_config``.
+
+    ``state_dict_type``: checkpoints as one ``full`` file gathered on rank 0, or ``sharded`` (FSDP2 only): a
+    directory where every rank writes and reads its own shard (see docs/recipes.md, checkpoints at scale).
+    """
 
     enabled: bool = False
     version: int = 2
+    state_dict_type: str = "full"
     activation_checkpointing: bool = False
     mixed_precision: str = "DEFAULT"
 
@@ -201,6 +206,7 @@ CHOICES = {
     "train.precision": ("fp32", "amp_bf16", "amp_fp16"),
     "train.device": ("cpu", "gpu", None),
     "fsdp.version": (1, 2),
+    "fsdp.state_dict_type": ("full", "sharded"),
     "fsdp.mixed_precision": ("DEFAULT", "PURE", "FULL"),
 }
 

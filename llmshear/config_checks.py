@@ -7,10 +7,17 @@ directory), never weights or samples, so a bad run fails in seconds.
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from llmshear.checkpoints import (
+    LATEST_CHECKPOINT,
+    CheckpointError,
+    CheckpointInfo,
+    checkpoint_problem,
+    checkpoints_in,
+    describe,
+)
 from llmshear.composer_parts import check_parts
 from llmshear.datasets.dynamic import open_train_parts
 from llmshear.datasets.mds import open_domains
@@ -22,7 +29,7 @@ from llmshear.models.l0 import TargetShape
 if TYPE_CHECKING:
     from llmshear.config import RunConfig
 
-LATEST_CHECKPOINT = "latest-rank0.pt"
+__all__ = ["LATEST_CHECKPOINT", "check_run", "checkpoint_problem", "read_domain_values"]
 
 
 def check_numbers(cfg: RunConfig) -> list[str]:
@@ -61,6 +68,9 @@ def check_numbers(cfg: RunConfig) -> list[str]:
         ("scheduler.alpha_f", cfg.scheduler.alpha_f, 0 <= cfg.scheduler.alpha_f <= 1, "must lie in [0, 1]"),
         ("checkpoint.save_interval", cfg.checkpoint.save_interval, cfg.checkpoint.save_interval >= 0,
          "must not be negative (0: only at the end)"),
+        ("checkpoint.keep", cfg.checkpoint.keep, cfg.checkpoint.keep == -1 or cfg.checkpoint.keep >= 1,
+         "must be -1 (keep every checkpoint) or a positive count (0 would delete each checkpoint as soon as it "
+         "is written)"),
     ]
     if cfg.pruning is not None:
         p = cfg.pruning
@@ -228,41 +238,56 @@ def check_vocabulary(cfg: RunConfig) -> list[str]:
     return [f"data.path: {problem}" for problem in problems]
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be a readable checkpoint (missing, a directory, truncated, corrupt), or None."""
-    if not path.exists():
-        return f"{path} does not exist"
-    if path.is_dir():
-        return f"{path} is a directory (sharded checkpoints are not supported; use a .pt file)"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (OSError, zipfile.BadZipFile) as err:
-        return f"{path} is truncated or corrupt ({err})"
-    return f"{path} is corrupt (member {bad} fails its checksum)" if bad else None
+def resume_problems(cfg: RunConfig, info: CheckpointInfo, key: str) -> list[str]:
+    """Why the checkpoint ``info`` cannot be loaded by this run: another kind, or train data drawn otherwise."""
+    expected = "continued" if cfg.pruning is None else "pruning"
+    if info.kind != expected:
+        what = "has no pruning section" if cfg.pruning is None else "has a pruning section"
+        return [f"{key}: {info.path} is a {info.kind} checkpoint ({'with' if info.kind == 'pruning' else 'without'} "
+                f"L0 masks), but this run {what} and needs a {expected} checkpoint"]
+    sharded = cfg.fsdp.enabled and cfg.fsdp.version == 2 and cfg.fsdp.state_dict_type == "sharded"
+    if info.path.is_dir() != sharded:
+        found, wanted = ("sharded", "full") if info.path.is_dir() else ("full", "sharded")
+        return [f"{key}: {info.path} is a {found} checkpoint, but this run reads {wanted} ones "
+                f"(fsdp.state_dict_type={cfg.fsdp.state_dict_type!r}, fsdp.enabled={cfg.fsdp.enabled})"]
+    if cfg.checkpoint.load_weights_only and key == "checkpoint.load_path":
+        return []
+    mine = {"train.global_batch_size": ("global_batch_size", cfg.train.global_batch_size),
+            "data.domains": ("domains", cfg.data.domains), "seed": ("seed", cfg.seed)}
+    return [f"{name}={value!r} differs from {info.data[field]!r} in {info.path} ({key}): an exact resume needs "
+            f"the same; restore it, or start a new checkpoint.save_folder"
+            for name, (field, value) in mine.items() if field in info.data and info.data[field] != value]
 
 
 def check_checkpoint(cfg: RunConfig) -> list[str]:
-    """``load_path`` readable; a resumable latest checkpoint readable; no foreign checkpoints overwritten."""
+    """``load_path`` readable and of this run's kind; the latest checkpoint (autoresume) of this run's kind; no
+    foreign checkpoints overwritten. An incomplete latest checkpoint is no problem: the run sets it aside
+    (:func:`llmshear.checkpoints.recover`). Only zip directories and pickled metadata are read, never tensors."""
     c = cfg.checkpoint
     problems = []
+    candidates = []
     if c.load_path is not None and "://" not in c.load_path:
         problem = checkpoint_problem(Path(c.load_path))
         if problem:
             problems.append(f"checkpoint.load_path: {problem}")
+        else:
+            candidates.append(("checkpoint.load_path", Path(c.load_path)))
     folder = Path(c.save_folder)
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         return problems + [f"checkpoint.save_folder={c.save_folder!r}: {blocker} is a file, not a directory"]
-    existing = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
-    if c.autoresume and (folder / LATEST_CHECKPOINT).exists():
-        problem = checkpoint_problem((folder / LATEST_CHECKPOINT).resolve())
-        if problem:
-            problems.append(f"checkpoint.autoresume: the latest checkpoint {problem}; remove it to resume from an "
-                            f"earlier one")
+    existing = [path.name for _, path in checkpoints_in(folder)]
+    latest = folder / LATEST_CHECKPOINT
+    if c.autoresume and latest.exists() and checkpoint_problem(latest) is None:
+        candidates.append(("checkpoint.autoresume", latest.resolve()))
     elif existing and not c.autoresume:
         problems.append(f"checkpoint.save_folder={c.save_folder!r} already holds checkpoints {existing[:3]}; set "
                         f"checkpoint.autoresume=true to continue that run, or choose another folder")
+    for key, path in candidates:
+        try:
+            problems += resume_problems(cfg, describe(path), key)
+        except CheckpointError as err:
+            problems.append(f"{key}: {err}")
     return problems
 
 
@@ -287,6 +312,11 @@ def check_runtime(cfg: RunConfig, cuda: bool) -> list[str]:
         problems.append("fsdp.activation_checkpointing needs fsdp.enabled=true")
     if cfg.model.init_device == "meta" and not cfg.fsdp.enabled:
         problems.append("model.init_device='meta' needs fsdp.enabled=true (rank 0 loads, FSDP broadcasts)")
+    if cfg.fsdp.state_dict_type == "sharded" and not (cfg.fsdp.enabled and cfg.fsdp.version == 2):
+        problems.append("fsdp.state_dict_type='sharded' needs fsdp.enabled=true and fsdp.version=2")
+    if cfg.model.init_device == "meta" and cfg.distill is not None:
+        problems.append("distill with model.init_device='meta': the teacher is not sharded by FSDP, so ranks other "
+                        "than 0 would keep it on the meta device (no weights); use model.init_device='cpu'")
     if cfg.model.init_device == "meta" and cfg.pruning is not None and cfg.pruning.init == "importance":
         problems.append("pruning.init='importance' needs model.init_device='cpu': every rank scores the source "
                         "model's activations, and with 'meta' only rank 0 has its weights")

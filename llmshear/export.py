@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from llmshear.config_checks import checkpoint_problem
+from llmshear.checkpoints import CheckpointError, kind_of, read_model_state
 from llmshear.model_card import CARD_FILE, SUMMARY_FILE, domain_perplexity, lineage, read_stage, render_card
 from llmshear.models.hf import save_pretrained
 from llmshear.models.llama import LlamaConfig, LlamaLM
@@ -30,37 +30,17 @@ RUN_SOURCE = "<the run's source>"  # ``tokenizer`` value: the source recorded in
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "intermediate_size")
 
 
-def read_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor | object]:
-    """``state['model']`` of a Composer checkpoint (``.pt``), without the DDP ``module.`` prefix.
-
-    The file's zip directory and checksums are verified first, so a truncated or corrupt file fails with a
-    message naming it. The checkpoint is unpickled: read only checkpoints your own runs wrote.
-
-    Raises:
-        ValueError: missing, a directory, truncated, corrupt, or not a Composer checkpoint.
-    """
-    path = Path(path)
-    problem = checkpoint_problem(path)
-    if problem:
-        raise ValueError(problem)
-    # Composer checkpoints pickle more than tensors (timestamps, RNG states): weights_only cannot read them.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    state = checkpoint.get("state", {}).get("model") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a Composer checkpoint: it has no state['model']")
-    return {key.removeprefix("module."): value for key, value in state.items()}
-
-
 def model_from_checkpoint(path: str | os.PathLike) -> LlamaLM:
     """The :class:`LlamaLM` of a continued-pre-training checkpoint, rebuilt strictly from its stored config.
 
     Raises:
-        ValueError: see :func:`read_model_state`; a checkpoint without the model config; a pruning checkpoint
-            (those are cut by ``scripts/prune.py``); weights that do not match the config.
+        ValueError: see :func:`llmshear.checkpoints.read_model_state`; a checkpoint without the model config; a
+            pruning checkpoint (those are cut by ``scripts/prune.py``); weights that do not match the config.
     """
     state = read_model_state(path)
-    if any(key.startswith("l0.") for key in state):
-        raise ValueError(f"{path} is a pruning checkpoint (it has L0 masks): cut it with scripts/prune.py instead")
+    if kind_of(state) != "continued":
+        raise CheckpointError(f"{path} is a pruning checkpoint (it has L0 masks): cut it with scripts/prune.py "
+                              "instead")
     extra = state.get("_extra_state")
     if not isinstance(extra, dict) or "model_config" not in extra:
         raise ValueError(f"{path} carries no model config (_extra_state): not a checkpoint of llmshear's train.py")
@@ -97,19 +77,6 @@ def _require_new_dir(out_dir: str | os.PathLike) -> Path:
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not an empty directory; nothing was written")
     return out_dir
-
-
-def _read_stage(checkpoint: str | os.PathLike, stage: str):
-    """The checkpoint's :class:`~llmshear.model_card.Stage`; a missing or unreadable file is named."""
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory (a sharded checkpoint?): save with fsdp state_dict_type 'full'")
-    try:
-        return read_stage(path, stage)
-    except Exception as err:  # torch.load raises pickle, zip, EOF and runtime errors for broken files
-        raise ValueError(f"{path} cannot be read (truncated or corrupt checkpoint?): {err}") from err
 
 
 def _save(model: LlamaLM, out_dir: Path, stage, tokenizer, dtype: str | None, command: str | None,
@@ -153,7 +120,7 @@ def prune_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
             non-finite weights.
     """
     out_dir = _require_new_dir(out_dir)
-    stage = _read_stage(checkpoint, "pruning")
+    stage = read_stage(checkpoint, "pruning")
     tokenizer = resolve_tokenizer(tokenizer, stage.source)
     model, l0 = load_pruning_checkpoint(checkpoint)
     masks = l0.deterministic_masks()
@@ -184,7 +151,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         ValueError: see :func:`model_from_checkpoint`; a tokenizer that cannot be loaded; non-finite weights.
     """
     out_dir = _require_new_dir(out_dir)
-    stage = _read_stage(checkpoint, "continued")
+    stage = read_stage(checkpoint, "continued")
     tokenizer = resolve_tokenizer(tokenizer, stage.source)
     model = model_from_checkpoint(checkpoint)
     return _save(model, out_dir, stage, tokenizer, dtype, command, {}, {})

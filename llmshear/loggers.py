@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from composer.utils import dist
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"
 
 
 def _scalar(value) -> float | None:
@@ -29,10 +31,12 @@ def _scalar(value) -> float | None:
 class JSONLinesLogger(LoggerDestination):
     """Appends ``{"batch": N, "<metric>": value, ...}`` lines to ``<folder>/metrics.jsonl`` on rank 0.
 
-    The file is opened for appending, so a resumed run continues it; batches logged twice (after a resume
-    from an earlier checkpoint) appear twice, the later line being the one that counts. NaN and infinite
-    values, which JSON has no number for, are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"``
-    (never ``null``); :func:`read_metrics` turns them back into floats.
+    A resumed run continues the file as if it had never stopped: the file's size is part of each checkpoint,
+    and at the start of a resumed run the lines written after that checkpoint (by the run that was killed,
+    which the resumed run logs again) are moved to ``metrics.superseded.jsonl``; a run starting from batch 0
+    moves any earlier lines there too. NaN and infinite values, which JSON has no
+    number for, are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"`` (never ``null``); :func:`read_metrics`
+    turns them back into floats.
 
     Args:
         folder: the run folder (created if needed).
@@ -41,12 +45,41 @@ class JSONLinesLogger(LoggerDestination):
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / METRICS_FILE
         self._file = None
+        self._resume_size = 0
+        self._opened_size = 0
 
     def init(self, state: State, logger: Logger) -> None:
         del state, logger
         if dist.get_global_rank() == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            self._opened_size = self.path.stat().st_size
+
+    def state_dict(self) -> dict:
+        return {"path": str(self.path.resolve()), "size": self.path.stat().st_size} if self._file else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        same_file = state.get("path") == str(self.path.resolve())  # not a checkpoint of another run (load_path)
+        self._resume_size = int(state.get("size", 0)) if same_file else 0
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        """Move what earlier processes logged after this run's starting point to ``metrics.superseded.jsonl``;
+        the lines this process already wrote (callbacks log at start-up) stay."""
+        del state, logger
+        if self._file is None:
+            return
+        keep = min(self._resume_size, self._opened_size)
+        data = self.path.read_bytes()
+        dropped = data[keep:self._opened_size]
+        if not dropped:
+            return
+        with open(self.path.with_name(SUPERSEDED_FILE), "ab") as handle:
+            handle.write(dropped)
+        os.truncate(self.path, keep)
+        self._file.write(data[self._opened_size:].decode("utf-8"))
+        self._file.flush()
+        log.info("%s: %d lines logged after the point this run starts from moved to %s", self.path,
+                 dropped.count(b"\n"), SUPERSEDED_FILE)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if self._file is None:

@@ -9,8 +9,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
+from llmshear.checkpoints import load_checkpoint, model_state
 from llmshear.loggers import METRICS_FILE, read_metrics
 
 SUMMARY_FILE = "summary.json"
@@ -32,19 +31,20 @@ class Stage:
 
 
 def read_stage(path: str | os.PathLike, stage: str) -> Stage:
-    """The :class:`Stage` a Composer checkpoint records: its source and the batches and tokens it trained on.
+    """The :class:`Stage` a Composer checkpoint (full or sharded) records: its source and the batches and tokens
+    it trained on. Only the model's extra state and the timestamp are read, no weight.
 
-    Reads the file memory-mapped, so no tensor is loaded. Fields a foreign file lacks read as None / 0.
+    Raises:
+        FileNotFoundError / CheckpointError: see :func:`llmshear.checkpoints.load_checkpoint`.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    state = checkpoint.get("state") if isinstance(checkpoint, dict) else None
-    state = state if isinstance(state, dict) else {}  # not a Composer checkpoint: the model loader says so
-    model_state = state.get("model") if isinstance(state.get("model"), dict) else {}
-    extra = model_state.get("_extra_state", model_state.get("module._extra_state"))
+    checkpoint = load_checkpoint(path, keys={"state.model._extra_state", "state.timestamp"})
+    extra = model_state(checkpoint).get("_extra_state")
     source = extra.get("source") if isinstance(extra, dict) else None
-    timestamp = state.get("timestamp", {}).get("Timestamp", {})
-    return Stage(stage, source, str(Path(path).resolve()), int(timestamp.get("batch", 0)),
-                 int(timestamp.get("token", 0)))
+    timestamp = checkpoint["state"].get("timestamp") or {}
+    timestamp = timestamp.get("Timestamp", timestamp) if isinstance(timestamp, dict) else {}
+    batches, tokens = (timestamp.get(key, 0) for key in ("batch", "token"))
+    return Stage(stage, source, str(Path(path).resolve()), int(getattr(batches, "value", batches)),
+                 int(getattr(tokens, "value", tokens)))
 
 
 def lineage(stage: Stage) -> list[dict]:

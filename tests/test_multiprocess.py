@@ -28,7 +28,7 @@ def runs(tmp_path_factory) -> Path:
                tiny_recipe(tmp, data, run="fsdp", fsdp={"enabled": True, "activation_checkpointing": True}, **SHORT),
                tiny_recipe(tmp, data, run="ddp_row", pruning=row, **SHORT)]
     launcher = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "composer"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
     result = subprocess.run([str(launcher), "-n", "2", "--stderr", str(tmp / "rank{rank}.err"),
                              str(REPO / "tests" / "mp_probe.py"), *map(str, recipes)],
                             env=env, cwd=REPO, capture_output=True, text=True, timeout=400)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 
@@ -112,11 +113,14 @@ class DynamicLoadingCallback(Callback):
         return metrics
 
     def state_dict(self) -> dict:
-        """``{"domains", "history"}``: every update's batch, losses and proportions."""
-        return {"domains": self.domains, "history": [dict(entry) for entry in self.history]}
+        """``{"domains", "history"}``: every update's batch, losses and proportions. The history is one JSON
+        string: sharded checkpoints (torch.distributed.checkpoint) need the same keys at load as at save, and a
+        list that grows with every update would not have them."""
+        return {"domains": self.domains, "history": json.dumps(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("domains") != self.domains:
             raise ValueError(f"checkpointed dynamic loading has domains {state.get('domains')}, "
                              f"this run {self.domains}")
-        self.history = [dict(entry) for entry in state["history"]]
+        history = state["history"]
+        self.history = [dict(entry) for entry in (json.loads(history) if isinstance(history, str) else history)]

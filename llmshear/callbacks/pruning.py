@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +15,13 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
+from llmshear.checkpoints import set_aside
 from llmshear.models.l0 import L0Module, params_of_masks
 from llmshear.models.prune import plan_cut
 
 log = logging.getLogger(__name__)
 
+SUPERSEDED_DIR = "superseded"
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "intermediate_size")
 
 
@@ -64,7 +67,10 @@ class PruningCallback(Callback):
       (``l0/...`` keys: expected and target sparsity, row gaps, undecided gates, multipliers, hardened).
     * ``eval_end``: writes the deterministic masks to ``<folder>/masks/ba<N>.pt`` and, next to it,
       ``ba<N>.json`` with the shape and parameter count they cut to (rank 0 only; an existing file is never
-      replaced, a re-run evaluation gets a numbered suffix), with the :meth:`~L0Module.cut_report`.
+      replaced), with the :meth:`~L0Module.cut_report`.
+    * ``fit_start``: masks of evaluations after the batch the run starts from (written by a run that was killed
+      and is now resumed, which evaluates those batches again) are moved to ``masks/superseded/``, so the
+      folder reads as one run.
 
     Args:
         folder: the run's folder; ``None`` logs but saves no masks.
@@ -74,6 +80,16 @@ class PruningCallback(Callback):
     def __init__(self, folder: str | Path | None, target_label: str = "eval_target"):
         self.folder = Path(folder) if folder is not None else None
         self.target_label = target_label
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        directory = self.folder / "masks" if self.folder is not None else None
+        if directory is None or not directory.is_dir() or dist.get_global_rank() != 0:
+            return
+        start = int(state.timestamp.batch)
+        for path in sorted(directory.glob("ba*.*")):
+            match = re.fullmatch(r"ba(\d+)(-\d+)?\.(pt|json)", path.name)
+            if match and int(match.group(1)) > start:
+                set_aside(path, f"evaluated after batch {start}, where this run starts", into=SUPERSEDED_DIR)
 
     def batch_start(self, state: State, logger: Logger) -> None:
         l0 = unwrap_l0(state)

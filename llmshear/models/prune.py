@@ -12,10 +12,10 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from llmshear.checkpoints import CheckpointError, read_model_state
 from llmshear.models.build import empty_model, reset_rotary
 from llmshear.models.l0 import L0Module, l0_from_state_dict
 from llmshear.models.llama import LlamaConfig, LlamaLM, Masks
@@ -216,27 +216,14 @@ def load_pruning_checkpoint(path: str | os.PathLike) -> tuple[LlamaLM, L0Module]
     checkpoints your own runs wrote.
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: a directory (sharded checkpoint), an unreadable (truncated, corrupt) file, not a Composer
-            checkpoint, no L0 module in it, or weights that do not match the stored config.
+        ValueError: see :func:`llmshear.checkpoints.read_model_state` (missing, truncated, corrupt, not a Composer
+            checkpoint); no L0 module in it; weights that do not match the stored config.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory (a sharded checkpoint?): save with fsdp state_dict_type 'full'")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        # Composer checkpoints pickle more than tensors (timestamps, RNG states): weights_only cannot read them.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch.load raises pickle, zip, EOF and runtime errors for broken files
-        raise ValueError(f"{path} cannot be read (truncated or corrupt checkpoint?): {err}") from err
-    state = checkpoint.get("state", {}).get("model") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a Composer checkpoint: it has no state['model']")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = read_model_state(path)
     l0_state = {k.removeprefix("l0."): v for k, v in state.items() if k.startswith("l0.")}
     if "_extra_state" not in l0_state:
-        raise ValueError(f"{path} has no L0 module (l0._extra_state): not a checkpoint of a pruning run")
+        raise CheckpointError(f"{path} is a continued checkpoint (it has no L0 module, l0._extra_state), not a "
+                              "checkpoint of a pruning run: export it with scripts/export_hf.py instead")
     l0 = l0_from_state_dict(l0_state)
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     return model_from_state(l0.source, model_state), l0

@@ -1,0 +1,366 @@
+"""Everything about the Composer checkpoint files of a run folder: names, kinds, cheap validation, reading,
+recovery after a kill, and the lock that keeps two runs out of one folder.
+
+A run folder (``checkpoint.save_folder``) holds one entry per checkpoint: a *full* checkpoint is one file
+``ep<E>-ba<N>-rank0.pt`` (a torch zip archive written by rank 0), a *sharded* one (``fsdp.state_dict_type:
+sharded``) a directory ``ep<E>-ba<N>/`` with one ``__<rank>_0.distcp`` file per rank and a ``.metadata`` file
+(torch.distributed.checkpoint), written last. ``latest-rank0.pt`` is a symbolic link Composer moves to each new
+checkpoint once it is written. A kill can leave a partial newest checkpoint (a zip without its directory, a
+directory without ``.metadata``) or a link to an older one; :func:`recover` makes such a folder resumable again
+without deleting anything. The checkpoint *kind* is ``pruning`` (the model state has the L0 module, ``l0.*``)
+or ``continued``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from composer.callbacks import CheckpointSaver
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+log = logging.getLogger(__name__)
+
+LATEST_CHECKPOINT = "latest-rank0.pt"
+SET_ASIDE_DIR = "incomplete"
+LOCK_FILE = "run.lock"
+KINDS = ("pruning", "continued")
+METADATA_FILE = ".metadata"
+_NAME = re.compile(r"ep(\d+)-ba(\d+)(-rank0\.pt)?")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or run folder that cannot be used as it is; the message names the file."""
+
+
+def checkpoint_batch(path: str | os.PathLike) -> int | None:
+    """The batch in a checkpoint's name (``ep0-ba400-rank0.pt`` or ``ep0-ba400/`` → 400), or None for another."""
+    match = _NAME.fullmatch(Path(path).name)
+    return int(match.group(2)) if match else None
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a complete checkpoint (missing, a directory, truncated, corrupt), or None.
+
+    Cheap whatever the size: it reads the zip directory at the end of the file and checks that every member it
+    lists lies inside the file. No checksum is computed (that would read the whole file): a kill during a write
+    leaves no directory, which is what this detects.
+    """
+    path = Path(path)
+    if not path.exists():
+        return f"{path} does not exist"
+    if path.is_dir():
+        return sharded_problem(path)
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (OSError, zipfile.BadZipFile) as err:
+        return f"{path} is truncated or corrupt ({size} bytes, no readable zip directory: {err})"
+    outside = [m.filename for m in members if m.header_offset + m.compress_size > size]
+    if outside:
+        return f"{path} is truncated or corrupt (member {outside[0]} ends past the file's {size} bytes)"
+    if not any(m.filename.endswith("data.pkl") for m in members):
+        return f"{path} is not a torch checkpoint (no data.pkl in its zip directory)"
+    return None
+
+
+def sharded_problem(path: Path) -> str | None:
+    """Why the directory ``path`` is no complete sharded checkpoint, or None: ``.metadata`` (written last) must
+    be readable and every shard file it lists must hold the bytes it points to."""
+    if not (path / METADATA_FILE).is_file():
+        return f"{path} is an incomplete sharded checkpoint (no {METADATA_FILE}: its write did not finish)"
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as err:  # unpickling a damaged file raises anything
+        return f"{path / METADATA_FILE} is unreadable ({err})"
+    sizes: dict[str, int] = {}
+    for item in metadata.storage_data.values():
+        shard = path / item.relative_path
+        if item.relative_path not in sizes:
+            sizes[item.relative_path] = shard.stat().st_size if shard.is_file() else -1
+        if sizes[item.relative_path] < 0:
+            return f"{path} is an incomplete sharded checkpoint ({item.relative_path} is missing)"
+        if item.offset + item.length > sizes[item.relative_path]:
+            return f"{path} is an incomplete sharded checkpoint ({item.relative_path} is truncated)"
+    return None
+
+
+def _load_sharded(path: Path, keys: set[str] | None) -> dict:
+    """The (full, unsharded) entries ``keys`` (dotted prefixes; None: all) of a sharded checkpoint, in one process."""
+    content: dict = {}
+    _load_state_dict(content, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(keys),
+                     no_dist=True)
+    return content
+
+
+def load_checkpoint(path: str | os.PathLike, keys: set[str] | None = None) -> dict:
+    """A Composer checkpoint, full (a file; its tensors memory-mapped, read from disk only when used) or sharded
+    (a directory; only the entries under the dotted prefixes ``keys`` are read, e.g. ``{"state.model"}``).
+
+    The checkpoint is unpickled: read only checkpoints your own runs wrote.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: a directory, truncated, corrupt, or not a Composer checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(problem)
+    try:
+        if path.is_dir():
+            return _checked(_load_sharded(path, keys), path)
+        # Composer checkpoints pickle more than tensors (timestamps, RNG states): weights_only cannot read them.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch.load raises pickle, zip, EOF and runtime errors for broken files
+        raise CheckpointError(f"{path} cannot be read (truncated or corrupt checkpoint?): {err}") from err
+    return _checked(checkpoint, path)
+
+
+def _checked(checkpoint, path: Path) -> dict:
+    state = checkpoint.get("state") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"{path} is not a Composer checkpoint: it has no state['model']")
+    return checkpoint
+
+
+def model_state(checkpoint: dict) -> dict:
+    """``state['model']`` of a loaded checkpoint, without the DDP ``module.`` prefix."""
+    return {key.removeprefix("module."): value for key, value in checkpoint["state"]["model"].items()}
+
+
+def read_model_state(path: str | os.PathLike) -> dict:
+    """``state['model']`` of the checkpoint at ``path``, full or sharded (see :func:`load_checkpoint`)."""
+    return model_state(load_checkpoint(path, keys={"state.model"}))
+
+
+def kind_of(state: dict) -> str:
+    """``pruning`` when the model state holds an L0 module, else ``continued``."""
+    return "pruning" if any(key.startswith("l0.") for key in state) else "continued"
+
+
+@dataclass
+class CheckpointInfo:
+    """What a run needs to know about a checkpoint before resuming from it."""
+
+    path: Path
+    kind: str
+    batch: int
+    data: dict = field(default_factory=dict)  # the train dataset's state (domains, seed, global_batch_size, ...)
+
+
+def describe(path: str | os.PathLike) -> CheckpointInfo:
+    """Kind, batch and train-data state of a checkpoint, without reading its tensors (a full checkpoint is
+    memory-mapped and its tensors left untouched; of a sharded one only the metadata and small entries are read).
+
+    Raises:
+        CheckpointError: see :func:`load_checkpoint`.
+    """
+    path = Path(path)
+    checkpoint = load_checkpoint(path, keys={"state.model._extra_state", "state.dataset_state", "state.timestamp"})
+    state = checkpoint["state"]
+    if path.is_dir():
+        names = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        kind = kind_of({name.removeprefix("state.model.") for name in names if name.startswith("state.model.")})
+    else:
+        kind = kind_of(model_state(checkpoint))
+    timestamp = state.get("timestamp") or {}
+    timestamp = timestamp.get("Timestamp", timestamp) if isinstance(timestamp, dict) else {}
+    batch = timestamp.get("batch", checkpoint_batch(path) or 0)
+    data = (state.get("dataset_state") or {}).get("train") or {}
+    return CheckpointInfo(path, kind, int(getattr(batch, "value", batch)), data if isinstance(data, dict) else {})
+
+
+def checkpoints_in(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(batch, path)`` of every checkpoint (file or directory) in ``folder``, not the latest link; oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(checkpoint_batch(p), p) for p in folder.iterdir() if not p.is_symlink()]
+    return sorted((batch, path) for batch, path in found if batch is not None)
+
+
+def set_aside(path: Path, why: str, into: str = SET_ASIDE_DIR) -> Path:
+    """Move ``path`` into ``<its folder>/<into>/`` (a free name), log why, and return where it went."""
+    directory = path.parent / into
+    directory.mkdir(exist_ok=True)
+    target, number = directory / path.name, 0
+    while target.exists():
+        number += 1
+        target = directory / f"{path.name}.{number}"
+    path.rename(target)
+    log.warning("%s set aside as %s: %s", path, target, why)
+    return target
+
+
+def _point_latest(folder: Path, target: Path | None) -> None:
+    """Make ``latest-rank0.pt`` a relative link to ``target`` (replaced atomically), or remove it (None)."""
+    latest = folder / LATEST_CHECKPOINT
+    if target is None:
+        if latest.is_symlink():
+            latest.unlink()
+        return
+    temporary = folder / f".{LATEST_CHECKPOINT}.{os.getpid()}"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(target.name)
+    os.replace(temporary, latest)
+
+
+def recover(folder: str | os.PathLike) -> Path | None:
+    """Make a run folder resumable after a kill at any moment, and return the checkpoint to resume from.
+
+    Checkpoints are checked newest first (:func:`checkpoint_problem`, cheap): each incomplete one is moved into
+    ``incomplete/`` (never deleted), so Composer neither loads it nor refuses to write its batch again; the
+    newest complete one becomes ``latest-rank0.pt`` (a kill between a write and the link update leaves the
+    link on the one before). Returns None when no complete checkpoint is left (the run starts afresh).
+    """
+    folder = Path(folder)
+    latest = folder / LATEST_CHECKPOINT
+    if latest.exists() and not latest.is_symlink():
+        return latest  # not a link Composer wrote (e.g. a downloaded file): left as it is
+    newest = None
+    for _, path in reversed(checkpoints_in(folder)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            newest = path
+            break
+        set_aside(path, problem)
+    if newest is None and latest.is_symlink():
+        log.warning("%s points to no complete checkpoint: removed (the run starts from batch 0)", latest)
+    elif newest is not None and (not latest.is_symlink() or latest.resolve() != newest.resolve()):
+        log.warning("%s now points to %s, the newest complete checkpoint", latest, newest.name)
+    _point_latest(folder, newest)
+    return newest
+
+
+class KeepAcrossResumes(Callback):
+    """Make ``checkpoint.keep`` count the checkpoints written before a resume too.
+
+    Composer's checkpoint saver rotates only the checkpoints its own process wrote; after each resume the older
+    ones would stay forever. At ``fit_start`` rank 0 (the rank that deletes) hands the saver the checkpoints
+    already in the folder up to the batch the run starts from, oldest first.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        del logger
+        saver = next((c for c in state.callbacks if isinstance(c, CheckpointSaver)), None)
+        if saver is None or saver.saved_checkpoints or dist.get_global_rank() != 0:
+            return
+        start = int(state.timestamp.batch)
+        # Composer records a sharded checkpoint by this rank's shard file and deletes the directory around it.
+        saver.saved_checkpoints = [str(path / "__0_0.distcp") if path.is_dir() else str(path)
+                                   for batch, path in checkpoints_in(self.folder) if batch <= start]
+
+
+class RunLock:
+    """``<save_folder>/run.lock``: one run at a time in a folder.
+
+    The file records the holder's host, pid and SLURM job. A lock whose holder is gone (same host, no such
+    process; or the same SLURM job, requeued) is taken over with a warning; any other refuses.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / LOCK_FILE
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                       "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def acquire(self) -> None:
+        """Take the lock (or a stale one).
+
+        Raises:
+            CheckpointError: another live run holds it; the message names the lock file and its holder.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(self.path, "x", encoding="utf-8") as handle:
+                json.dump(self.holder, handle)
+            return
+        except FileExistsError:
+            pass
+        other = self._read()
+        if not self._stale(other):
+            raise CheckpointError(
+                f"{self.path.parent} is in use by another run (lock file {self.path}: host {other.get('host')}, "
+                f"pid {other.get('pid')}, since {other.get('since')}); wait for it to end or choose another "
+                f"checkpoint.save_folder. If that process is gone, delete {self.path}")
+        log.warning("taking over the lock %s of a run that is gone (%s)", self.path, other or "unreadable")
+        temporary = self.path.with_name(f".{LOCK_FILE}.{os.getpid()}")
+        temporary.write_text(json.dumps(self.holder), encoding="utf-8")
+        os.replace(temporary, self.path)
+
+    def release(self) -> None:
+        """Remove the lock if it is still this process's."""
+        if self._read() == self.holder:
+            self.path.unlink(missing_ok=True)
+
+    def _read(self) -> dict:
+        try:
+            content = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return content if isinstance(content, dict) else {}
+
+    def _stale(self, other: dict) -> bool:
+        """Whether the holder ``other`` is gone (an unreadable lock is one a kill left half-written)."""
+        if not other:
+            return True
+        job = self.holder["slurm_job"]
+        if job is not None and other.get("slurm_job") == job:
+            return True  # the same SLURM job, requeued: its earlier incarnation is over
+        if other.get("host") != self.holder["host"]:
+            return False
+        try:
+            os.kill(int(other.get("pid")), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, TypeError, ValueError):
+            return False
+        return False
+
+
+def open_run_folder(folder: str | os.PathLike, autoresume: bool, max_batches: int) -> tuple[RunLock, int | None]:
+    """Rank 0 takes the folder's lock and, with autoresume, runs :func:`recover`; every rank gets the outcome.
+
+    Call it on every rank, after the process group is initialised and before the Trainer is built.
+
+    Returns:
+        The lock (held by rank 0: release it at the end), and the batch of the latest checkpoint when that
+        already reached ``max_batches`` (the run is complete), else None.
+
+    Raises:
+        CheckpointError: on every rank, when the folder is locked by a live run or cannot be recovered.
+    """
+    lock = RunLock(folder)
+    outcome: list = [None, None]
+    if dist.get_global_rank() == 0:
+        try:
+            lock.acquire()
+            newest = recover(folder) if autoresume else None
+            batch = checkpoint_batch(newest.resolve()) if newest is not None else None
+            outcome[1] = batch if batch is not None and batch >= max_batches else None
+        except (CheckpointError, OSError) as err:
+            outcome[0] = str(err)
+            lock.release()
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise CheckpointError(outcome[0])
+    return lock, outcome[1]
