@@ -23,7 +23,7 @@ log = logging.getLogger("export_hf")
 
 def main(argv: list[str] | None = None) -> int:
     """Export; returns 2 on a bad argument, checkpoint or tokenizer."""
-    args = export_parser(__doc__, "Composer checkpoint of a train.py run (a .pt file, or the directory of a sharded one)",
+    args = export_parser(__doc__, "Composer checkpoint of a train.py run (a .pt file or a sharded directory)",
                          "new (or empty) directory for the HF model").parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     command = shlex.join(["python", "scripts/export_hf.py", *(sys.argv[1:] if argv is None else argv)])

@@ -22,7 +22,7 @@ logger = logging.getLogger("prune")
 
 def main(argv: list[str] | None = None) -> int:
     """Prune; returns 2 on a bad argument, checkpoint or tokenizer."""
-    args = export_parser(__doc__, "Composer checkpoint of a pruning run (a .pt file, or the directory of a sharded one)",
+    args = export_parser(__doc__, "Composer checkpoint of a pruning run (a .pt file or a sharded directory)",
                          "new (or empty) directory for the pruned HF model").parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     command = shlex.join(["python", "scripts/prune.py", *(sys.argv[1:] if argv is None else argv)])
