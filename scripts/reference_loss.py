@@ -13,12 +13,10 @@ import json
 import logging
 import sys
 
-import torch
-
 from llmshear.datasets.reference import check_vocab, eval_domains, scaling_reference, source_reference, yaml_list
+from llmshear.evaluation import DTYPES, check_device
 
 log = logging.getLogger("reference_loss")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,10 +45,11 @@ def from_source(args: argparse.Namespace) -> tuple[dict, str]:
     """Load the model, evaluate it on every domain of ``--data``."""
     from llmshear.models.hf import load_model
 
+    check_device(args.device)
     domains = [d.strip() for d in args.domains.split(",")] if args.domains else eval_domains(args.data)
     model = load_model(args.source, dtype=DTYPES[args.dtype], device=args.device)
     check_vocab(args.data, model.cfg.vocab_size)
-    result = source_reference(model, args.data, domains, args.batch_size, args.max_seqs, args.device)
+    result = source_reference(model, args.data, domains, args.batch_size, args.max_seqs, args.device, progress=True)
     result["source"], result["params"] = args.source, sum(p.numel() for p in model.parameters())
     return result, f"mean next-token loss of {args.source} on {args.data} (source reference)"
 

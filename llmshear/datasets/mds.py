@@ -90,7 +90,7 @@ def prepare(input_dir: str | Path, tokenizer: str | Path, out: str | Path, seq_l
         strict: fail at the first bad input line instead of counting it.
         overwrite: replace an existing ``out``.
         domains: only these domains, in this order (default: every sub-directory, sorted).
-        progress: show a progress bar (default: when stderr is a terminal).
+        progress: report progress over files (None: a bar on a terminal, else log lines; True: a bar; False: none).
 
     Returns:
         The summary, also written to ``out/summary.json``.

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from llmshear.datasets.jsonl import BadLines, read_documents
+from llmshear.progress import progress as report
 
 log = logging.getLogger(__name__)
 
@@ -86,28 +87,24 @@ def tokenize_all(files: dict[str, list[Path]], tokenizer_json: str, eos_id: int,
         eos_id: the token appended after every document.
         workers: processes; 1 tokenizes in this process.
         strict: raise at the first bad line.
-        progress: tqdm bar over files (None: only on a terminal).
+        progress: over files: None: a bar on a terminal, else log lines at an interval; True: a bar; False: none.
     """
-    from tqdm import tqdm
-
     tasks = [(domain, (str(path), eos_id, strict)) for domain, paths in files.items() for path in paths]
-    bar = tqdm(total=len(tasks), unit="file", desc="tokenize", disable=None if progress is None else not progress)
     if workers == 1:
         with _single_threaded(tokenizer_json):
-            yield from _with_bar(tasks, map(_tokenize_file, [task for _, task in tasks]), bar)
+            yield from _tagged(tasks, map(_tokenize_file, [task for _, task in tasks]), progress)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch / Rust threads
     with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json,)) as pool:
         results = pool.imap(_tokenize_file, [task for _, task in tasks])
-        yield from _with_bar(tasks, results, bar)
+        yield from _tagged(tasks, results, progress)
 
 
-def _with_bar(tasks, results, bar) -> Iterator[tuple[str, FileTokens]]:
-    with bar:
-        for (domain, _), result in zip(tasks, results, strict=True):
-            bar.update(1)
-            bar.set_postfix(domain=domain, refresh=False)
-            yield domain, result
+def _tagged(tasks, results, progress: bool | None) -> Iterator[tuple[str, FileTokens]]:
+    """``(domain, result)`` in task order, reporting progress over files."""
+    pairs = zip(tasks, results, strict=True)
+    for (domain, _), result in report(pairs, len(tasks), "tokenize", "file", enabled=progress):
+        yield domain, result
 
 
 class DomainPacker:
