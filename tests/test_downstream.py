@@ -164,3 +164,9 @@ def test_results_table_and_metric_fallback():
     assert lines[1] == ["t1", "(0-shot,", "acc)", "50.0", "75.0"]
     assert lines[2] == ["t2", "(default", "shots,", "acc)", "25.0", "37.5"]
     assert lines[3] == ["mean", "37.5", "56.2"]
+
+
+def test_items_from_the_demo_training_text_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _script("make_downstream_task").main(["--skip-chars", "1000", "--out", "unused.jsonl"])
+    assert exit_info.value.code == 2 and "--skip-chars 1000: below the demo's 600000" in capsys.readouterr().err
