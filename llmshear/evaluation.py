@@ -6,14 +6,31 @@ import logging
 import math
 from pathlib import Path
 
+import torch
+
 from llmshear.datasets.reference import source_reference
 from llmshear.models.llama import LlamaLM
 
 log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype choices
+
+
+def check_device(device: str) -> None:
+    """Fail before any model is loaded on a device string torch cannot parse or a GPU this machine lacks.
+
+    Raises:
+        ValueError: naming ``--device``.
+    """
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r}: {err}") from err
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def evaluate_domains(model: LlamaLM, data: str | Path, domains: list[str], batch_size: int = 8,
-                     max_seqs: int | None = None) -> dict:
+                     max_seqs: int | None = None, device: str = "cpu", progress: bool = False) -> dict:
     """Loss and perplexity per domain of ``data/<domain>`` (MDS), and their unweighted means.
 
     Args:
@@ -22,12 +39,14 @@ def evaluate_domains(model: LlamaLM, data: str | Path, domains: list[str], batch
         domains: the domains to evaluate.
         batch_size: sequences per forward pass.
         max_seqs: evaluate at most this many sequences per domain (the first ones).
+        device: where the model is (batches are moved there).
+        progress: report progress over batches (a bar on a terminal, else log lines at an interval).
 
     Returns:
         ``{"domains": {domain: {"loss", "ppl", "tokens"}}, "mean_loss", "mean_ppl"}``.
     """
     model.eval()
-    result = source_reference(model, data, domains, batch_size, max_seqs)
+    result = source_reference(model, data, domains, batch_size, max_seqs, device, progress)
     per_domain = {}
     for name, loss, tokens in zip(domains, result["reference_losses"], result["tokens"], strict=True):
         per_domain[name] = {"loss": loss, "ppl": math.exp(loss), "tokens": tokens}

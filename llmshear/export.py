@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from llmshear.checkpoints import CheckpointError, kind_of, read_model_state
+from llmshear.evaluation import DTYPES
 from llmshear.model_card import CARD_FILE, SUMMARY_FILE, domain_perplexity, lineage, read_stage, render_card
 from llmshear.models.hf import save_pretrained
 from llmshear.models.llama import LlamaConfig, LlamaLM
@@ -25,7 +26,6 @@ from llmshear.models.sources import has_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUN_SOURCE = "<the run's source>"  # ``tokenizer`` value: the source recorded in the checkpoint
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "intermediate_size")
 

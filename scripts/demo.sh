@@ -2,9 +2,11 @@
 # The CPU demo: prune SmolLM2-135M to about a third of its size and continue pre-training it, end to end, offline.
 #
 #   scripts/demo.sh                 # writes everything under out/demo (DEMO_DIR=... to choose another place)
+#   DEMO_DOWNSTREAM_ITEMS=160 scripts/demo.sh   # the last step on all 160 items of demo_continuation (default 80)
 #
 # corpus -> MDS (SmolLM2 tokenizer) -> source reference losses -> prune -> cut -> continue -> HF export ->
-# per-domain perplexity of source / cut / continued -> plots. About 20 minutes on 2 CPU cores. A step whose
+# per-domain perplexity of source / cut / continued -> plots -> downstream accuracy of source / cut / continued
+# (lm-eval, our offline task demo_continuation). About 25 minutes on 2 CPU cores. A step whose
 # output already exists is skipped, so running it again after an interruption picks up where it stopped (the
 # training stages resume from their last checkpoint). The same train.py commands with the recipes of yaml/ run
 # the full-size pipeline on a GPU cluster.
@@ -16,7 +18,7 @@ mkdir -p "$DEMO_DIR"
 STEP=0
 step() {
     STEP=$((STEP + 1))
-    echo "==> [$STEP/9] $1 ($(date +%H:%M:%S), ${SECONDS}s elapsed)" >&2
+    echo "==> [$STEP/10] $1 ($(date +%H:%M:%S), ${SECONDS}s elapsed)" >&2
 }
 skip() {
     echo "    $1 exists: skipped" >&2
@@ -67,4 +69,10 @@ step "plots -> $DEMO_DIR/plots; a sample from the exported model through transfo
 "$PYTHON" scripts/plot_run.py "$DEMO_DIR/runs/demo_prune" "$DEMO_DIR/runs/demo_continue" --out "$DEMO_DIR/plots" \
     --overwrite >/dev/null
 "$PYTHON" scripts/generate.py --model "$DEMO_DIR/final" --prompt "def read_file(path):"
-echo "==> done in ${SECONDS}s: $DEMO_DIR/final (HF model), $DEMO_DIR/perplexity.txt, $DEMO_DIR/plots/*.png" >&2
+
+step "downstream accuracy (lm-eval, held-out passages, true continuation among 4): source, cut, continued -> $DEMO_DIR/downstream.txt"
+"$PYTHON" scripts/eval_downstream.py --model smollm2 --model "$DEMO_DIR/pruned" --model "$DEMO_DIR/final" \
+    --tasks demo_continuation --limit "${DEMO_DOWNSTREAM_ITEMS:-80}" --batch-size 16 > "$DEMO_DIR/downstream.txt"
+head -n -1 "$DEMO_DIR/downstream.txt"
+echo "==> done in ${SECONDS}s: $DEMO_DIR/final (HF model), $DEMO_DIR/perplexity.txt, $DEMO_DIR/downstream.txt," \
+    "$DEMO_DIR/plots/*.png" >&2

@@ -13,13 +13,11 @@ import json
 import logging
 import sys
 
-import torch
-
 from llmshear.datasets.reference import eval_domains, scaling_reference, source_reference, yaml_list
 from llmshear.datasets.vocab import check_vocab
+from llmshear.evaluation import DTYPES, check_device
 
 log = logging.getLogger("reference_loss")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,10 +46,11 @@ def from_source(args: argparse.Namespace) -> tuple[dict, str]:
     """Load the model, evaluate it on every domain of ``--data``."""
     from llmshear.models.hf import load_config, load_model
 
+    check_device(args.device)
     domains = [d.strip() for d in args.domains.split(",")] if args.domains else eval_domains(args.data)
     check_vocab(args.data, domains, load_config(args.source).vocab_size, args.source, "--source")
     model = load_model(args.source, dtype=DTYPES[args.dtype], device=args.device)
-    result = source_reference(model, args.data, domains, args.batch_size, args.max_seqs, args.device)
+    result = source_reference(model, args.data, domains, args.batch_size, args.max_seqs, args.device, progress=True)
     result["source"], result["params"] = args.source, sum(p.numel() for p in model.parameters())
     return result, f"mean next-token loss of {args.source} on {args.data} (source reference)"
 

@@ -132,7 +132,7 @@ def prepare(input_dir: str | Path, tokenizer: str | Path, out: str | Path, seq_l
         strict: fail at the first bad input line or unreadable file instead of counting / skipping it.
         overwrite: replace an existing ``out``.
         domains: only these domains, in this order (default: every domain found, sorted).
-        progress: show a progress bar (default: when stderr is a terminal).
+        progress: report progress over files (None: a bar on a terminal, else log lines; True: a bar; False: none).
         layout: ``domains`` or ``redpajama``.
 
     Returns:

@@ -14,6 +14,7 @@ import numpy as np
 
 from llmshear.datasets.jsonl import BadLineError, BadLines, CorruptFileError, read_records
 from llmshear.datasets.redpajama import document_domain
+from llmshear.progress import progress as report
 
 log = logging.getLogger(__name__)
 
@@ -139,31 +140,21 @@ def tokenize_all(tasks: list[FileTask], tokenizer_json: str, eos_id: int, worker
         eos_id: the token appended after every document.
         workers: processes; 1 tokenizes in this process.
         strict: raise at the first bad line or unreadable file.
-        progress: tqdm bar over files (None: only on a terminal).
+        progress: over files: None: a bar on a terminal, else log lines at an interval; True: a bar; False: none.
     """
-    from tqdm import tqdm
-
     jobs = [(task, eos_id, strict) for task in tasks]
-    bar = tqdm(total=len(jobs), unit="file", desc="tokenize", disable=None if progress is None else not progress)
     if workers == 1:
         with _single_threaded(tokenizer_json):
-            yield from _with_bar(map(_tokenize_file, jobs), bar)
+            yield from report(map(_tokenize_file, jobs), len(jobs), "tokenize", "file", enabled=progress)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch / Rust threads
     with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json,)) as pool:
-        yield from _with_bar(pool.imap(_tokenize_file, jobs), bar)
+        yield from report(pool.imap(_tokenize_file, jobs), len(jobs), "tokenize", "file", enabled=progress)
 
 
 def file_tasks(files: dict[str, list[Path]]) -> list[FileTask]:
     """One task per file of ``{domain: files}`` (every document goes to the file's domain)."""
     return [FileTask(str(path), domain) for domain, paths in files.items() for path in paths]
-
-
-def _with_bar(results, bar) -> Iterator[FileResult]:
-    with bar:
-        for result in results:
-            bar.update(1)
-            yield result
 
 
 class DomainPacker:

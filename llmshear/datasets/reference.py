@@ -35,7 +35,7 @@ def eval_domains(data: str | Path) -> list[str]:
 
 
 def source_reference(model, data: str | Path, domains: Sequence[str], batch_size: int = 4,
-                     max_seqs: int | None = None, device: str = "cpu") -> dict:
+                     max_seqs: int | None = None, device: str = "cpu", progress: bool = False) -> dict:
     """Per-domain mean next-token loss of ``model`` on ``data/<domain>`` (every sequence, or the first ``max_seqs``).
 
     Args:
@@ -45,6 +45,8 @@ def source_reference(model, data: str | Path, domains: Sequence[str], batch_size
         batch_size: sequences per forward pass.
         max_seqs: at most this many sequences per domain.
         device: where the model runs.
+        progress: report progress over batches (a bar on a terminal, else log lines; see
+            :func:`llmshear.progress.progress`).
 
     Returns:
         ``{"domains", "reference_losses", "tokens"}``.
@@ -56,12 +58,14 @@ def source_reference(model, data: str | Path, domains: Sequence[str], batch_size
 
     from llmshear.datasets.dynamic import DomainEvalDataset
     from llmshear.metrics import domain_losses
+    from llmshear.progress import progress as report
 
     sources = open_domains([Path(data) / d for d in domains])
     if max_seqs is not None:
         sources = [Subset(s, range(min(max_seqs, len(s)))) for s in sources]
     loader = DataLoader(DomainEvalDataset(sources, domains, rank=0, world_size=1), batch_size=batch_size)
-    result = domain_losses(model, loader, domains, device)
+    batches = report(loader, len(loader), "eval", "batch", enabled=None if progress else False)
+    result = domain_losses(model, batches, domains, device)
     empty = [d for d, n in zip(domains, result["tokens"], strict=True) if n == 0]
     if empty:
         raise ValueError(f"no evaluated tokens for domains {empty}")
