@@ -393,9 +393,12 @@ def with_source(overrides, source: str):
 
 def write_recipe(path: Path, template: Path, purpose: str, derived: dict, arm_overrides: dict, source: str) -> Path:
     """``template`` merged with ``derived``, then with the arm's overrides, written as a recipe that opens with
-    its purpose and command."""
+    its purpose and command. An arm's ``optimizer.clip_norm: 0`` turns clipping off: it drops the template's
+    ``algorithms.gradient_clipping`` (the two keys may not disagree)."""
     cfg = OmegaConf.merge(OmegaConf.load(template), OmegaConf.create(derived),
                           OmegaConf.create(with_source(arm_overrides, source)))
+    if arm_overrides.get("optimizer", {}).get("clip_norm") == 0 and "algorithms" in cfg:
+        cfg.algorithms.pop("gradient_clipping", None)
     header = (f"# bench_quality.py: {purpose}. Derived from {template.relative_to(REPO)}; alone:\n"
               f"#   python train.py {path}\n")
     path.write_text(header + OmegaConf.to_yaml(cfg))
