@@ -124,6 +124,9 @@ def test_bad_models_and_devices_are_named(tmp_path, caplog, monkeypatch):
         assert message in caplog.text
 
 
+DIST_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 @pytest.mark.slow
 def test_source_model_beats_a_random_init_model_of_its_shape(tmp_path):
     """The acceptance test: SmolLM2-135M vs random weights of the same shape, on the first 16 items (CPU).
@@ -137,7 +140,9 @@ def test_source_model_beats_a_random_init_model_of_its_shape(tmp_path):
 
     random_dir = tmp_path / "random"
     save_pretrained(build_model(load_config("smollm2"), seed=0), random_dir, tokenizer=load_tokenizer("smollm2"))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # one plain process: an in-process training test earlier in the session leaves torch.distributed's
+    # variables (RANK, LOCAL_RANK, ...) in os.environ, which would make accelerate start a process group
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARIABLES} | {"PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "eval_downstream.py"), "--model", "smollm2",
                            "--model", str(random_dir), "--tasks", "demo_continuation", "--limit", "16",
                            "--batch-size", "16"], capture_output=True, text=True, env=env, timeout=900)

@@ -78,7 +78,7 @@ def test_prune_recipe_plan(recipe_env):
     result = plan(cfg, Machine("a100-80g", 8))
     assert round(result["source_params"] / 1e9, 2) == 6.74 and round(result["target_params"] / 1e9, 2) == 1.35
     assert result["tokens"] == 3200 * 32 * 4096 == sum(result["stage_tokens"].values())
-    assert result["checkpoints_kept"] == 3200 // 400
+    assert result["checkpoints_kept"] == cfg.checkpoint.keep == 2  # of 3200 // 400 = 8 written
     assert result["weights_gib"] == pytest.approx(4 * result["source_params"] / 8 / 2**30)
     assert result["activations_ckpt_gib"] < result["activations_no_ckpt_gib"]
     assert result["fits"] and 0 < result["mfu"] < 1 and result["hours"] > 0
