@@ -163,11 +163,14 @@ class CheckpointInfo:
     kind: str
     batch: int
     data: dict = field(default_factory=dict)  # the train dataset's state (domains, seed, global_batch_size, ...)
+    tokens: int = 0
+    source: str | None = None  # the run's model.pretrained (ComposerLlama's extra state; None in older ones)
 
 
 def describe(path: str | os.PathLike) -> CheckpointInfo:
-    """Kind, batch and train-data state of a checkpoint, without reading its tensors (a full checkpoint is
-    memory-mapped and its tensors left untouched; of a sharded one only the metadata and small entries are read).
+    """Kind, batch, tokens, source and train-data state of a checkpoint, without reading its tensors (a full
+    checkpoint is memory-mapped and its tensors left untouched; of a sharded one only the metadata and small
+    entries are read).
 
     Raises:
         CheckpointError: see :func:`load_checkpoint`.
@@ -183,8 +186,12 @@ def describe(path: str | os.PathLike) -> CheckpointInfo:
     timestamp = state.get("timestamp") or {}
     timestamp = timestamp.get("Timestamp", timestamp) if isinstance(timestamp, dict) else {}
     batch = timestamp.get("batch", checkpoint_batch(path) or 0)
+    tokens = timestamp.get("token", 0)
     data = (state.get("dataset_state") or {}).get("train") or {}
-    return CheckpointInfo(path, kind, int(getattr(batch, "value", batch)), data if isinstance(data, dict) else {})
+    extra = model_state(checkpoint).get("_extra_state")
+    source = extra.get("source") if isinstance(extra, dict) else None
+    return CheckpointInfo(path, kind, int(getattr(batch, "value", batch)), data if isinstance(data, dict) else {},
+                          int(getattr(tokens, "value", tokens)), source)
 
 
 def checkpoints_in(folder: str | os.PathLike) -> list[tuple[int, Path]]:

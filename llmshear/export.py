@@ -120,7 +120,7 @@ def prune_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
             non-finite weights.
     """
     out_dir = _require_new_dir(out_dir)
-    stage = read_stage(checkpoint, "pruning")
+    stage = read_stage(checkpoint)
     tokenizer = resolve_tokenizer(tokenizer, stage.source)
     model, l0 = load_pruning_checkpoint(checkpoint)
     masks = l0.deterministic_masks()
@@ -151,7 +151,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         ValueError: see :func:`model_from_checkpoint`; a tokenizer that cannot be loaded; non-finite weights.
     """
     out_dir = _require_new_dir(out_dir)
-    stage = read_stage(checkpoint, "continued")
+    stage = read_stage(checkpoint)
     tokenizer = resolve_tokenizer(tokenizer, stage.source)
     model = model_from_checkpoint(checkpoint)
     return _save(model, out_dir, stage, tokenizer, dtype, command, {}, {})

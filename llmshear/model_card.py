@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llmshear.checkpoints import load_checkpoint, model_state
+from llmshear.checkpoints import describe
 from llmshear.loggers import METRICS_FILE, read_metrics
 
 SUMMARY_FILE = "summary.json"
@@ -30,21 +30,15 @@ class Stage:
     tokens: int
 
 
-def read_stage(path: str | os.PathLike, stage: str) -> Stage:
-    """The :class:`Stage` a Composer checkpoint (full or sharded) records: its source and the batches and tokens
-    it trained on. Only the model's extra state and the timestamp are read, no weight.
+def read_stage(path: str | os.PathLike) -> Stage:
+    """The :class:`Stage` a Composer checkpoint (full or sharded) records: its kind, source, and the batches and
+    tokens it trained on (:func:`llmshear.checkpoints.describe`; no weight is read).
 
     Raises:
         FileNotFoundError / CheckpointError: see :func:`llmshear.checkpoints.load_checkpoint`.
     """
-    checkpoint = load_checkpoint(path, keys={"state.model._extra_state", "state.timestamp"})
-    extra = model_state(checkpoint).get("_extra_state")
-    source = extra.get("source") if isinstance(extra, dict) else None
-    timestamp = checkpoint["state"].get("timestamp") or {}
-    timestamp = timestamp.get("Timestamp", timestamp) if isinstance(timestamp, dict) else {}
-    batches, tokens = (timestamp.get(key, 0) for key in ("batch", "token"))
-    return Stage(stage, source, str(Path(path).resolve()), int(getattr(batches, "value", batches)),
-                 int(getattr(tokens, "value", tokens)))
+    info = describe(path)
+    return Stage(info.kind, info.source, str(Path(path).resolve()), info.batch, info.tokens)
 
 
 def lineage(stage: Stage) -> list[dict]:
