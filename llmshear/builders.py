@@ -147,13 +147,14 @@ def build_eval_loader(cfg: RunConfig):
 
 
 def build_callbacks(cfg: RunConfig) -> list:
-    """The non-finite loss guard, dynamic loading, RNG restoration on resume, gradient clipping (unless its
-    threshold is 0), the pruning callback (pruning runs), with a bounded ``checkpoint.keep`` its count across
-    resumes, and the recipe's Composer ``callbacks:``."""
+    """The non-finite loss guard, dynamic loading (which writes ``proportions.json`` at the end), RNG restoration
+    on resume, gradient clipping (unless its threshold is 0), the pruning callback (pruning runs), with a bounded
+    ``checkpoint.keep`` its count across resumes, and the recipe's Composer ``callbacks:``."""
     d = cfg.data
     callbacks = [NonFiniteLossGuard(cfg.train.max_nonfinite),
                  DynamicLoadingCallback(d.domains, rule=d.update, reference_losses=d.reference_losses, eta=d.eta,
-                                        smoothing=d.smoothing, floor=d.floor, cap=d.cap, eval_label=EVAL_LABEL),
+                                        smoothing=d.smoothing, floor=d.floor, cap=d.cap, eval_label=EVAL_LABEL,
+                                        folder=cfg.checkpoint.save_folder),
                  ResumeRNG()]
     if clip_threshold(cfg) > 0:
         callbacks.append(ClipGradNorm(clip_threshold(cfg)))

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import logging
 import shutil
@@ -56,6 +55,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from llmshear.callbacks.dynamic_loading import PROPORTIONS_FILE
+from llmshear.checkpoints import LATEST_CHECKPOINT
 from llmshear.datasets.demo import make_demo_corpus
 from llmshear.datasets.mds import SUMMARY, TOKENS, MDSDomain, open_domains, prepare
 from llmshear.datasets.reference import eval_domains
@@ -67,6 +68,7 @@ from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.importance import importance_masks, random_masks
 from llmshear.models.l0 import TargetShape
 from llmshear.models.prune import cut_model, load_pruning_checkpoint, prune_summary
+from llmshear.run import main as train_main
 
 log = logging.getLogger("bench_quality")
 
@@ -92,7 +94,7 @@ CALIBRATION_BATCHES = 8  # importance arm: forward passes (no training) of the s
 EVAL_BATCH_SIZE = 8
 EVAL_SEQS, TEST_SEQS = 8, 32  # held-out sequences per domain: in-training evaluation / final evaluation
 CORPUS_CHARS, DATA_SEQ_LEN, DATA_EVAL_SEQS = 600_000, 256, EVAL_SEQS + TEST_SEQS
-LATEST, PROPORTIONS, RESULT, SETTINGS = "latest-rank0.pt", "proportions.json", "result.json", "settings.json"
+RESULT, SETTINGS = "result.json", "settings.json"
 START, CUT_REPORT = "start.json", "cut_report.json"
 
 
@@ -198,14 +200,6 @@ class Bench:
         return {"source": self.source, "target": self.target, "data": str(self.data), "test": str(self.test),
                 "prune_batches": self.prune_batches, "continue_batches": self.continue_batches,
                 "prune_budget": self.prune_budget}
-
-
-def load_train_py():
-    """The repository's ``train.py`` as a module: the arms run through its ``main`` like the command line."""
-    spec = importlib.util.spec_from_file_location("llmshear_train_py", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_json(path: Path, content: dict) -> None:
@@ -422,12 +416,13 @@ def recipe_overrides(bench: Bench, run: ArmRun, folder: Path, batches: int, stag
     }
 
 
-def train(train_py, recipe: Path) -> None:
-    """``train.py RECIPE``; a run folder without a checkpoint (an interrupted start) is cleared first."""
+def train(recipe: Path) -> None:
+    """``train.py RECIPE`` (:func:`llmshear.run.main`); a run folder without a checkpoint (an interrupted start)
+    is cleared first."""
     folder = Path(OmegaConf.load(recipe).checkpoint.save_folder)
-    if folder.exists() and not (folder / LATEST).exists():
+    if folder.exists() and not (folder / LATEST_CHECKPOINT).exists():
         shutil.rmtree(folder)
-    status = train_py.main([str(recipe)])
+    status = train_main([str(recipe)])
     if status != 0:
         raise RuntimeError(f"train.py {recipe} exited with status {status}")
 
@@ -436,7 +431,7 @@ def uniform(bench: Bench) -> list[float]:
     return [1 / len(bench.domains)] * len(bench.domains)
 
 
-def prune_stages(bench: Bench, run: ArmRun, stages: Stages, train_py) -> Path:
+def prune_stages(bench: Bench, run: ArmRun, stages: Stages) -> Path:
     """A learned arm's pruning run, its cut (``OUT/<key>/pruned``) and its cut report; the cut model's path."""
     folder = bench.out / run.key
     folder.mkdir(parents=True, exist_ok=True)
@@ -447,16 +442,16 @@ def prune_stages(bench: Bench, run: ArmRun, stages: Stages, train_py) -> Path:
     overrides["data"]["proportions"] = uniform(bench)
     recipe = write_recipe(folder / "prune.yaml", PRUNE_RECIPE, f"arm {run.key}, pruning stage", overrides,
                           run.arm.prune_overrides, bench.source)
-    stages.run("prune", prune_run / PROPORTIONS, lambda: train(train_py, recipe))
-    stages.run("cut", pruned / "config.json", lambda: prune_checkpoint(prune_run / LATEST, pruned))
-    cached(folder / CUT_REPORT, lambda: load_pruning_checkpoint(prune_run / LATEST)[1].cut_report())
+    stages.run("prune", prune_run / PROPORTIONS_FILE, lambda: train(recipe))
+    stages.run("cut", pruned / "config.json", lambda: prune_checkpoint(prune_run / LATEST_CHECKPOINT, pruned))
+    cached(folder / CUT_REPORT, lambda: load_pruning_checkpoint(prune_run / LATEST_CHECKPOINT)[1].cut_report())
     return pruned
 
 
-def learned_start(bench: Bench, run: ArmRun, stages: Stages, train_py) -> tuple[Path, dict]:
+def learned_start(bench: Bench, run: ArmRun, stages: Stages) -> tuple[Path, dict]:
     """The cut model of ``run``'s pruning run and the continue stage's proportion setting (its final ones)."""
-    pruned = prune_stages(bench, run, stages, train_py)
-    return pruned, {"proportions_from": str(bench.out / run.key / "prune" / PROPORTIONS)}
+    pruned = prune_stages(bench, run, stages)
+    return pruned, {"proportions_from": str(bench.out / run.key / "prune" / PROPORTIONS_FILE)}
 
 
 def calibration_batches(bench: Bench, seed: int) -> list[torch.Tensor]:
@@ -489,10 +484,10 @@ def make_start(bench: Bench, run: ArmRun, out_dir: Path) -> None:
     save_pretrained(cut, out_dir, extra_files={"summary.json": prune_summary(model, masks, cut)})
 
 
-def start_stages(bench: Bench, run: ArmRun, stages: Stages, train_py) -> tuple[Path, dict, dict]:
+def start_stages(bench: Bench, run: ArmRun, stages: Stages) -> tuple[Path, dict, dict]:
     """The start model of ``run``'s continued pre-training, its proportion setting and the batches per stage."""
     if run.arm.start == "l0":
-        start, data = learned_start(bench, run, stages, train_py)
+        start, data = learned_start(bench, run, stages)
         return start, data, {"prune": bench.prune_batches, "continue": bench.continue_batches}
     start = bench.out / run.key / ("init" if run.arm.start == "scratch" else "pruned")
     stages.run(run.arm.start, start / "config.json", lambda: make_start(bench, run, start))
@@ -532,7 +527,7 @@ def evaluate_arm(bench: Bench, run: ArmRun, stages: Stages, batches: dict, refer
     return result
 
 
-def run_arm(bench: Bench, run: ArmRun, train_py, reference: dict) -> dict:
+def run_arm(bench: Bench, run: ArmRun, reference: dict) -> dict:
     """Every stage of one arm, then its evaluation (and its start model's); ``OUT/<key>/result.json``."""
     folder = bench.out / run.key
     if (folder / RESULT).is_file():
@@ -541,12 +536,12 @@ def run_arm(bench: Bench, run: ArmRun, train_py, reference: dict) -> dict:
     log.info("arm %s: %s", run.key, run.label)
     folder.mkdir(parents=True, exist_ok=True)
     stages = Stages(folder)
-    start, data, batches = start_stages(bench, run, stages, train_py)
+    start, data, batches = start_stages(bench, run, stages)
     recipe = continue_recipe(bench, run, start, data, batches["continue"])
     continued = folder / "continue"
-    stages.run("continue", continued / PROPORTIONS, lambda: train(train_py, recipe))
+    stages.run("continue", continued / PROPORTIONS_FILE, lambda: train(recipe))
     stages.run("export", folder / "final" / "config.json",
-               lambda: export_checkpoint(continued / LATEST, folder / "final"))
+               lambda: export_checkpoint(continued / LATEST_CHECKPOINT, folder / "final"))
     result = evaluate_arm(bench, run, stages, batches, reference)
     result["start"] = start_row(bench, start)
     if run.learned:
@@ -652,10 +647,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.out.mkdir(parents=True, exist_ok=True)
     (bench.out / SETTINGS).write_text(json.dumps(bench.settings(), indent=2) + "\n")
     setup_data(bench, args.data is None)
-    train_py = load_train_py()
     reference = {**source_row(bench), "label": f"{bench.source} (source, uncut)"}
     add_gaps(reference, reference)
-    results = [run_arm(bench, run, train_py, reference) for run in runs]
+    results = [run_arm(bench, run, reference) for run in runs]
     (bench.out / "results.md").write_text(markdown(bench, reference, results))
     write_json(bench.out / "results.json", {"reference": reference, "arms": results})
     line = summary_line(bench, reference, results, time.perf_counter() - started)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from composer.utils import dist
-from recipe_fixtures import train_module
 
 from llmshear.builders import build_trainer
 from llmshear.callbacks.pruning import full_parameters
@@ -23,7 +22,6 @@ from llmshear.config import load
 
 def probe(recipe: str) -> None:
     """Fit ``recipe``, then save this rank's view of the gates, multipliers and proportions."""
-    train = train_module()
     cfg = load(recipe)
     trainer = build_trainer(cfg)
     trainer.fit()
@@ -38,7 +36,6 @@ def probe(recipe: str) -> None:
     probe = {"l0": l0, "proportions": dataset.proportions, "wrapper": wrapper, "world_size": dist.get_world_size(),
              "layer_types": [type(layer).__name__, type(inner).__name__]}
     torch.save(probe, Path(cfg.checkpoint.save_folder) / f"probe-rank{dist.get_global_rank()}.pt")
-    train.write_final_proportions(cfg, dataset.proportions)
     trainer.close()
 
 

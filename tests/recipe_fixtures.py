@@ -73,16 +73,3 @@ def tiny_recipe(tmp: Path, data_dir: Path, run: str = "run", prune: bool = True,
     OmegaConf.save(OmegaConf.create(recipe), path)
     return path
 
-
-def train_module():
-    """``train.py`` of the repository root, imported as a module (it is a script, not part of the package)."""
-    import importlib.util
-    import sys
-
-    if "train" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "train.py"
-        spec = importlib.util.spec_from_file_location("train", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["train"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["train"]

@@ -19,8 +19,6 @@ import composer.utils.checkpoint as composer_checkpoint
 import torch
 from torch.distributed.checkpoint import filesystem
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def stalling_writer(batch: int, mode: str, marker: Path):
     write = composer_checkpoint._write_checkpoint_file
@@ -60,7 +58,6 @@ if __name__ == "__main__":
         filesystem.FileSystemWriter.finish = stalling_finish(int(batch), Path(marker))
     else:
         composer_checkpoint._write_checkpoint_file = stalling_writer(int(batch), mode, Path(marker))
-    sys.path.insert(0, str(REPO))
-    import train
+    from llmshear.run import main
 
-    sys.exit(train.main(args))
+    sys.exit(main(args))

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipe_fixtures import DOMAINS, tiny_recipe, train_module, write_mds
+from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
+from llmshear import run as train
 from llmshear.checkpoints import LOCK_FILE, CheckpointError, RunLock, checkpoint_problem, describe, recover
 from llmshear.config import ConfigError, load
 
@@ -54,7 +55,7 @@ def run_main(caplog, recipe: Path, *args: str) -> tuple[int, str]:
     """``train.py recipe args`` in this process (a bad input must come back as a status, not an exception)."""
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        status = train_module().main([str(recipe), *args])
+        status = train.main([str(recipe), *args])
     return status, caplog.text
 
 

@@ -7,17 +7,16 @@ import re
 from pathlib import Path
 
 import pytest
-from recipe_fixtures import DOMAINS, tiny_recipe, train_module, write_mds
+from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
 from llmshear import composer_parts
+from llmshear import run as train
 from llmshear.builders import build_callbacks
 from llmshear.callbacks.clipping import ClipGradNorm
 from llmshear.config import ConfigError, load
 from llmshear.loggers import read_metrics
 from llmshear.models.build import PRESETS
 from llmshear.models.composer_llama import model_flops
-
-train = train_module()
 
 THRESHOLD = 0.05  # far below the tiny model's gradient norm (~5), so every step is clipped
 PEAK = 1.0e12  # a stand-in for the GPU's peak FLOP/s, so that the CPU run reports an MFU

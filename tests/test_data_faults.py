@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import zstandard
 from data_fixtures import REPO, tiny_tokenizer, write_corpus, write_shards  # noqa: F401 (tiny_tokenizer: fixture)
-from recipe_fixtures import DOMAINS, tiny_recipe, train_module, write_mds
+from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
+from llmshear import run as train
 from llmshear.config import ConfigError, load
 from llmshear.datasets.dynamic import build_train_dataloader, part_bounds
 from llmshear.datasets.mds import MDSDomain, ShardError, prepare
@@ -161,7 +162,7 @@ def test_data_beyond_the_model_vocabulary_is_a_config_error(tmp_path, prepared):
     text = str(caught.value)
     assert f"data.path: domain 'alpha' holds token ids up to {top}, model 'tiny-gqa' has a vocabulary of " \
            f"{model_vocab}" in text and f"vocabulary {summary['vocab_size']}" in text
-    assert train_module().main([str(tiny_recipe(tmp_path, data, run="again"))]) == 2
+    assert train.main([str(tiny_recipe(tmp_path, data, run="again"))]) == 2
     assert digest(data) == before and not (tmp_path / "again").exists()
 
 
@@ -215,7 +216,7 @@ def test_damaged_shard_is_a_config_error_naming_domain_and_shard(tmp_path, damag
     before = digest(tmp_path)
     with pytest.raises(ConfigError, match=f"data.path: domain 'beta': shard {shard}"):
         load(recipe)
-    assert train_module().main([str(recipe)]) == 2
+    assert train.main([str(recipe)]) == 2
     assert digest(tmp_path) == before
 
 
@@ -258,7 +259,7 @@ def test_damaged_sample_mid_run_stops_train_with_its_name(tmp_path, caplog):
     recipe = tiny_recipe(tmp_path, data, prune=False, train={"max_batches": 40})
     load(recipe)  # the damage passes the config-time check
     with caplog.at_level(logging.ERROR):
-        assert train_module().main([str(recipe)]) == 2
+        assert train.main([str(recipe)]) == 2
     # sample 5's end offset is sample 6's start: whichever is drawn first is named
     assert re.search(r"domain '\w+': shard \S+/train/\w+/shard\.00000\.mds: sample ([56]) \(sample \1 of the domain\) "
                      r"cannot be read", caplog.text), caplog.text

@@ -18,7 +18,7 @@ from composer.loggers import InMemoryLogger
 from data_fixtures import REPO, TinyLM, random_shards
 from torch.utils.data import DataLoader
 
-from llmshear.callbacks.dynamic_loading import DynamicLoadingCallback
+from llmshear.callbacks.dynamic_loading import PROPORTIONS_FILE, DynamicLoadingCallback, read_domain_values
 from llmshear.datasets.dynamic import DomainEvalDataset, build_eval_dataloader, build_train_dataloader
 from llmshear.datasets.mds import open_domains
 from llmshear.datasets.proportions import update_proportions
@@ -44,12 +44,13 @@ class SampleRecorder(Callback):
         self.ids.append(state.batch["sample_id"].tolist())
 
 
-def _trainer(data, max_batches, eval_loader=None, callbacks=(), **kwargs):
+def _trainer(data, max_batches, eval_loader=None, callbacks=(), folder=None, **kwargs):
     train = build_train_dataloader([data / "train" / d for d in DOMAINS], DOMAINS, START, batch_size=4, seq_len=16,
                                    seed=7, rank=0, world_size=1)
     evaluation = eval_loader or build_eval_dataloader([data / "eval" / d for d in DOMAINS], DOMAINS, batch_size=4,
                                                       rank=0, world_size=1)
-    callback = DynamicLoadingCallback(DOMAINS, rule="doremi", reference_losses=REFERENCE, eta=1.0, smoothing=1e-4)
+    callback = DynamicLoadingCallback(DOMAINS, rule="doremi", reference_losses=REFERENCE, eta=1.0, smoothing=1e-4,
+                                      folder=folder)
     trainer = Trainer(model=TinyLM.build(DOMAINS), train_dataloader=train, eval_dataloader=evaluation,
                       eval_interval="3ba", max_duration=f"{max_batches}ba", callbacks=[callback, *callbacks],
                       device="cpu", progress_bar=False, log_to_console=False, seed=7, **kwargs)
@@ -73,6 +74,19 @@ def test_update_after_each_eval_sets_and_logs_proportions(data):
         assert memory.data[f"dynamic_loading/loss/{d}"][-1][1] == pytest.approx(last["losses"][i])
         assert memory.data[f"dynamic_loading/gap/{d}"][-1][1] == pytest.approx(last["losses"][i] - REFERENCE[i])
         assert float(memory.data[f"metrics/eval/DomainCrossEntropy/{d}"][-1][1]) == pytest.approx(last["losses"][i])
+
+
+def test_proportions_file_holds_the_last_update_and_reads_back(data, tmp_path):
+    # 7 batches, evaluations at 3 and 6, and once more after FIT_END (3 does not divide 7): that one is final too
+    trainer, callback, dataset = _trainer(data, 7, folder=tmp_path)
+    trainer.fit()
+    assert [h["batch"] for h in callback.history] == [3, 6, 7]
+    assert read_domain_values(tmp_path / PROPORTIONS_FILE, DOMAINS, "proportions") == dataset.proportions
+    assert dataset.proportions == callback.history[-1]["proportions"]
+    reordered = read_domain_values(tmp_path / PROPORTIONS_FILE, DOMAINS[::-1], "proportions")
+    assert reordered == dataset.proportions[::-1]
+    with pytest.raises(ValueError, match="has domains"):
+        read_domain_values(tmp_path / PROPORTIONS_FILE, ["a", "b"], "proportions")
 
 
 def test_domain_absent_from_eval_keeps_its_weight_and_nothing_is_nan(data):

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipe_fixtures import DOMAINS, tiny_recipe, train_module, write_mds
+from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+from llmshear import run as train
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import save_pretrained
 from llmshear.models.sources import load_tokenizer
 
-train = train_module()
 SEQ_LEN, BATCHES, GLOBAL_BATCH = 32, 2, 4
 
 

@@ -12,12 +12,12 @@ import zipfile
 from types import SimpleNamespace
 
 import pytest
-from recipe_fixtures import DOMAINS, tiny_recipe, train_module, write_mds
+from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
+from llmshear import run as train
 from llmshear.callbacks.nonfinite import NonFiniteLossError, NonFiniteLossGuard
 from llmshear.loggers import METRICS_FILE, JSONLinesLogger, read_metrics
 
-train = train_module()
 LOSS = "loss/train/total"
 
 

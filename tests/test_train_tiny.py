@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipe_fixtures import DOMAINS, tiny_recipe, train_module, write_mds
+from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 from transformers import AutoModelForCausalLM
 
+from llmshear import run as train
 from llmshear.config import load
 from llmshear.evaluation import evaluate_domains
 from llmshear.export import export_checkpoint, model_from_checkpoint, prune_checkpoint
 from llmshear.loggers import read_metrics
 from llmshear.models.hf import load_model
-
-train = train_module()
 
 
 def script(name: str):

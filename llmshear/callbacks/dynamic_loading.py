@@ -1,10 +1,15 @@
-"""Dynamic batch loading: after each evaluation, re-weight the training domains by their loss gap."""
+"""Dynamic batch loading: after each evaluation, re-weight the training domains by their loss gap.
+
+A run's final proportions go to ``<save_folder>/proportions.json`` (:func:`write_domain_values`), which
+``data.proportions_from`` of a later run reads back (:func:`read_domain_values`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from composer.core import Callback, State
 from composer.loggers import Logger
@@ -14,6 +19,35 @@ from llmshear.datasets.proportions import RULES, bounds_errors, reference_loss_e
 from llmshear.metrics import DomainCrossEntropy
 
 log = logging.getLogger(__name__)
+
+PROPORTIONS_FILE = "proportions.json"
+
+
+def write_domain_values(path: str | Path, domains: Sequence[str], key: str, values: Sequence[float]) -> None:
+    """``{"domains": [...], key: [...]}`` as indented JSON at ``path``, replacing it only once complete."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"domains": list(domains), key: [float(v) for v in values]}, indent=2) + "\n")
+    partial.replace(path)
+
+
+def read_domain_values(path: str | Path, domains: Sequence[str], key: str) -> list[float]:
+    """``content[key]`` of a JSON file ``{"domains": [...], key: [...]}``, reordered to ``domains``.
+
+    Reads the ``proportions.json`` a run writes into its folder at the end (``key="proportions"``) and the JSON
+    line of ``scripts/reference_loss.py`` (``key="reference_losses"``).
+
+    Raises:
+        ValueError: unreadable file, or its domains are not the same set as ``domains``.
+    """
+    try:
+        content = json.loads(Path(path).read_text())
+        mapping = dict(zip(content["domains"], content[key], strict=True))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read {key} from {path}: {err!r}") from err
+    if set(mapping) != set(domains):
+        raise ValueError(f"{path} has domains {sorted(mapping)}, the config has {sorted(domains)}")
+    return [float(mapping[d]) for d in domains]
 
 
 class DynamicLoadingCallback(Callback):
@@ -38,6 +72,8 @@ class DynamicLoadingCallback(Callback):
         smoothing: ``data.smoothing``, the uniform mixing ``c`` of ``doremi``.
         floor, cap: ``data.floor`` / ``data.cap``, bounds on every weight after the update.
         eval_label: the evaluator whose metrics drive the update.
+        folder: the run folder; at ``fit_end`` rank 0 writes the final proportions to
+            ``folder/proportions.json`` (None: not written).
 
     Raises:
         ValueError: unknown rule, missing or mis-sized reference losses, impossible bounds.
@@ -45,7 +81,7 @@ class DynamicLoadingCallback(Callback):
 
     def __init__(self, domains: Sequence[str], rule: str = "doremi", reference_losses: Sequence[float] | None = None,
                  eta: float = 1.0, smoothing: float = 1e-4, floor: float = 0.0, cap: float = 1.0,
-                 eval_label: str = "eval"):
+                 eval_label: str = "eval", folder: str | Path | None = None):
         if rule not in RULES:
             raise ValueError(f"data.update={rule!r}: unknown rule; known rules: {sorted(RULES)}")
         problems = reference_loss_errors(reference_losses, domains, rule) + bounds_errors(floor, cap, len(domains))
@@ -55,7 +91,9 @@ class DynamicLoadingCallback(Callback):
         self.rule, self.eta, self.smoothing, self.floor, self.cap = rule, eta, smoothing, floor, cap
         self.reference_losses = None if reference_losses is None else [float(v) for v in reference_losses]
         self.eval_label = eval_label
+        self.folder = None if folder is None else Path(folder)
         self.history: list[dict] = []
+        self.fit_ended = False  # after FIT_END Composer may evaluate once more (eval_interval not dividing the run)
 
     def _dataset(self, state: State):
         dataset = getattr(state.train_dataloader, "dataset", None)
@@ -101,6 +139,20 @@ class DynamicLoadingCallback(Callback):
         logger.log_metrics(self._metrics(losses, new))
         log.info("batch %d: proportions %s", batch, ", ".join(f"{d}={w:.4f}" for d, w in zip(self.domains, new,
                                                                                              strict=True)))
+        if self.fit_ended:
+            self.write_proportions(state)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self.fit_ended = True
+        self.write_proportions(state)
+
+    def write_proportions(self, state: State) -> None:
+        """The current proportions to ``folder/proportions.json`` (rank 0, when a folder is set)."""
+        if self.folder is None or dist.get_global_rank() != 0:
+            return
+        path = self.folder / PROPORTIONS_FILE
+        write_domain_values(path, self.domains, "proportions", self._dataset(state).proportions)
+        log.info("final domain proportions: %s", path)
 
     def _metrics(self, losses: list[float | None], weights: list[float]) -> dict[str, float]:
         metrics = {}

@@ -1,0 +1,62 @@
+"""One training run: ``train.py RECIPE.yaml [key=value ...]`` (see the repository's ``train.py``).
+
+:func:`main` loads and validates the recipe (every problem at once, before any weight or data is read), then
+:func:`run` locks the run folder (and, resuming, recovers it), builds the Composer Trainer and fits. At the end
+the run folder holds the checkpoints, ``metrics.jsonl``, ``masks/`` (pruning runs) and ``proportions.json``
+(the final domain proportions, which ``data.proportions_from`` of a later run reads).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from composer.utils import dist, get_device
+
+from llmshear.builders import build_trainer
+from llmshear.callbacks.nonfinite import NonFiniteLossError
+from llmshear.checkpoints import CheckpointError, open_run_folder
+from llmshear.config import ConfigError, RunConfig, load
+from llmshear.datasets.mds import ShardError
+
+log = logging.getLogger("train")
+
+USAGE = "usage: train.py RECIPE.yaml [key=value ...]"
+
+
+def run(cfg: RunConfig) -> None:
+    """Lock (and, resuming, recover) the run folder, build everything and fit.
+
+    Raises:
+        CheckpointError: the run folder is in use by another run (see :func:`llmshear.checkpoints.open_run_folder`).
+    """
+    dist.initialize_dist(get_device(cfg.train.device))  # the folder's lock and recovery need the ranks together
+    c = cfg.checkpoint
+    lock, done = open_run_folder(c.save_folder, c.autoresume, cfg.train.max_batches)
+    try:
+        if done is not None:
+            log.info("the run in %s is complete: its latest checkpoint is batch %d of train.max_batches=%d; nothing "
+                     "to do (raise train.max_batches to train on)", c.save_folder, done, cfg.train.max_batches)
+            return
+        trainer = build_trainer(cfg)
+        trainer.fit()
+        trainer.close()
+    finally:
+        lock.release()
+
+
+def main(args: list[str]) -> int:
+    """``RECIPE.yaml [key=value ...]``; returns the exit status (2 for an invalid config or damaged data, 3 for a
+    run stopped by a non-finite loss)."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{dist.get_global_rank()} %(name)s: %(message)s")
+    if not args or args[0] in ("-h", "--help") or "=" in args[0]:
+        log.error(USAGE)
+        return 2
+    try:
+        run(load(args[0], args[1:]))
+    except (ConfigError, CheckpointError, ShardError) as err:  # a ShardError: data damaged after the checks
+        log.error("%s", err)
+        return 2
+    except NonFiniteLossError as err:
+        log.error("%s", err)
+        return 3
+    return 0
