@@ -41,9 +41,11 @@ def write_config_dir(directory: Path, preset: str, target: dict | None = None) -
     return directory
 
 
-def write_proportions(path: Path, domains: list[str]) -> Path:
+def write_proportions(path: Path, domains: list[str], proportions: list[float] | None = None) -> Path:
+    """A ``proportions.json`` as a run writes it (uniform unless ``proportions`` are given)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"domains": domains, "proportions": [1 / len(domains)] * len(domains)}))
+    proportions = proportions or [1 / len(domains)] * len(domains)
+    path.write_text(json.dumps({"domains": domains, "proportions": proportions}))
     return path
 
 

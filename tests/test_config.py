@@ -17,6 +17,10 @@ from recipe_fixtures import DOMAINS, tiny_recipe, write_config_dir, write_mds, w
 
 from llmshear.builders import build_composer_model
 from llmshear.config import ConfigError, load
+from llmshear.config.loading import resolve_files
+from llmshear.config.preflight import check_proportions
+from llmshear.config.schema import parse
+from llmshear.config.types import load_raw
 
 REDPAJAMA = ["cc", "github", "book", "stackexchange", "wiki", "arxiv", "c4-rp"]
 PAPER_TARGETS = {
@@ -240,6 +244,23 @@ def test_proportions_from_a_previous_run(tmp_path, data):
     assert cfg.data.proportions == pytest.approx([1 / 3] * 3)
     problems = problems_of(tiny_recipe(tmp_path, data), [f"data.proportions_from={source}"])
     assert any("set one of them, not both" in p for p in problems)
+
+
+def test_files_are_resolved_in_their_own_step_and_the_checks_read_nothing(tmp_path, data):
+    source = write_proportions(tmp_path / "prev" / "proportions.json", DOMAINS, [0.5, 0.25, 0.25])
+    recipe = tiny_recipe(tmp_path, data)
+    raw, _ = load_raw(recipe, ["data.proportions=null", f"data.proportions_from={source}"])
+    cfg, problems = parse(raw)
+    assert not problems and cfg.data.proportions is None
+    assert resolve_files(cfg) == (frozenset({"proportions"}), [])
+    assert cfg.data.proportions == [0.5, 0.25, 0.25]
+    unread, _ = parse(raw)  # not resolved: the file's value is not checked, and nothing is reported of it
+    assert not any("proportions" in p for p in check_proportions(unread))
+    source.write_text("{")
+    cfg, _ = parse(raw)
+    resolved, problems = resolve_files(cfg)
+    assert resolved == frozenset() and cfg.data.proportions is None
+    assert problems and problems[0].startswith("data.proportions_from: cannot read proportions from")
 
 
 def test_reference_losses_from_the_reference_loss_script(tmp_path, data):

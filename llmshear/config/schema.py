@@ -1,27 +1,16 @@
-"""Run configuration: YAML + ``key=value`` overrides (OmegaConf) → typed, validated sections.
+"""The run configuration's schema: one dataclass per section, the enumerated choices, and :func:`parse`.
 
-Every problem is collected and reported at once, each naming its key (and, for keys written in the YAML
-file, ``file:line``), before any weight or data is read. This module holds the schema (one dataclass per
-section) and :func:`load`; :mod:`llmshear.config_types` the generic merging and type checking,
-:mod:`llmshear.config_checks` the checks against numbers, files and the machine.
+Every section documents its keys; docs/recipes.md shows them in recipes.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
-
-from llmshear.config_checks import check_run
-from llmshear.config_types import ConfigError, annotate, build_section, load_raw
+from llmshear.config.types import build_section
 from llmshear.datasets.proportions import RULES
-from llmshear.durations import resolve_durations
 from llmshear.models.l0 import CONSTRAINTS, EVAL_MASKS, STRUCTURES
 from llmshear.optim import GATE_SCHEDULES
-
-__all__ = ["ConfigError", "RunConfig", "load"]
 
 
 @dataclass
@@ -229,31 +218,3 @@ def parse(raw: dict) -> tuple[RunConfig | None, list[str]]:
     if cfg is not None:
         problems += check_choices(cfg)
     return cfg, problems
-
-
-def load(path: str | Path, overrides: list[str] = (), world_size: int | None = None,
-         cuda: bool | None = None, files: bool = True) -> RunConfig:
-    """Load, merge, type-check and validate a run config; nothing heavy is read.
-
-    Args:
-        path: the YAML recipe.
-        overrides: ``key=value`` strings (OmegaConf dotlist), applied after the file.
-        world_size: processes in the run (default: ``WORLD_SIZE`` of the environment, else 1).
-        cuda: whether a GPU is usable (default: ``torch.cuda.is_available()``).
-        files: check the data, the checkpoints and the ``*_from`` files (False: the resource planner, which
-            runs before any of them exists, reads only the model configs).
-
-    Raises:
-        ConfigError: listing every problem, each naming its key (with ``file:line`` where it is in the file).
-    """
-    world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = cuda if cuda is not None else torch.cuda.is_available()
-    raw, problems = load_raw(path, overrides)
-    cfg, schema_problems = parse(raw)
-    problems += schema_problems
-    if cfg is not None:
-        problems += resolve_durations(cfg)
-        problems += check_run(cfg, world_size, cuda, files)
-    if problems:
-        raise ConfigError(annotate(problems, path, overrides), origin=str(path))
-    return cfg

@@ -1,4 +1,5 @@
-"""Checks of a typed run config against numbers, files and the machine, each problem naming its key.
+"""Preflight: checks of a typed, resolved run config against numbers, files and the machine, each problem naming
+its key.
 
 Only configs and indexes are read here (the source's ``config.json``, MDS ``index.json``, a checkpoint's zip
 directory), never weights or samples, so a bad run fails in seconds.
@@ -6,9 +7,7 @@ directory), never weights or samples, so a bad run fails in seconds.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from llmshear.checkpoints import (
     LATEST_CHECKPOINT,
@@ -19,6 +18,7 @@ from llmshear.checkpoints import (
     describe,
 )
 from llmshear.composer_parts import check_parts
+from llmshear.config.schema import RunConfig
 from llmshear.datasets.dynamic import open_train_parts
 from llmshear.datasets.mds import open_domains
 from llmshear.datasets.proportions import bounds_errors, proportion_errors, reference_loss_errors
@@ -26,10 +26,7 @@ from llmshear.datasets.vocab import vocab_problems
 from llmshear.models.hf import check_weights, load_config
 from llmshear.models.l0 import TargetShape
 
-if TYPE_CHECKING:
-    from llmshear.config import RunConfig
-
-__all__ = ["LATEST_CHECKPOINT", "check_run", "checkpoint_problem", "read_domain_values"]
+__all__ = ["check_run"]
 
 
 def check_numbers(cfg: RunConfig) -> list[str]:
@@ -137,65 +134,29 @@ def check_model(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def read_domain_values(path: str | Path, domains: list[str], key: str) -> list[float]:
-    """``content[key]`` of a JSON file ``{"domains": [...], key: [...]}``, reordered to ``domains``.
+def check_proportions(cfg: RunConfig, resolved: frozenset[str] = frozenset()) -> list[str]:
+    """Proportions, reference losses and bounds against the domains.
 
-    Reads the ``proportions.json`` a run writes into its folder at the end (``key="proportions"``, see
-    ``train.py``) and the JSON line of ``scripts/reference_loss.py`` (``key="reference_losses"``).
-
-    Raises:
-        ValueError: unreadable file, or its domains are not the same set as ``domains``.
-    """
-    try:
-        content = json.loads(Path(path).read_text())
-        mapping = dict(zip(content["domains"], content[key], strict=True))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"cannot read {key} from {path}: {err!r}") from err
-    if set(mapping) != set(domains):
-        raise ValueError(f"{path} has domains {sorted(mapping)}, the config has {sorted(domains)}")
-    return [float(mapping[d]) for d in domains]
-
-
-def resolve_from_files(cfg: RunConfig) -> list[str]:
-    """Fill ``data.proportions`` / ``data.reference_losses`` from their ``*_from`` files; one of each pair."""
-    d = cfg.data
-    problems = []
-    for key in ("proportions", "reference_losses"):
-        value, source = getattr(d, key), getattr(d, f"{key}_from")
-        if value is not None and source is not None:
-            problems.append(f"data.{key} / data.{key}_from: set one of them, not both")
-        elif source is not None:
-            try:
-                setattr(d, key, read_domain_values(source, d.domains, key))
-            except ValueError as err:
-                problems.append(f"data.{key}_from: {err}")
-    if d.proportions is None and d.proportions_from is None:
-        problems.append("data.proportions / data.proportions_from: set one of them")
-    return problems
-
-
-def check_proportions(cfg: RunConfig, files: bool = True) -> list[str]:
-    """Resolve the ``*_from`` files; check proportions, reference losses and bounds against the domains.
-
-    With ``files=False`` a value that comes from a file is not read, and not checked.
+    ``resolved``: the keys whose value :func:`~llmshear.config.loading.resolve_files` has read from the file
+    its ``*_from`` key names. A value still unread (planning without files, or an unreadable file, reported
+    there) is not checked.
     """
     d = cfg.data
     problems = []
     if len(set(d.domains)) != len(d.domains) or not d.domains:
         problems.append(f"data.domains={d.domains}: must be a non-empty list of distinct names")
-    if not files:
-        if d.proportions is not None and d.proportions_from is None:
-            problems += proportion_errors(d.proportions, d.domains, key="data.proportions")
-        return problems + bounds_errors(d.floor, d.cap, len(d.domains))
-    resolved = resolve_from_files(cfg)
-    if resolved:
-        return problems + resolved
-    key = "data.proportions" if d.proportions_from is None else "data.proportions_from"
-    problems += proportion_errors(d.proportions, d.domains, key=key)
-    key = "data.reference_losses" if d.reference_losses_from is None else "data.reference_losses_from"
-    problems += reference_loss_errors(d.reference_losses, d.domains, rule=d.update, key=key)
-    problems += bounds_errors(d.floor, d.cap, len(d.domains))
-    return problems
+    for key in ("proportions", "reference_losses"):
+        if getattr(d, key) is not None and getattr(d, f"{key}_from") is not None and key not in resolved:
+            problems.append(f"data.{key} / data.{key}_from: set one of them, not both")
+    if d.proportions is None and d.proportions_from is None:
+        problems.append("data.proportions / data.proportions_from: set one of them")
+    if d.proportions is not None:
+        key = "data.proportions_from" if "proportions" in resolved else "data.proportions"
+        problems += proportion_errors(d.proportions, d.domains, key=key)
+    if d.reference_losses is not None or d.reference_losses_from is None:
+        key = "data.reference_losses_from" if "reference_losses" in resolved else "data.reference_losses"
+        problems += reference_loss_errors(d.reference_losses, d.domains, rule=d.update, key=key)
+    return problems + bounds_errors(d.floor, d.cap, len(d.domains))
 
 
 def check_data(cfg: RunConfig) -> list[str]:
@@ -339,14 +300,16 @@ def check_local_paths(cfg: RunConfig) -> list[str]:
     return problems
 
 
-def check_run(cfg: RunConfig, world_size: int, cuda: bool, files: bool = True) -> list[str]:
+def check_run(cfg: RunConfig, world_size: int, cuda: bool, files: bool = True,
+              resolved: frozenset[str] = frozenset()) -> list[str]:
     """All semantic checks; a check that trips over a value of the wrong type (already reported) is skipped.
+    ``resolved``: the data keys read from ``*_from`` files (see :func:`check_proportions`).
 
-    ``files=False`` leaves out the checks of the data, the checkpoints and the ``*_from`` files.
+    ``files=False`` leaves out the checks of the data and the checkpoints.
     """
     file_checks = [check_data, check_checkpoint] if files else []
     checks = [check_numbers, lambda c: check_batches(c, world_size), check_model,
-              lambda c: check_proportions(c, files), *file_checks, check_local_paths,
+              lambda c: check_proportions(c, resolved), *file_checks, check_local_paths,
               lambda c: check_runtime(c, cuda), lambda c: check_parts(c, world_size, cuda)]
     problems = []
     _CONFIGS.clear()
