@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,31 @@ def test_same_input_same_shards_with_any_worker_count(corpus, prepared, tiny_tok
     files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert all((out / f).read_bytes() == (again / f).read_bytes() for f in files)
+
+
+WORKER_TEARDOWN_MAIN = """
+import sys
+from pathlib import Path
+
+import composer  # installs Composer's SIGTERM handler here and, through spawn, in every worker
+
+from llmshear.datasets.mds import prepare
+
+if __name__ == "__main__":
+    prepare(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), seq_len=16, eval_seqs=1, workers=2, progress=False)
+"""
+
+
+def test_tokenizer_pool_ends_quietly_under_a_main_script_that_imports_composer(corpus, tiny_tokenizer,  # noqa: F811
+                                                                               tmp_path):
+    main = tmp_path / "main.py"
+    main.write_text(WORKER_TEARDOWN_MAIN)
+    result = subprocess.run([sys.executable, str(main), str(corpus[0] / "in"), str(tiny_tokenizer),
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "summary.json").is_file()
+    assert "Exception ignored" not in result.stderr and "SystemExit" not in result.stderr, result.stderr
 
 
 def test_compressed_inputs_read_like_plain_ones(tmp_path, tiny_tokenizer):  # noqa: F811

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,17 @@ def _init_worker(tokenizer_json: str) -> None:
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOKENIZER = Tokenizer.from_str(tokenizer_json)
+
+
+def _start_pool_worker(tokenizer_json: str) -> None:
+    """A pool worker's start: the default SIGTERM action, then :func:`_init_worker`.
+
+    The pool ends its workers with SIGTERM. A spawned worker re-imports the parent's main script, and one that
+    imports Composer installs Composer's handler (``sys.exit(143)``, whose ``SystemExit`` the worker prints as an
+    ignored exception at exit); the default action ends the worker quietly.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(tokenizer_json)
 
 
 @contextlib.contextmanager
@@ -148,7 +160,7 @@ def tokenize_all(tasks: list[FileTask], tokenizer_json: str, eos_id: int, worker
             yield from report(map(_tokenize_file, jobs), len(jobs), "tokenize", "file", enabled=progress)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch / Rust threads
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json,)) as pool:
+    with context.Pool(workers, initializer=_start_pool_worker, initargs=(tokenizer_json,)) as pool:
         yield from report(pool.imap(_tokenize_file, jobs), len(jobs), "tokenize", "file", enabled=progress)
 
 
