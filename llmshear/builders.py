@@ -35,8 +35,8 @@ from llmshear.models.composer_llama import ComposerLlama, Distillation
 from llmshear.models.hf import build_model, load_config, load_model
 from llmshear.models.importance import init_l0_from_importance
 from llmshear.models.l0 import L0Module, TargetShape
-from llmshear.models.sources import source_record
 from llmshear.optim import build_optimizer, build_scheduler
+from llmshear.sources import source_record
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def all_local(specs: list[TaskSpec]) -> bool:
 
 def is_local_model(source: str) -> bool:
     """An existing path or ``smollm2``: anything else is a hub name."""
-    from llmshear.models.sources import SMOLLM2
+    from llmshear.sources import SMOLLM2
 
     return source == SMOLLM2 or Path(source).exists()
 
@@ -133,7 +133,7 @@ def load_lm(source: str, tokenizer: str | None = None, device: str = "cpu", dtyp
 
     from llmshear.evaluation import DTYPES
     from llmshear.models.hf import load_model
-    from llmshear.models.sources import load_tokenizer, resolve_source
+    from llmshear.sources import load_tokenizer, resolve_source
 
     if not is_local_model(source) and _looks_like_path(source):
         raise FileNotFoundError(f"--model {source}: not found (expected an HF directory, a .gguf file, smollm2 or "

@@ -22,7 +22,7 @@ from llmshear.model_card import CARD_FILE, SUMMARY_FILE, domain_perplexity, line
 from llmshear.models.hf import save_pretrained
 from llmshear.models.llama import LlamaConfig, LlamaLM
 from llmshear.models.prune import cut_model, load_pruning_checkpoint, model_from_state, prune_summary
-from llmshear.models.sources import has_tokenizer, load_tokenizer
+from llmshear.sources import has_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM
 from llmshear.models.hf import PRESETS, build_model, load_config, load_model, save_pretrained
 from llmshear.models.l0 import L0Module, TargetShape, params_of_masks
 from llmshear.models.prune import cut_model
-from llmshear.models.sources import resolve_source
+from llmshear.sources import resolve_source
 
 logger = logging.getLogger("check_equivalence")
 SHAPE = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "vocab_size")

@@ -36,7 +36,7 @@ def smollm2_hf():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmshear.models.sources import resolve_source
+    from llmshear.sources import resolve_source
 
     location = resolve_source("smollm2")
     model = AutoModelForCausalLM.from_pretrained(location.directory, gguf_file=location.gguf_file, dtype=torch.float32)

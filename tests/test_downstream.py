@@ -136,7 +136,7 @@ def test_source_model_beats_a_random_init_model_of_its_shape(tmp_path):
     """
     from llmshear.models.build import build_model
     from llmshear.models.hf import load_config, save_pretrained
-    from llmshear.models.sources import load_tokenizer
+    from llmshear.sources import load_tokenizer
 
     random_dir = tmp_path / "random"
     save_pretrained(build_model(load_config("smollm2"), seed=0), random_dir, tokenizer=load_tokenizer("smollm2"))

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 from llmshear import run as train
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import save_pretrained
-from llmshear.models.sources import load_tokenizer
+from llmshear.sources import load_tokenizer
 
 SEQ_LEN, BATCHES, GLOBAL_BATCH = 32, 2, 4
 

@@ -153,7 +153,7 @@ def test_smollm2_config_from_gguf_metadata_matches_the_preset(smollm2):
 
 
 def test_smollm2_tokenizer_takes_its_special_tokens_from_the_gguf(smollm2):
-    from llmshear.models.sources import load_tokenizer
+    from llmshear.sources import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2")
     assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")

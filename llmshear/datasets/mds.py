@@ -47,7 +47,7 @@ def fast_tokenizer(name: str | Path):
     Raises:
         ValueError: the tokenizer is not a fast one, or has no EOS token.
     """
-    from llmshear.models.sources import load_tokenizer
+    from llmshear.sources import load_tokenizer
 
     tokenizer = load_tokenizer(name)
     if not getattr(tokenizer, "is_fast", False):

@@ -30,7 +30,7 @@ from llmshear.models.checkpoint import (
     weight_files,
 )
 from llmshear.models.llama import LlamaConfig, LlamaLM
-from llmshear.models.sources import resolve_source
+from llmshear.sources import resolve_source
 
 __all__ = ["PRESETS", "build_model", "check_weights", "config_from_hf", "config_to_hf", "load_config", "load_model",
            "save_pretrained"]
