@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, Subset
 
-from llmshear.datasets.reference import source_reference
+from llmshear.datasets.dynamic import DomainEvalDataset
+from llmshear.datasets.mds import open_domains
+from llmshear.metrics import domain_losses
 from llmshear.models.llama import LlamaLM
+from llmshear.progress import progress as report
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype choices
@@ -29,6 +34,40 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
+def mean_domain_losses(model, data: str | Path, domains: Sequence[str], batch_size: int = 4,
+                       max_seqs: int | None = None, device: str = "cpu", progress: bool = False) -> dict:
+    """Per-domain mean next-token loss of ``model`` on ``data/<domain>`` (every sequence, or the first ``max_seqs``).
+
+    Of the source model, these are the "source reference" losses (``scripts/reference_loss.py``).
+
+    Args:
+        model: maps ``input_ids`` ``(B, T)`` to logits ``(B, T, V)``.
+        data: the eval split directory (``OUT/eval``).
+        domains: which domains, in output order.
+        batch_size: sequences per forward pass.
+        max_seqs: at most this many sequences per domain.
+        device: where the model runs.
+        progress: report progress over batches (a bar on a terminal, else log lines; see
+            :func:`llmshear.progress.progress`).
+
+    Returns:
+        ``{"domains", "losses", "tokens"}``.
+
+    Raises:
+        ValueError: a domain without any evaluated token.
+    """
+    sources = open_domains([Path(data) / d for d in domains])
+    if max_seqs is not None:
+        sources = [Subset(s, range(min(max_seqs, len(s)))) for s in sources]
+    loader = DataLoader(DomainEvalDataset(sources, domains, rank=0, world_size=1), batch_size=batch_size)
+    batches = report(loader, len(loader), "eval", "batch", enabled=None if progress else False)
+    result = domain_losses(model, batches, domains, device)
+    empty = [d for d, n in zip(domains, result["tokens"], strict=True) if n == 0]
+    if empty:
+        raise ValueError(f"no evaluated tokens for domains {empty}")
+    return {"domains": list(domains), "losses": result["losses"], "tokens": result["tokens"]}
+
+
 def evaluate_domains(model: LlamaLM, data: str | Path, domains: list[str], batch_size: int = 8,
                      max_seqs: int | None = None, device: str = "cpu", progress: bool = False) -> dict:
     """Loss and perplexity per domain of ``data/<domain>`` (MDS), and their unweighted means.
@@ -46,9 +85,9 @@ def evaluate_domains(model: LlamaLM, data: str | Path, domains: list[str], batch
         ``{"domains": {domain: {"loss", "ppl", "tokens"}}, "mean_loss", "mean_ppl"}``.
     """
     model.eval()
-    result = source_reference(model, data, domains, batch_size, max_seqs, device, progress)
+    result = mean_domain_losses(model, data, domains, batch_size, max_seqs, device, progress)
     per_domain = {}
-    for name, loss, tokens in zip(domains, result["reference_losses"], result["tokens"], strict=True):
+    for name, loss, tokens in zip(domains, result["losses"], result["tokens"], strict=True):
         per_domain[name] = {"loss": loss, "ppl": math.exp(loss), "tokens": tokens}
         log.info("%s: loss %.4f, perplexity %.2f (%d tokens)", name, loss, math.exp(loss), tokens)
     mean = sum(r["loss"] for r in per_domain.values()) / len(per_domain)

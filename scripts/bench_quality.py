@@ -57,10 +57,10 @@ from omegaconf import OmegaConf
 
 from llmshear.callbacks.dynamic_loading import PROPORTIONS_FILE
 from llmshear.checkpoints import LATEST_CHECKPOINT
-from llmshear.datasets.demo import make_demo_corpus
 from llmshear.datasets.mds import SUMMARY, TOKENS, MDSDomain, open_domains, prepare
 from llmshear.datasets.reference import eval_domains
 from llmshear.datasets.vocab import check_vocab
+from llmshear.demo import make_demo_corpus
 from llmshear.evaluation import evaluate_domains
 from llmshear.export import export_checkpoint, prune_checkpoint
 from llmshear.models.build import PRESETS, build_model

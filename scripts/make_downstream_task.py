@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from llmshear.datasets.demo import DOMAINS
+from llmshear.demo import DOMAINS
 from llmshear.tasks import TASKS_DIR
 from llmshear.tasks.continuation import build_items, write_items
 

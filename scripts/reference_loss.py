@@ -13,9 +13,9 @@ import json
 import logging
 import sys
 
-from llmshear.datasets.reference import eval_domains, scaling_reference, source_reference, yaml_list
+from llmshear.datasets.reference import eval_domains, scaling_reference, yaml_list
 from llmshear.datasets.vocab import check_vocab
-from llmshear.evaluation import DTYPES, check_device
+from llmshear.evaluation import DTYPES, check_device, mean_domain_losses
 
 log = logging.getLogger("reference_loss")
 
@@ -50,8 +50,9 @@ def from_source(args: argparse.Namespace) -> tuple[dict, str]:
     domains = [d.strip() for d in args.domains.split(",")] if args.domains else eval_domains(args.data)
     check_vocab(args.data, domains, load_config(args.source).vocab_size, args.source, "--source")
     model = load_model(args.source, dtype=DTYPES[args.dtype], device=args.device)
-    result = source_reference(model, args.data, domains, args.batch_size, args.max_seqs, args.device, progress=True)
-    result["source"], result["params"] = args.source, sum(p.numel() for p in model.parameters())
+    losses = mean_domain_losses(model, args.data, domains, args.batch_size, args.max_seqs, args.device, progress=True)
+    result = {"domains": losses["domains"], "reference_losses": losses["losses"], "tokens": losses["tokens"],
+              "source": args.source, "params": sum(p.numel() for p in model.parameters())}
     return result, f"mean next-token loss of {args.source} on {args.data} (source reference)"
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llmshear.datasets.demo import DOMAINS, make_demo_corpus
+from llmshear.demo import DOMAINS, make_demo_corpus
 from llmshear.downstream import PAPER_TASKS, TaskSpec, parse_task
 from llmshear.tasks import TASKS_DIR
 from llmshear.tasks.continuation import CHOICES, build_items

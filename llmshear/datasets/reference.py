@@ -1,7 +1,8 @@
-"""Reference losses per domain: the source model's eval loss, or a scaling law fitted over model sizes.
+"""Reference losses per domain: a scaling law fitted over model sizes, and the eval split's domains.
 
-Both give one number per domain, in domain order, for ``data.reference_losses``: the loss the pruned model
-should reach on each domain (Sheared-LLaMA's "source reference" and "scaling reference").
+Both references give one number per domain, in domain order, for ``data.reference_losses``: the loss the pruned
+model should reach on each domain (Sheared-LLaMA's "scaling reference" here; its "source reference", the source
+model's own eval loss, is :func:`llmshear.evaluation.mean_domain_losses` of the source).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmshear.datasets.mds import SUMMARY, open_domains
+from llmshear.datasets.mds import SUMMARY
 
 
 def eval_domains(data: str | Path) -> list[str]:
@@ -32,44 +33,6 @@ def eval_domains(data: str | Path) -> list[str]:
         if sorted(ordered) == present:
             return ordered
     return present
-
-
-def source_reference(model, data: str | Path, domains: Sequence[str], batch_size: int = 4,
-                     max_seqs: int | None = None, device: str = "cpu", progress: bool = False) -> dict:
-    """Per-domain mean next-token loss of ``model`` on ``data/<domain>`` (every sequence, or the first ``max_seqs``).
-
-    Args:
-        model: maps ``input_ids`` ``(B, T)`` to logits ``(B, T, V)``.
-        data: the eval split directory (``OUT/eval``).
-        domains: which domains, in output order.
-        batch_size: sequences per forward pass.
-        max_seqs: at most this many sequences per domain.
-        device: where the model runs.
-        progress: report progress over batches (a bar on a terminal, else log lines; see
-            :func:`llmshear.progress.progress`).
-
-    Returns:
-        ``{"domains", "reference_losses", "tokens"}``.
-
-    Raises:
-        ValueError: a domain without any evaluated token.
-    """
-    from torch.utils.data import DataLoader, Subset
-
-    from llmshear.datasets.dynamic import DomainEvalDataset
-    from llmshear.metrics import domain_losses
-    from llmshear.progress import progress as report
-
-    sources = open_domains([Path(data) / d for d in domains])
-    if max_seqs is not None:
-        sources = [Subset(s, range(min(max_seqs, len(s)))) for s in sources]
-    loader = DataLoader(DomainEvalDataset(sources, domains, rank=0, world_size=1), batch_size=batch_size)
-    batches = report(loader, len(loader), "eval", "batch", enabled=None if progress else False)
-    result = domain_losses(model, batches, domains, device)
-    empty = [d for d, n in zip(domains, result["tokens"], strict=True) if n == 0]
-    if empty:
-        raise ValueError(f"no evaluated tokens for domains {empty}")
-    return {"domains": list(domains), "reference_losses": result["losses"], "tokens": result["tokens"]}
 
 
 def fit_scaling_law(sizes: Sequence[float], losses: Sequence[float]) -> tuple[float, float, float]:
