@@ -25,9 +25,9 @@ from llmshear.checkpoints import LATEST_CHECKPOINT, KeepAcrossResumes
 from llmshear.composer_parts import build_composer_callbacks, build_loggers, clip_threshold
 from llmshear.config import RunConfig
 from llmshear.datasets.dynamic import (
-    DynamicDomainDataset,
     build_eval_dataloader,
     build_train_dataloader,
+    calibration_batches,
     open_train_parts,
 )
 from llmshear.loggers import JSONLinesLogger
@@ -81,21 +81,15 @@ def build_composer_model(cfg: RunConfig, device: str | None = None) -> ComposerL
                          source=source_record(cfg.model.pretrained))
 
 
-def calibration_batches(cfg: RunConfig) -> list[torch.Tensor]:
-    """``pruning.init_batches`` batches of ``train.micro_batch_size`` input ids ``(B, T)`` from the train split
-    (``train.eval_batch_size`` when the micro-batch size is ``auto``).
-
-    They come from a separate copy of the seeded training stream (as rank 0 of 1, so every rank gets the same
-    batches): the training loader is never touched, and the run trains on exactly the sequence a run with
-    constant init draws. The eval split is left alone, so evaluation stays unseen by the init.
-    """
+def run_calibration_batches(cfg: RunConfig) -> list[torch.Tensor]:
+    """The run's calibration data (:func:`~llmshear.datasets.dynamic.calibration_batches`): ``pruning.init_batches``
+    batches of ``train.micro_batch_size`` sequences (``train.eval_batch_size`` when that is ``auto``) from this
+    run's part of the train split, drawn with the run's proportions and seed. The eval split stays unseen."""
     d = cfg.data
-    sources = open_train_parts([Path(d.path) / d.train_split / domain for domain in d.domains], d.seq_len,
-                               d.train_range)
+    parts = open_train_parts([Path(d.path) / d.train_split / domain for domain in d.domains], d.seq_len,
+                             d.train_range)
     size = cfg.train.eval_batch_size if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size
-    stream = iter(DynamicDomainDataset(sources, d.domains, d.proportions, global_batch_size=size, seed=cfg.seed,
-                                       rank=0, world_size=1))
-    return [torch.stack([next(stream)["input_ids"] for _ in range(size)]) for _ in range(cfg.pruning.init_batches)]
+    return calibration_batches(parts, d.domains, d.proportions, size, cfg.pruning.init_batches, cfg.seed)
 
 
 def resumes(cfg: RunConfig) -> bool:
@@ -118,7 +112,7 @@ def init_gates(cfg: RunConfig, model: ComposerLlama) -> None:
     use_gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
     lm = model.model.to("cuda") if use_gpu else model.model
     try:
-        init_l0_from_importance(model.l0, lm, calibration_batches(cfg))
+        init_l0_from_importance(model.l0, lm, run_calibration_batches(cfg))
     finally:
         lm.to("cpu")
     log.info("pruning.init=importance: gate logits set from %d calibration batches", cfg.pruning.init_batches)

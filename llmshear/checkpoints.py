@@ -1,5 +1,5 @@
-"""Everything about the Composer checkpoint files of a run folder: names, kinds, cheap validation, reading,
-recovery after a kill, and the lock that keeps two runs out of one folder.
+"""Everything about the Composer checkpoint files of a run folder: names, kinds, cheap validation, reading (the
+model state, or the model itself), recovery after a kill, and the lock that keeps two runs out of one folder.
 
 A run folder (``checkpoint.save_folder``) holds one entry per checkpoint: a *full* checkpoint is one file
 ``ep<E>-ba<N>-rank0.pt`` (a torch zip archive written by rank 0), a *sharded* one (``fsdp.state_dict_type:
@@ -31,6 +31,10 @@ from composer.utils import dist
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+from llmshear.models.l0 import L0Module, l0_from_state_dict
+from llmshear.models.llama import LlamaConfig, LlamaLM
+from llmshear.models.prune import model_from_state
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +157,45 @@ def read_model_state(path: str | os.PathLike) -> dict:
 def kind_of(state: dict) -> str:
     """``pruning`` when the model state holds an L0 module, else ``continued``."""
     return "pruning" if any(key.startswith("l0.") for key in state) else "continued"
+
+
+def model_from_checkpoint(path: str | os.PathLike) -> LlamaLM:
+    """The :class:`LlamaLM` of a continued-pre-training checkpoint, rebuilt strictly from its stored config.
+
+    Raises:
+        ValueError: see :func:`llmshear.checkpoints.read_model_state`; a checkpoint without the model config; a
+            pruning checkpoint (those are cut by ``scripts/prune.py``); weights that do not match the config.
+    """
+    state = read_model_state(path)
+    if kind_of(state) != "continued":
+        raise CheckpointError(f"{path} is a pruning checkpoint (it has L0 masks): cut it with scripts/prune.py "
+                              "instead")
+    extra = state.get("_extra_state")
+    if not isinstance(extra, dict) or "model_config" not in extra:
+        raise ValueError(f"{path} carries no model config (_extra_state): not a checkpoint of llmshear's train.py")
+    weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
+    return model_from_state(LlamaConfig(**extra["model_config"]), weights)
+
+
+def load_pruning_checkpoint(path: str | os.PathLike) -> tuple[LlamaLM, L0Module]:
+    """The model and L0 module of a Composer checkpoint of a pruning run (a ``.pt`` file, full state dict).
+
+    ``state['model']`` holds ``model.<LlamaLM keys>`` and ``l0.<L0Module keys>``; ``l0._extra_state`` carries
+    the source config and the target, so nothing else is needed. The checkpoint is unpickled: load only
+    checkpoints your own runs wrote.
+
+    Raises:
+        ValueError: see :func:`llmshear.checkpoints.read_model_state` (missing, truncated, corrupt, not a Composer
+            checkpoint); no L0 module in it; weights that do not match the stored config.
+    """
+    state = read_model_state(path)
+    l0_state = {k.removeprefix("l0."): v for k, v in state.items() if k.startswith("l0.")}
+    if "_extra_state" not in l0_state:
+        raise CheckpointError(f"{path} is a continued checkpoint (it has no L0 module, l0._extra_state), not a "
+                              "checkpoint of a pruning run: export it with scripts/export_hf.py instead")
+    l0 = l0_from_state_dict(l0_state)
+    model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    return model_from_state(l0.source, model_state), l0
 
 
 @dataclass

@@ -16,36 +16,18 @@ from pathlib import Path
 
 import torch
 
-from llmshear.checkpoints import CheckpointError, kind_of, read_model_state
+from llmshear.checkpoints import load_pruning_checkpoint, model_from_checkpoint
 from llmshear.evaluation import DTYPES
 from llmshear.model_card import CARD_FILE, SUMMARY_FILE, domain_perplexity, lineage, read_stage, render_card
-from llmshear.models.hf import save_pretrained
-from llmshear.models.llama import LlamaConfig, LlamaLM
-from llmshear.models.prune import cut_model, load_pruning_checkpoint, model_from_state, prune_summary
+from llmshear.models.hf import require_new_directory, save_pretrained
+from llmshear.models.l0 import TARGET_KEYS
+from llmshear.models.llama import LlamaLM
+from llmshear.models.prune import cut_model, prune_summary
 from llmshear.sources import has_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 RUN_SOURCE = "<the run's source>"  # ``tokenizer`` value: the source recorded in the checkpoint
-SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "intermediate_size")
-
-
-def model_from_checkpoint(path: str | os.PathLike) -> LlamaLM:
-    """The :class:`LlamaLM` of a continued-pre-training checkpoint, rebuilt strictly from its stored config.
-
-    Raises:
-        ValueError: see :func:`llmshear.checkpoints.read_model_state`; a checkpoint without the model config; a
-            pruning checkpoint (those are cut by ``scripts/prune.py``); weights that do not match the config.
-    """
-    state = read_model_state(path)
-    if kind_of(state) != "continued":
-        raise CheckpointError(f"{path} is a pruning checkpoint (it has L0 masks): cut it with scripts/prune.py "
-                              "instead")
-    extra = state.get("_extra_state")
-    if not isinstance(extra, dict) or "model_config" not in extra:
-        raise ValueError(f"{path} carries no model config (_extra_state): not a checkpoint of llmshear's train.py")
-    weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
-    return model_from_state(LlamaConfig(**extra["model_config"]), weights)
 
 
 def resolve_tokenizer(tokenizer, recorded_source: str | None):
@@ -72,13 +54,6 @@ def resolve_tokenizer(tokenizer, recorded_source: str | None):
     return tokenizer, getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
 
-def _require_new_dir(out_dir: str | os.PathLike) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not an empty directory; nothing was written")
-    return out_dir
-
-
 def _save(model: LlamaLM, out_dir: Path, stage, tokenizer, dtype: str | None, command: str | None,
           extra: dict, extra_files: dict) -> dict:
     """Write ``model`` with its tokenizer, summary and card; returns the summary."""
@@ -88,7 +63,7 @@ def _save(model: LlamaLM, out_dir: Path, stage, tokenizer, dtype: str | None, co
     summary = {
         "out": str(out_dir),
         "params": model.num_params(),
-        "shape": {k: getattr(model.cfg, k) for k in SHAPE_KEYS},
+        "shape": {k: getattr(model.cfg, k) for k in TARGET_KEYS},
         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
         "tokenizer": tokenizer_name,
         "stages": lineage(stage),
@@ -116,10 +91,10 @@ def prune_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     Raises:
         FileExistsError: ``out_dir`` exists and is not empty (checked before anything is read).
         ValueError / FileNotFoundError: a missing, unreadable or foreign checkpoint (see
-            :func:`~llmshear.models.prune.load_pruning_checkpoint`), a tokenizer that cannot be loaded,
+            :func:`~llmshear.checkpoints.load_pruning_checkpoint`), a tokenizer that cannot be loaded,
             non-finite weights.
     """
-    out_dir = _require_new_dir(out_dir)
+    out_dir = require_new_directory(out_dir)
     stage = read_stage(checkpoint)
     tokenizer = resolve_tokenizer(tokenizer, stage.source)
     model, l0 = load_pruning_checkpoint(checkpoint)
@@ -148,9 +123,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
 
     Raises:
         FileExistsError: ``out_dir`` exists and is not an empty directory; nothing is read or written.
-        ValueError: see :func:`model_from_checkpoint`; a tokenizer that cannot be loaded; non-finite weights.
+        ValueError: see :func:`~llmshear.checkpoints.model_from_checkpoint`; a tokenizer that cannot be loaded;
+            non-finite weights.
     """
-    out_dir = _require_new_dir(out_dir)
+    out_dir = require_new_directory(out_dir)
     stage = read_stage(checkpoint)
     tokenizer = resolve_tokenizer(tokenizer, stage.source)
     model = model_from_checkpoint(checkpoint)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-IGNORE_INDEX = -100
+from llmshear.datasets.dynamic import IGNORE_INDEX
+
 PREFIX = "DomainCrossEntropy"
 
 

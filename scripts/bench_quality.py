@@ -56,7 +56,8 @@ import torch
 from omegaconf import OmegaConf
 
 from llmshear.callbacks.dynamic_loading import PROPORTIONS_FILE
-from llmshear.checkpoints import LATEST_CHECKPOINT
+from llmshear.checkpoints import LATEST_CHECKPOINT, load_pruning_checkpoint
+from llmshear.datasets.dynamic import calibration_batches, open_train_parts
 from llmshear.datasets.mds import SUMMARY, TOKENS, MDSDomain, open_domains, prepare
 from llmshear.datasets.reference import eval_domains
 from llmshear.datasets.vocab import check_vocab
@@ -67,7 +68,7 @@ from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.importance import importance_masks, random_masks
 from llmshear.models.l0 import TargetShape
-from llmshear.models.prune import cut_model, load_pruning_checkpoint, prune_summary
+from llmshear.models.prune import cut_model, prune_summary
 from llmshear.run import main as train_main
 
 log = logging.getLogger("bench_quality")
@@ -454,17 +455,13 @@ def learned_start(bench: Bench, run: ArmRun, stages: Stages) -> tuple[Path, dict
     return pruned, {"proportions_from": str(bench.out / run.key / "prune" / PROPORTIONS_FILE)}
 
 
-def calibration_batches(bench: Bench, seed: int) -> list[torch.Tensor]:
-    """The importance arm's calibration data, ``(4, seq_len)`` each: training sequences of the domains in turn,
-    each domain's in the order of a permutation seeded with ``seed``."""
-    sources = open_domains([bench.data / "train" / d for d in bench.domains])
-    generator = torch.Generator().manual_seed(seed)
-    orders = [torch.randperm(len(s), generator=generator).tolist() for s in sources]
-    rows = []
-    for i in range(4 * CALIBRATION_BATCHES):
-        source, order = sources[i % len(sources)], orders[i % len(sources)]
-        rows.append(torch.from_numpy(source[order[(i // len(sources)) % len(order)]].astype("int64")))
-    return list(torch.stack(rows).split(4))
+def importance_calibration(bench: Bench, seed: int) -> list[torch.Tensor]:
+    """The importance arm's calibration data: :data:`CALIBRATION_BATCHES` batches of 4 sequences drawn, with
+    uniform proportions and ``seed``, from the part of the train split the pruning stage reads (the learned arms'
+    importance init draws from there too)."""
+    train_range = list(OmegaConf.load(PRUNE_RECIPE).data.train_range)
+    parts = open_train_parts([bench.data / "train" / d for d in bench.domains], bench.seq_len, train_range)
+    return calibration_batches(parts, bench.domains, uniform(bench), 4, CALIBRATION_BATCHES, seed)
 
 
 def make_start(bench: Bench, run: ArmRun, out_dir: Path) -> None:
@@ -479,7 +476,7 @@ def make_start(bench: Bench, run: ArmRun, out_dir: Path) -> None:
     if run.arm.start == "random":
         masks = random_masks(model.cfg, target, torch.Generator().manual_seed(run.seed))
     else:
-        masks = importance_masks(model, target, calibration_batches(bench, run.seed))
+        masks = importance_masks(model, target, importance_calibration(bench, run.seed))
     cut = cut_model(model, masks)
     save_pretrained(cut, out_dir, extra_files={"summary.json": prune_summary(model, masks, cut)})
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from llmshear.checkpoints import LATEST_CHECKPOINT
 from llmshear.models.hf import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +140,7 @@ def runs(mode: str, work: Path) -> dict:
     seq = [f"data.seq_len={256 if mode == 'gpu' else 32}", "train.global_batch_size=4", "train.micro_batch_size=4",
            "train.eval_batch_size=4"]
     train(mode, str(ROOT / "yaml" / "demo" / "prune.yaml"), run_overrides(mode, work, "prune", sizes["source"]) + seq)
-    cut = last_json(script("prune").main, ["--checkpoint", str(work / "prune" / "latest-rank0.pt"),
+    cut = last_json(script("prune").main, ["--checkpoint", str(work / "prune" / LATEST_CHECKPOINT),
                                            "--out", str(work / "pruned")])
     train(mode, str(ROOT / "yaml" / "demo" / "continue.yaml"),
           run_overrides(mode, work, "continue", str(work / "pruned")) + seq)

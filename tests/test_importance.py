@@ -8,7 +8,7 @@ import pytest
 import torch
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
-from llmshear.builders import build_trainer, calibration_batches
+from llmshear.builders import build_trainer, run_calibration_batches
 from llmshear.config import ConfigError, load
 from llmshear.models.build import build_model
 from llmshear.models.hf import load_config
@@ -135,7 +135,7 @@ def test_importance_init_through_the_builder_and_resume_keeps_the_checkpoint(tmp
     trainer = build_trainer(cfg, world_size=1)
     l0 = trainer.state.model.l0
     # Before fit, the trainer's model is still the source model.
-    expected = importance_log_alpha(activation_importance(trainer.state.model.model, calibration_batches(cfg)),
+    expected = importance_log_alpha(activation_importance(trainer.state.model.model, run_calibration_batches(cfg)),
                                     l0.specs, init=cfg.pruning.init_log_alpha)
     for spec in l0.specs:
         assert l0.log_alpha[spec.name].unique().numel() > 1, spec.name

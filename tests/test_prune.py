@@ -12,12 +12,13 @@ from composer.models import ComposerModel
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM
 
+from llmshear.checkpoints import load_pruning_checkpoint
 from llmshear.export import prune_checkpoint
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.l0 import L0Module, TargetShape, params_of_masks
 from llmshear.models.llama import LlamaConfig
-from llmshear.models.prune import cut_model, load_pruning_checkpoint, plan_cut, prune_summary
+from llmshear.models.prune import cut_model, plan_cut, prune_summary
 
 TOL = 1e-4
 # MHA untied, GQA untied (llama3 rope), GQA tied with q/k/v bias (Qwen2), GQA tied with groups of 3 (SmolLM2).

@@ -16,13 +16,12 @@ from composer.utils import dist
 from torch import nn
 
 from llmshear.checkpoints import set_aside
-from llmshear.models.l0 import L0Module, params_of_masks
+from llmshear.models.l0 import TARGET_KEYS, L0Module, params_of_masks
 from llmshear.models.prune import plan_cut
 
 log = logging.getLogger(__name__)
 
 SUPERSEDED_DIR = "superseded"
-SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "intermediate_size")
 
 
 def unwrap_l0(state: State) -> L0Module:
@@ -131,8 +130,8 @@ def mask_summary(l0: L0Module, masks: dict[str, torch.Tensor], batch: int) -> di
     indicators = {name: (mask != 0).double() for name, mask in masks.items()}
     return {
         "batch": batch,
-        "shape": {key: getattr(cut, key) for key in SHAPE_KEYS},
-        "target": {key: getattr(l0.target, key) for key in SHAPE_KEYS},
+        "shape": {key: getattr(cut, key) for key in TARGET_KEYS},
+        "target": {key: getattr(l0.target, key) for key in TARGET_KEYS},
         "params": int(params_of_masks(l0.source, indicators)),
     }
 

@@ -39,7 +39,7 @@ from llmshear.datasets.proportions import validate_proportions
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of padding: the losses and metrics leave it out
 _DRAW, _WALK = 0, 1  # stream tags that keep the domain-draw and permutation generators independent
 STATE_VERSION = 1
 
@@ -275,6 +275,19 @@ class DomainEvalDataset(IterableDataset):
             pad = _sample(self.sources[self.order[0][0]][0], -1, -1)  # any real tokens; no label counts
             pad["labels"] = torch.full_like(pad["input_ids"], IGNORE_INDEX)
             yield pad
+
+
+def calibration_batches(parts: Sequence[DomainPart], domains: Sequence[str], proportions: Sequence[float],
+                        batch_size: int, count: int, seed: int) -> list[torch.Tensor]:
+    """``count`` batches of input ids ``(batch_size, seq_len)``, drawn as a training stream with ``seed`` draws
+    them: calibration data for importance scores (``pruning.init: importance``, the one-shot baseline).
+
+    The stream is a separate copy, as rank 0 of 1, so every rank gets the same batches and no training loader
+    is touched (a run with importance init trains on exactly the sequence a run with constant init draws).
+    """
+    stream = iter(DynamicDomainDataset(parts, domains, proportions, global_batch_size=batch_size, seed=seed,
+                                       rank=0, world_size=1))
+    return [torch.stack([next(stream)["input_ids"] for _ in range(batch_size)]) for _ in range(count)]
 
 
 def build_train_dataloader(directories: Sequence[str | Path], domains: Sequence[str], proportions: Sequence[float],

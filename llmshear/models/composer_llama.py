@@ -8,12 +8,10 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 from torch import nn
 
+from llmshear.datasets.dynamic import IGNORE_INDEX
 from llmshear.metrics import DomainMetric, build_domain_metrics
-from llmshear.models.llama import DecoderLayer, LlamaConfig, LlamaLM
+from llmshear.models.llama import SHAPE_KEYS, DecoderLayer, LlamaConfig, LlamaLM
 from llmshear.resources import forward_flops_per_token, train_flops_per_token
-
-IGNORE_INDEX = -100
-SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size")
 
 
 def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -277,6 +277,18 @@ def _move_into(staging: Path, out_dir: Path) -> None:
             path.unlink()
 
 
+def require_new_directory(out_dir: str | os.PathLike, hint: str = "nothing was written") -> Path:
+    """``out_dir`` as a Path when it is absent or an empty directory: where an export may write.
+
+    Raises:
+        FileExistsError: it is a file or a non-empty directory; the message ends with ``hint``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not an empty directory; {hint}")
+    return out_dir
+
+
 def save_pretrained(model: LlamaLM, out_dir: str | os.PathLike, tokenizer=None, extra_files: dict | None = None,
                     overwrite: bool = False, max_shard_size: str | int = "5GB") -> Path:
     """Write ``model`` as an HF directory: config.json, generation_config.json, safetensors, tokenizer, extras.
@@ -299,9 +311,10 @@ def save_pretrained(model: LlamaLM, out_dir: str | os.PathLike, tokenizer=None, 
         FileExistsError: ``out_dir`` is non-empty (or a file) and ``overwrite`` is False.
         ValueError: a weight holds NaN or inf (nothing is written).
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and (overwrite or not any(out_dir.iterdir()))):
-        raise FileExistsError(f"{out_dir} exists and is not an empty directory (pass overwrite=True to write into it)")
+    if overwrite and Path(out_dir).is_dir():
+        out_dir = Path(out_dir)
+    else:
+        out_dir = require_new_directory(out_dir, "pass overwrite=True to write into it")
     if any(param.is_meta for param in model.parameters()):
         raise ValueError("cannot save a model on the meta device: it has no weights")
     broken = [name for name, param in model.named_parameters() if not torch.isfinite(param).all()]

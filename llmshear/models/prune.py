@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
 
-from llmshear.checkpoints import CheckpointError, read_model_state
 from llmshear.models.build import empty_model, reset_rotary
-from llmshear.models.l0 import L0Module, l0_from_state_dict
-from llmshear.models.llama import LlamaConfig, LlamaLM, Masks
+from llmshear.models.llama import SHAPE_KEYS, LlamaConfig, LlamaLM, Masks
 
 logger = logging.getLogger(__name__)
-
-_SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size", "vocab_size")
-
 
 @dataclass
 class LayerKeep:
@@ -200,30 +194,9 @@ def prune_summary(model: LlamaLM, masks: Masks, cut: LlamaLM | None = None) -> d
     return {
         "params_before": model.num_params(),
         "params_after": cut.num_params(),
-        "source": {k: getattr(model.cfg, k) for k in _SHAPE_KEYS},
-        "pruned": {k: getattr(cut.cfg, k) for k in _SHAPE_KEYS},
+        "source": {k: getattr(model.cfg, k) for k in SHAPE_KEYS},
+        "pruned": {k: getattr(cut.cfg, k) for k in SHAPE_KEYS},
         "kept_layers": [keep.source_index for keep in plan.layers],
         "layers": [{"source_layer": keep.source_index, "kv_groups": keep.kv_groups.tolist(),
                     "heads": keep.heads.tolist(), "channels": len(keep.channels)} for keep in plan.layers],
     }
-
-
-def load_pruning_checkpoint(path: str | os.PathLike) -> tuple[LlamaLM, L0Module]:
-    """The model and L0 module of a Composer checkpoint of a pruning run (a ``.pt`` file, full state dict).
-
-    ``state['model']`` holds ``model.<LlamaLM keys>`` and ``l0.<L0Module keys>``; ``l0._extra_state`` carries
-    the source config and the target, so nothing else is needed. The checkpoint is unpickled: load only
-    checkpoints your own runs wrote.
-
-    Raises:
-        ValueError: see :func:`llmshear.checkpoints.read_model_state` (missing, truncated, corrupt, not a Composer
-            checkpoint); no L0 module in it; weights that do not match the stored config.
-    """
-    state = read_model_state(path)
-    l0_state = {k.removeprefix("l0."): v for k, v in state.items() if k.startswith("l0.")}
-    if "_extra_state" not in l0_state:
-        raise CheckpointError(f"{path} is a continued checkpoint (it has no L0 module, l0._extra_state), not a "
-                              "checkpoint of a pruning run: export it with scripts/export_hf.py instead")
-    l0 = l0_from_state_dict(l0_state)
-    model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    return model_from_state(l0.source, model_state), l0
