@@ -3,14 +3,12 @@ models' evaluation, the cut report, the JSON line and tables; bad arguments refu
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
-from data_fixtures import REPO
 from recipe_fixtures import DOMAINS, write_mds
+from script_modules import script
 
 from llmshear.datasets.mds import MDSDomain
 
@@ -21,15 +19,7 @@ KEYS = ["ours", "importance", "importance@18", "distill@18"]
 EVAL, TEST = 2, 4  # held-out sequences per domain after the split
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_quality", REPO / "scripts" / "bench_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _script()
+bench = script("bench_quality")
 
 
 def _argv(out, data, *extra):

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
-
-
-def bench_train():
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from script_modules import script
 
 
 def test_bench_train_reports_both_stages_and_paths(capsys):
     argv = ["--preset", "tiny-gqa", "--steps", "2", "--warmup", "1", "--batch", "2", "--seq-len", "16",
             "--threads", str(torch.get_num_threads())]  # the script sets the thread count of this process
-    assert bench_train().main(argv) == 0
+    assert script("bench_train").main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1  # stdout carries the JSON line alone (Composer's console log goes to stderr)
     result = json.loads(lines[0])

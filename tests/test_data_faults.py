@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import logging
 import re
@@ -19,6 +18,7 @@ import pytest
 import zstandard
 from data_fixtures import REPO, tiny_tokenizer, write_corpus, write_shards  # noqa: F401 (tiny_tokenizer: fixture)
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
+from script_modules import script
 
 from llmshear import run as train
 from llmshear.config import ConfigError, load
@@ -27,14 +27,6 @@ from llmshear.datasets.mds import MDSDomain, ShardError, prepare
 from llmshear.models.hf import config_to_hf, load_config
 
 SEQ = 32
-
-
-def script(name: str):
-    """A script of ``scripts/`` imported as a module."""
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def digest(root: Path) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import logging
@@ -14,6 +13,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from script_modules import script
 
 from llmshear.demo import DOMAINS, make_demo_corpus
 from llmshear.downstream import PAPER_TASKS, TaskSpec, parse_task
@@ -22,13 +22,6 @@ from llmshear.tasks.continuation import CHOICES, build_items
 
 REPO = Path(__file__).resolve().parents[1]
 ITEMS = TASKS_DIR / "demo_continuation" / "items.jsonl"
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _items() -> list[dict]:
@@ -55,7 +48,7 @@ def test_items_are_well_formed_and_the_answer_is_the_text_that_follows():
 def test_items_are_held_out_from_the_demo_corpus(tmp_path):
     """No item comes from a document the demo trains on (its corpus is built here with demo.sh's --max-chars)."""
     max_chars = int(re.search(r"make_demo_corpus\.py \S+ --max-chars (\d+)", (REPO / "scripts/demo.sh").read_text())[1])
-    assert _script("make_downstream_task").DEMO_MAX_CHARS == max_chars
+    assert script("make_downstream_task").DEMO_MAX_CHARS == max_chars
     make_demo_corpus(tmp_path / "corpus", max_chars=max_chars)
     trained = {json.loads(line)["source"] for path in (tmp_path / "corpus").glob("*/*.jsonl")
                for line in path.read_text(encoding="utf-8").splitlines()}
@@ -104,7 +97,7 @@ def test_task_arguments():
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _script("eval_downstream").main(argv)
+        script("eval_downstream").main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -120,7 +113,7 @@ def test_bad_models_and_devices_are_named(tmp_path, caplog, monkeypatch):
     for argv, message in cases:
         caplog.clear()
         with caplog.at_level(logging.ERROR):
-            assert _script("eval_downstream").main([*argv, "--tasks", "demo_continuation"]) == 2
+            assert script("eval_downstream").main([*argv, "--tasks", "demo_continuation"]) == 2
         assert message in caplog.text
 
 
@@ -173,5 +166,5 @@ def test_results_table_and_metric_fallback():
 
 def test_items_from_the_demo_training_text_are_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        _script("make_downstream_task").main(["--skip-chars", "1000", "--out", "unused.jsonl"])
+        script("make_downstream_task").main(["--skip-chars", "1000", "--out", "unused.jsonl"])
     assert exit_info.value.code == 2 and "--skip-chars 1000: below the demo's 600000" in capsys.readouterr().err

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
+from script_modules import script
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from llmshear import run as train
@@ -24,14 +24,6 @@ from llmshear.models.hf import save_pretrained
 from llmshear.sources import load_tokenizer
 
 SEQ_LEN, BATCHES, GLOBAL_BATCH = 32, 2, 4
-
-
-def export_script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "export_hf.py"
-    spec = importlib.util.spec_from_file_location("export_hf", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -57,7 +49,7 @@ def run(tmp_path_factory):
 
 def test_export_saves_the_runs_tokenizer_card_and_dtype_and_loads_with_transformers_alone(run, capsys):
     out = run / "final"
-    assert export_script()(["--checkpoint", str(run / "continue" / "latest-rank0.pt"), "--out", str(out),
+    assert script("export_hf").main(["--checkpoint", str(run / "continue" / "latest-rank0.pt"), "--out", str(out),
                             "--dtype", "bfloat16"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary == json.loads((out / "summary.json").read_text())
@@ -81,10 +73,11 @@ def test_export_saves_the_runs_tokenizer_card_and_dtype_and_loads_with_transform
 
 def test_export_without_a_tokenizer_and_from_a_named_one(run, caplog):
     checkpoint = str(run / "continue" / "latest-rank0.pt")
-    assert export_script()(["--checkpoint", checkpoint, "--out", str(run / "bare"), "--tokenizer", "none"]) == 0
+    export = script("export_hf").main
+    assert export(["--checkpoint", checkpoint, "--out", str(run / "bare"), "--tokenizer", "none"]) == 0
     assert not (run / "bare" / "tokenizer.json").exists()
     assert json.loads((run / "bare" / "summary.json").read_text())["tokenizer"] is None
-    assert export_script()(["--checkpoint", checkpoint, "--out", str(run / "named"), "--tokenizer", "smollm2"]) == 0
+    assert export(["--checkpoint", checkpoint, "--out", str(run / "named"), "--tokenizer", "smollm2"]) == 0
     assert AutoTokenizer.from_pretrained(run / "named").eos_token == load_tokenizer("smollm2").eos_token
 
 
@@ -94,7 +87,7 @@ def test_a_tokenizer_directory_without_tokenizer_files_is_refused_before_writing
     (no_tokenizer / "config.json").write_text("{}")
     before = digest(run)
     with caplog.at_level(logging.ERROR):
-        code = export_script()(["--checkpoint", str(run / "continue" / "latest-rank0.pt"), "--out",
+        code = script("export_hf").main(["--checkpoint", str(run / "continue" / "latest-rank0.pt"), "--out",
                                 str(run / "out"), "--tokenizer", str(no_tokenizer)])
     assert code == 2 and f"{no_tokenizer} has no tokenizer" in caplog.text and "Traceback" not in caplog.text
     assert digest(run) == before and not (run / "out").exists()
@@ -106,6 +99,6 @@ def test_non_finite_weights_are_refused_and_nothing_is_written(run, caplog):
     broken = run / "diverged.pt"
     torch.save(checkpoint, broken)
     with caplog.at_level(logging.ERROR):
-        code = export_script()(["--checkpoint", str(broken), "--out", str(run / "nan")])
+        code = script("export_hf").main(["--checkpoint", str(broken), "--out", str(run / "nan")])
     assert code == 2 and "NaN or inf" in caplog.text and "model.norm.weight" in caplog.text
     assert not (run / "nan").exists() and not list(run.glob(".nan.*"))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 from data_fixtures import REPO, tiny_tokenizer  # noqa: F401 (tiny_tokenizer is a fixture)
+from script_modules import script
 from transformers import AutoTokenizer
 
 from llmshear.models.build import PRESETS, build_model
@@ -16,9 +16,7 @@ def test_generate_prints_the_prompt_and_its_continuation(tmp_path, tiny_tokenize
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
     cfg = dataclasses.replace(PRESETS["tiny-llama2"](), vocab_size=len(tokenizer))
     save_pretrained(build_model(cfg, seed=0), tmp_path / "model", tokenizer=tokenizer)
-    spec = importlib.util.spec_from_file_location("generate", REPO / "scripts" / "generate.py")
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
-    assert generate.main(["--model", str(tmp_path / "model"), "--prompt", "the cat", "--max-new-tokens", "8"]) == 0
+    argv = ["--model", str(tmp_path / "model"), "--prompt", "the cat", "--max-new-tokens", "8"]
+    assert script("generate").main(argv) == 0
     text = capsys.readouterr().out
     assert text.startswith("the cat") and len(text.rstrip("\n")) > len("the cat")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -13,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
+from script_modules import script
 
 from llmshear import run as train
 from llmshear.callbacks.nonfinite import NonFiniteLossError, NonFiniteLossGuard
@@ -81,9 +81,7 @@ def test_a_diverging_run_stops_with_exit_3_naming_the_batches_and_keeps_its_chec
 
 
 def test_plot_run_draws_a_run_with_nan_metrics(repo_root, tmp_path):
-    spec = importlib.util.spec_from_file_location("plot_run", repo_root / "scripts" / "plot_run.py")
-    plot_run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_run)
+    plot_run = script("plot_run")
     run = tmp_path / "run"
     logger = JSONLinesLogger(run)
     logger.init(None, None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from script_modules import script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -107,15 +107,13 @@ def test_continue_after_prune_uses_the_cut_model(recipe_env):
 
 
 def test_cli_bad_override_exits_2_naming_the_key(recipe_env, capsys, caplog):
-    spec = importlib.util.spec_from_file_location("plan_script", ROOT / "scripts" / "plan.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    assert script.main([str(ROOT / "yaml" / "prune_1.3b.yaml"), "train.micro_batch_size=0"]) == 2
+    cli = script("plan")
+    assert cli.main([str(ROOT / "yaml" / "prune_1.3b.yaml"), "train.micro_batch_size=0"]) == 2
     assert "train.micro_batch_size=0 must be positive" in caplog.text and "prune_1.3b.yaml:" in caplog.text
     not_pruning = str(ROOT / "yaml" / "continue_1.3b.yaml")
-    assert script.main([not_pruning, "--after", not_pruning, "--source", "llama2-7b"]) == 2
+    assert cli.main([not_pruning, "--after", not_pruning, "--source", "llama2-7b"]) == 2
     assert "not a pruning recipe" in caplog.text
-    assert script.main([str(ROOT / "yaml" / "demo" / "prune.yaml"), "--gpus", "1", "--markdown"]) == 0
+    assert cli.main([str(ROOT / "yaml" / "demo" / "prune.yaml"), "--gpus", "1", "--markdown"]) == 0
     assert capsys.readouterr().out.startswith("| `")
 
 

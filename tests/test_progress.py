@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 
 import pytest
 import torch
-from data_fixtures import REPO, random_shards
+from data_fixtures import random_shards
+from script_modules import script
 
 from llmshear.progress import progress
 
@@ -35,13 +35,6 @@ def test_progress_can_be_silenced_or_forced_to_a_bar(caplog, capsys):
     assert not caplog.records and "bar: 100%" in capsys.readouterr().err
 
 
-def _eval_ppl():
-    spec = importlib.util.spec_from_file_location("eval_ppl_script", REPO / "scripts" / "eval_ppl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tiny_model_and_data(tmp_path_factory):
     import transformers
@@ -61,7 +54,7 @@ def test_eval_ppl_dtype_and_progress(tiny_model_and_data, capsys, caplog):
     losses = {}
     for dtype in ("float32", "bfloat16"):
         with caplog.at_level(logging.INFO):
-            code = _eval_ppl().main(["--model", str(model), "--data", str(data), "--batch-size", "2",
+            code = script("eval_ppl").main(["--model", str(model), "--data", str(data), "--batch-size", "2",
                                      "--dtype", dtype, "--device", "cpu"])
         assert code == 0
         result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -74,6 +67,6 @@ def test_eval_ppl_dtype_and_progress(tiny_model_and_data, capsys, caplog):
 def test_eval_ppl_refuses_a_device_it_does_not_have(tiny_model_and_data, caplog):
     model, data = tiny_model_and_data
     with caplog.at_level(logging.ERROR):
-        assert _eval_ppl().main(["--model", str(model), "--data", str(data), "--device", "cuda:99"]) == 2
-        assert _eval_ppl().main(["--model", str(model), "--data", str(data), "--device", "tpu?"]) == 2
+        assert script("eval_ppl").main(["--model", str(model), "--data", str(data), "--device", "cuda:99"]) == 2
+        assert script("eval_ppl").main(["--model", str(model), "--data", str(data), "--device", "tpu?"]) == 2
     assert "--device cuda:99: this machine has" in caplog.text and "--device 'tpu?'" in caplog.text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 
@@ -10,19 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from data_fixtures import REPO, random_shards
+from data_fixtures import random_shards
+from script_modules import script
 
 from llmshear.datasets.mds import MDSDomain
 from llmshear.datasets.reference import eval_domains, read_sizes, scaling_reference
 
 VOCAB = 64
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("reference_loss_script", REPO / "scripts" / "reference_loss.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +51,7 @@ def _expected(model, directory, limit=None):
 
 
 def _run(capsys, argv):
-    code = _script().main(argv)
+    code = script("reference_loss").main(argv)
     out = capsys.readouterr().out.strip().splitlines()
     return code, out
 
@@ -129,7 +122,7 @@ def test_fit_needs_three_sizes_and_arguments_are_checked(tmp_path, capsys):
     path = tmp_path / "sizes.json"
     path.write_text(json.dumps({"domains": ["a"], "models": [{"params": 1e8, "losses": [3.0]},
                                                              {"params": 1e9, "losses": [2.0]}]}))
-    assert _script().main(["--fit", str(path), "--target-params", "5e8"]) == 2
+    assert script("reference_loss").main(["--fit", str(path), "--target-params", "5e8"]) == 2
     for argv in (["--source", "smollm2"], ["--fit", str(path)]):
         with pytest.raises(SystemExit):
-            _script().main(argv)
+            script("reference_loss").main(argv)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
+from script_modules import script
 from transformers import AutoModelForCausalLM
 
 from llmshear import run as train
@@ -19,15 +18,6 @@ from llmshear.evaluation import evaluate_domains
 from llmshear.export import export_checkpoint, prune_checkpoint
 from llmshear.loggers import read_metrics
 from llmshear.models.hf import load_model
-
-
-def script(name: str):
-    """A script of ``scripts/`` imported as a module."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 TARGET = {"d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 1, "intermediate_size": 96}
 
