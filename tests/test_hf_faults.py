@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from llmshear.config import ConfigError, load
 from llmshear.models.build import PRESETS, build_model
-from llmshear.models.checkpoint import CheckpointMismatchError, WeightFileError
 from llmshear.models.hf import check_weights, load_model, save_pretrained
+from llmshear.models.weights import CheckpointMismatchError, WeightFileError
 
 
 def _sharded(path: Path) -> Path:

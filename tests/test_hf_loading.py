@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmshear.models.build import CONFIG_ONLY, PRESETS, build_model
-from llmshear.models.checkpoint import CheckpointMismatchError
 from llmshear.models.hf import load_config, load_model, save_pretrained
+from llmshear.models.weights import CheckpointMismatchError
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Hugging Face in and out: configs, loading a source (HF dir, GGUF, ``smollm2``, preset) and saving HF dirs.
 
 Our parameter names are HF ``LlamaForCausalLM``'s, so weights are copied without renaming. Loading is strict
-(see :mod:`llmshear.models.checkpoint`): a continued run can never silently start from random weights.
+(see :mod:`llmshear.models.weights`): a continued run can never silently start from random weights.
 Saved directories load with ``AutoModelForCausalLM.from_pretrained(out_dir)`` and no code of ours.
 """
 
@@ -21,7 +21,8 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
 from llmshear.models.build import CONFIG_ONLY, PRESETS, build_model, empty_model, reset_rotary
-from llmshear.models.checkpoint import (
+from llmshear.models.llama import LlamaConfig, LlamaLM
+from llmshear.models.weights import (
     check_shapes,
     has_weights,
     load_strict,
@@ -29,7 +30,6 @@ from llmshear.models.checkpoint import (
     read_hf_weights,
     weight_files,
 )
-from llmshear.models.llama import LlamaConfig, LlamaLM
 from llmshear.sources import resolve_source
 
 __all__ = ["PRESETS", "build_model", "check_weights", "config_from_hf", "config_to_hf", "load_config", "load_model",
@@ -186,8 +186,8 @@ def check_weights(source: str | os.PathLike) -> None:
     shape) pass: :func:`load_model` reports the last when weights are needed.
 
     Raises:
-        FileNotFoundError / ValueError: see :func:`load_config`; :class:`~llmshear.models.checkpoint.WeightFileError`
-            or :class:`~llmshear.models.checkpoint.CheckpointMismatchError` naming the file and tensor.
+        FileNotFoundError / ValueError: see :func:`load_config`; :class:`~llmshear.models.weights.WeightFileError`
+            or :class:`~llmshear.models.weights.CheckpointMismatchError` naming the file and tensor.
     """
     if str(source) in PRESETS:
         return
