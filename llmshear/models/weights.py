@@ -1,9 +1,10 @@
 """Reading weights of an HF directory or a GGUF file lazily, and copying them into a model strictly.
 
-A source's weights are read as a *lazy state dict*: ``{hf_parameter_name: thunk}`` where calling the thunk reads (and for
-GGUF dequantises) that one tensor. Key sets, and for safetensors the shapes in the file headers, are compared before
-any tensor is read, so a checkpoint that does not match the config fails fast and names the keys. A missing shard,
-an unreadable index or a truncated or corrupt file is a :class:`WeightFileError` naming the file (and tensor).
+A source's weights are read as a *lazy state dict*: ``{hf_parameter_name: thunk}`` where calling the thunk reads
+(and for GGUF dequantises) that one tensor. Key sets, and for safetensors the shapes in the file headers, are
+compared before any tensor is read, so weights that do not match the config fail fast and name the keys. A missing
+shard, an unreadable index or a truncated or corrupt file is a :class:`WeightFileError` naming the file (and
+tensor).
 """
 
 from __future__ import annotations
