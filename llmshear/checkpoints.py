@@ -163,7 +163,7 @@ def model_from_checkpoint(path: str | os.PathLike) -> LlamaLM:
     """The :class:`LlamaLM` of a continued-pre-training checkpoint, rebuilt strictly from its stored config.
 
     Raises:
-        ValueError: see :func:`llmshear.checkpoints.read_model_state`; a checkpoint without the model config; a
+        ValueError: see :func:`read_model_state`; a checkpoint without the model config; a
             pruning checkpoint (those are cut by ``scripts/prune.py``); weights that do not match the config.
     """
     state = read_model_state(path)
@@ -178,15 +178,15 @@ def model_from_checkpoint(path: str | os.PathLike) -> LlamaLM:
 
 
 def load_pruning_checkpoint(path: str | os.PathLike) -> tuple[LlamaLM, L0Module]:
-    """The model and L0 module of a Composer checkpoint of a pruning run (a ``.pt`` file, full state dict).
+    """The model and L0 module of a Composer checkpoint of a pruning run (full or sharded).
 
     ``state['model']`` holds ``model.<LlamaLM keys>`` and ``l0.<L0Module keys>``; ``l0._extra_state`` carries
     the source config and the target, so nothing else is needed. The checkpoint is unpickled: load only
     checkpoints your own runs wrote.
 
     Raises:
-        ValueError: see :func:`llmshear.checkpoints.read_model_state` (missing, truncated, corrupt, not a Composer
-            checkpoint); no L0 module in it; weights that do not match the stored config.
+        ValueError: see :func:`read_model_state` (missing, truncated, corrupt, not a Composer checkpoint); no L0
+            module in it; weights that do not match the stored config.
     """
     state = read_model_state(path)
     l0_state = {k.removeprefix("l0."): v for k, v in state.items() if k.startswith("l0.")}
