@@ -45,16 +45,23 @@ TARGET_EVAL_LABEL = "eval_target"  # pruning runs with pruning.eval_target: the 
 
 
 def build_l0(cfg: RunConfig, source) -> L0Module | None:
-    """The L0 module of a pruning run (on the CPU, it is small), or None for continued pre-training."""
+    """The L0 module of a pruning run (on the CPU, it is small), or None for continued pre-training.
+
+    Its initial gate logits carry a little random noise (ties broken); it is drawn from ``seed`` (the global RNG is
+    left as it was), since the module is built before Composer seeds the run: otherwise ``pruning.init: constant``
+    would start from whatever the process had drawn before.
+    """
     if cfg.pruning is None:
         return None
     p, batches = cfg.pruning, cfg.train.max_batches
     target = TargetShape.from_dict(p.target, source, p.structures)
-    return L0Module(source, target, p.structures, lagrangian_warmup=round(p.sparsity_warmup * batches),
-                    harden_batch=None if p.harden_from >= 1 else round(p.harden_from * batches),
-                    constraint=p.constraint, eval_masks=p.eval_masks, init_log_alpha=p.init_log_alpha,
-                    log_alpha_limit=p.log_alpha_limit, temperature=p.temperature,
-                    final_temperature=p.final_temperature)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return L0Module(source, target, p.structures, lagrangian_warmup=round(p.sparsity_warmup * batches),
+                        harden_batch=None if p.harden_from >= 1 else round(p.harden_from * batches),
+                        constraint=p.constraint, eval_masks=p.eval_masks, init_log_alpha=p.init_log_alpha,
+                        log_alpha_limit=p.log_alpha_limit, temperature=p.temperature,
+                        final_temperature=p.final_temperature)
 
 
 def build_composer_model(cfg: RunConfig, device: str | None = None) -> ComposerLlama:

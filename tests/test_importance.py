@@ -8,7 +8,7 @@ import pytest
 import torch
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
-from llmshear.builders import build_trainer, run_calibration_batches
+from llmshear.builders import build_l0, build_trainer, run_calibration_batches
 from llmshear.config import ConfigError, load
 from llmshear.models.build import build_model
 from llmshear.models.hf import load_config
@@ -151,3 +151,16 @@ def test_importance_init_through_the_builder_and_resume_keeps_the_checkpoint(tmp
     for name, value in resumed.state.model.l0.log_alpha.items():
         assert torch.equal(value.detach(), trained[name]), name
     resumed.close()
+
+
+def test_constant_init_noise_comes_from_the_seed_not_from_the_process(tmp_path, data):
+    cfg = load(tiny_recipe(tmp_path, data), ["pruning.init=constant"])
+    source = load_config(cfg.model.pretrained)
+    first = build_l0(cfg, source).log_alpha
+    torch.rand(1000)  # whatever the process drew before
+    state = torch.get_rng_state()
+    again = build_l0(cfg, source).log_alpha
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    other = build_l0(load(tiny_recipe(tmp_path, data), ["pruning.init=constant", "seed=18"]), source).log_alpha
+    assert not all(torch.equal(first[name], other[name]) for name in first)
