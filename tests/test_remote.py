@@ -19,7 +19,8 @@ from test_checkpoint_faults import assert_same_state, final_state
 from llmshear import run as train
 from llmshear.config import ConfigError, load
 
-SETTINGS = {"train": {"max_batches": 4, "eval_interval": 2}, "checkpoint": {"save_interval": 2}}
+SETTINGS = {"train": {"max_batches": 4, "eval_interval": 2}, "checkpoint": {"save_interval": 2},
+            "pruning": {"eval_target": False}}  # one evaluator is all these tests need
 RESUME = ["checkpoint.autoresume=true", "train.max_batches=6"]
 
 
