@@ -137,13 +137,13 @@ def checkpoint_names(names) -> list[str]:
     return [name for _, name in sorted((batch, name) for batch, name in found if batch is not None)]
 
 
-def remote_checkpoints(uri: str, key: str = "checkpoint.remote") -> list[str]:
+def remote_checkpoints(uri: str) -> list[str]:
     """The checkpoints under ``uri`` (one listing: this is how a config check finds the store reachable).
 
     Raises:
         RemoteError: see :class:`Remote`; the bucket cannot be listed (missing, no credentials, unreachable).
     """
-    return checkpoint_names(Remote(uri, key).names())
+    return checkpoint_names(Remote(uri).names())
 
 
 def _mirrored(path: Path, folder: Path) -> bool:
@@ -277,14 +277,12 @@ def local_checkpoint(checkpoint: str | os.PathLike, key: str = "--checkpoint") -
         return
     uri = str(checkpoint).rstrip("/")
     parent, name = uri.rsplit("/", 1)
-    if checkpoint_batch(name) is None:
-        remote = Remote(uri, key)
-        name = remote.newest_checkpoint(remote.names())
+    remote = Remote(uri if checkpoint_batch(name) is None else parent, key)
+    names = remote.names()
+    if remote.uri == uri:
+        name = remote.newest_checkpoint(names)
         if name is None:
             raise RemoteError(f"{key}={uri!r}: no checkpoint (ep<E>-ba<N>-rank0.pt) under it")
-    else:
-        remote = Remote(parent, key)
-    names = remote.names()
     if name not in names:
         raise RemoteError(f"{key}={str(checkpoint)!r}: no such object ({remote.object_name(name)} in bucket "
                           f"{remote.bucket!r})")
