@@ -36,6 +36,7 @@ from llmshear.models.hf import build_model, load_config, load_model
 from llmshear.models.importance import init_l0_from_importance
 from llmshear.models.l0 import L0Module, TargetShape
 from llmshear.optim import build_optimizer, build_scheduler
+from llmshear.remote import MirrorRunFolder
 from llmshear.sources import source_record
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,8 @@ def checkpoint_kwargs(cfg: RunConfig) -> dict:
 
 
 def build_trainer(cfg: RunConfig, world_size: int | None = None) -> Trainer:
-    """Everything the run needs, assembled into a Composer :class:`Trainer` (not yet fitted)."""
+    """Everything the run needs, assembled into a Composer :class:`Trainer` (not yet fitted); with
+    ``checkpoint.remote``, the :class:`~llmshear.remote.MirrorRunFolder` callback after the checkpoint saver."""
     world_size = world_size or dist.get_world_size()
     t = cfg.train
     model = build_composer_model(cfg)
@@ -207,7 +209,7 @@ def build_trainer(cfg: RunConfig, world_size: int | None = None) -> Trainer:
     train_loader = build_train_loader(cfg, world_size)
     log.info("model: %s parameters; %d batches of %d x %d tokens", f"{model.model.num_params():,}",
              t.max_batches, t.global_batch_size, cfg.data.seq_len)
-    return Trainer(
+    trainer = Trainer(
         model=model,
         train_dataloader=train_loader,
         eval_dataloader=build_evaluators(cfg),
@@ -231,4 +233,9 @@ def build_trainer(cfg: RunConfig, world_size: int | None = None) -> Trainer:
         console_log_interval=f"{t.log_interval}ba",
         **checkpoint_kwargs(cfg),
     )
+    if cfg.checkpoint.remote is not None:
+        # After Composer's checkpoint saver (which the Trainer appended last): each event's checkpoint is on disk
+        # by the time the mirror looks.
+        trainer.state.callbacks.append(MirrorRunFolder(cfg.checkpoint.save_folder, cfg.checkpoint.remote))
+    return trainer
 

@@ -20,6 +20,7 @@ import re
 import socket
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -387,8 +388,10 @@ class RunLock:
         return False
 
 
-def open_run_folder(folder: str | os.PathLike, autoresume: bool, max_batches: int) -> tuple[RunLock, int | None]:
-    """Rank 0 takes the folder's lock and, with autoresume, runs :func:`recover`; every rank gets the outcome.
+def open_run_folder(folder: str | os.PathLike, autoresume: bool, max_batches: int,
+                    prepare: Callable[[], object] | None = None) -> tuple[RunLock, int | None]:
+    """Rank 0 takes the folder's lock, runs ``prepare`` (e.g. the download of a remote run) and, with autoresume,
+    :func:`recover`; every rank gets the outcome (the other ranks wait for rank 0 here).
 
     Call it on every rank, after the process group is initialised and before the Trainer is built.
 
@@ -397,13 +400,16 @@ def open_run_folder(folder: str | os.PathLike, autoresume: bool, max_batches: in
         already reached ``max_batches`` (the run is complete), else None.
 
     Raises:
-        CheckpointError: on every rank, when the folder is locked by a live run or cannot be recovered.
+        CheckpointError: on every rank, when the folder is locked by a live run or cannot be recovered, or
+            ``prepare`` raised one (or an OSError).
     """
     lock = RunLock(folder)
     outcome: list = [None, None]
     if dist.get_global_rank() == 0:
         try:
             lock.acquire()
+            if prepare is not None:
+                prepare()
             newest = recover(folder) if autoresume else None
             batch = checkpoint_batch(newest.resolve()) if newest is not None else None
             outcome[1] = batch if batch is not None and batch >= max_batches else None

@@ -12,17 +12,19 @@ import argparse
 import io
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from llmshear.checkpoints import load_pruning_checkpoint, model_from_checkpoint
 from llmshear.evaluation import DTYPES
-from llmshear.model_card import CARD_FILE, SUMMARY_FILE, domain_perplexity, lineage, read_stage, render_card
+from llmshear.model_card import CARD_FILE, SUMMARY_FILE, Stage, domain_perplexity, lineage, read_stage, render_card
 from llmshear.models.hf import require_new_directory, save_pretrained
 from llmshear.models.l0 import TARGET_KEYS
 from llmshear.models.llama import LlamaLM
 from llmshear.models.prune import cut_model, prune_summary
+from llmshear.remote import local_checkpoint
 from llmshear.sources import has_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,9 +56,16 @@ def resolve_tokenizer(tokenizer, recorded_source: str | None):
     return tokenizer, getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
 
+def _stage(checkpoint: str | os.PathLike, local: Path) -> Stage:
+    """The stage ``local`` records, naming the checkpoint as the user gave it when it was downloaded."""
+    stage = read_stage(local)
+    return replace(stage, checkpoint=str(checkpoint)) if "://" in str(checkpoint) else stage
+
+
 def _save(model: LlamaLM, out_dir: Path, stage, tokenizer, dtype: str | None, command: str | None,
-          extra: dict, extra_files: dict) -> dict:
-    """Write ``model`` with its tokenizer, summary and card; returns the summary."""
+          extra: dict, extra_files: dict, run_folder: Path) -> dict:
+    """Write ``model`` with its tokenizer, summary and card (the perplexity from ``run_folder/metrics.jsonl``);
+    returns the summary."""
     tokenizer, tokenizer_name = tokenizer
     if dtype is not None:
         model = model.to(DTYPES[dtype])
@@ -67,7 +76,7 @@ def _save(model: LlamaLM, out_dir: Path, stage, tokenizer, dtype: str | None, co
         "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
         "tokenizer": tokenizer_name,
         "stages": lineage(stage),
-        "perplexity": domain_perplexity(Path(stage.checkpoint).parent, stage.batches),
+        "perplexity": domain_perplexity(run_folder, stage.batches),
         "command": command,
         **extra,
     }
@@ -84,6 +93,9 @@ def prune_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     and the fields of :func:`_save`) and ``README.md``; the directory appears complete or not at all.
 
     Args:
+        checkpoint: a local checkpoint, or ``s3://bucket/prefix/ep<E>-ba<N>-rank0.pt`` (``s3://bucket/prefix``: a
+            mirrored run's newest), downloaded with the run's ``metrics.jsonl`` into a temporary directory
+            (:func:`llmshear.remote.local_checkpoint`); the summary names it as given.
         tokenizer: see :func:`resolve_tokenizer`.
         dtype: a key of :data:`DTYPES` for the saved weights (default: as trained, float32).
         command: the command line that made the export, for the model card.
@@ -95,17 +107,18 @@ def prune_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
             non-finite weights.
     """
     out_dir = require_new_directory(out_dir)
-    stage = read_stage(checkpoint)
-    tokenizer = resolve_tokenizer(tokenizer, stage.source)
-    model, l0 = load_pruning_checkpoint(checkpoint)
-    masks = l0.deterministic_masks()
-    cut = cut_model(model, masks)
-    if cut.cfg != l0.target.to_config(l0.source):
-        raise ValueError(f"cut config {cut.cfg} differs from the target {l0.target}")
-    buffer = io.BytesIO()
-    torch.save(masks, buffer)
-    summary = _save(cut, out_dir, stage, tokenizer, dtype, command, prune_summary(model, masks, cut),
-                    {"masks.pt": buffer.getvalue()})
+    with local_checkpoint(checkpoint) as local:
+        stage = _stage(checkpoint, local)
+        tokenizer = resolve_tokenizer(tokenizer, stage.source)
+        model, l0 = load_pruning_checkpoint(local)
+        masks = l0.deterministic_masks()
+        cut = cut_model(model, masks)
+        if cut.cfg != l0.target.to_config(l0.source):
+            raise ValueError(f"cut config {cut.cfg} differs from the target {l0.target}")
+        buffer = io.BytesIO()
+        torch.save(masks, buffer)
+        summary = _save(cut, out_dir, stage, tokenizer, dtype, command, prune_summary(model, masks, cut),
+                        {"masks.pt": buffer.getvalue()}, local.parent)
     log.info("pruned %s: %d -> %d parameters, saved %s", checkpoint, summary["params_before"],
              summary["params_after"], out_dir)
     return summary
@@ -127,10 +140,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
             non-finite weights.
     """
     out_dir = require_new_directory(out_dir)
-    stage = read_stage(checkpoint)
-    tokenizer = resolve_tokenizer(tokenizer, stage.source)
-    model = model_from_checkpoint(checkpoint)
-    return _save(model, out_dir, stage, tokenizer, dtype, command, {}, {})
+    with local_checkpoint(checkpoint) as local:
+        stage = _stage(checkpoint, local)
+        tokenizer = resolve_tokenizer(tokenizer, stage.source)
+        model = model_from_checkpoint(local)
+        return _save(model, out_dir, stage, tokenizer, dtype, command, {}, {}, local.parent)
 
 
 def export_parser(doc: str, checkpoint_help: str, out_help: str) -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ the run folder holds the checkpoints, ``metrics.jsonl``, ``masks/`` (pruning run
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from composer.utils import dist, get_device
 
@@ -17,6 +18,7 @@ from llmshear.callbacks.nonfinite import NonFiniteLossError
 from llmshear.checkpoints import CheckpointError, open_run_folder
 from llmshear.config import ConfigError, RunConfig, load
 from llmshear.datasets.mds import ShardError
+from llmshear.remote import fetch_run, mirror_run
 
 log = logging.getLogger("train")
 
@@ -26,20 +28,27 @@ USAGE = "usage: train.py RECIPE.yaml [key=value ...]"
 def run(cfg: RunConfig) -> None:
     """Lock (and, resuming, recover) the run folder, build everything and fit.
 
+    With ``checkpoint.remote``, a resume whose folder holds no complete checkpoint first downloads the run
+    (:func:`llmshear.remote.fetch_run`), and at the end the folder's mirror is brought up to date.
+
     Raises:
-        CheckpointError: the run folder is in use by another run (see :func:`llmshear.checkpoints.open_run_folder`).
+        CheckpointError: the run folder is in use by another run (see :func:`llmshear.checkpoints.open_run_folder`);
+            :class:`~llmshear.remote.RemoteError`: ``checkpoint.remote`` cannot be read or written.
     """
     dist.initialize_dist(get_device(cfg.train.device))  # the folder's lock and recovery need the ranks together
     c = cfg.checkpoint
-    lock, done = open_run_folder(c.save_folder, c.autoresume, cfg.train.max_batches)
+    fetch = partial(fetch_run, c.remote, c.save_folder) if c.remote is not None and c.autoresume else None
+    lock, done = open_run_folder(c.save_folder, c.autoresume, cfg.train.max_batches, prepare=fetch)
     try:
         if done is not None:
             log.info("the run in %s is complete: its latest checkpoint is batch %d of train.max_batches=%d; nothing "
                      "to do (raise train.max_batches to train on)", c.save_folder, done, cfg.train.max_batches)
-            return
-        trainer = build_trainer(cfg)
-        trainer.fit()
-        trainer.close()
+        else:
+            trainer = build_trainer(cfg)
+            trainer.fit()
+            trainer.close()
+        if c.remote is not None and dist.get_global_rank() == 0:
+            mirror_run(c.save_folder, c.remote)  # what the run's last sync missed; a failure is reported here
     finally:
         lock.release()
 

@@ -2,7 +2,7 @@
 its key.
 
 Only configs and indexes are read here (the source's ``config.json``, MDS ``index.json``, a checkpoint's zip
-directory), never weights or samples, so a bad run fails in seconds.
+directory, one listing of ``checkpoint.remote``), never weights or samples, so a bad run fails in seconds.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from llmshear.datasets.proportions import bounds_errors, proportion_errors, refe
 from llmshear.datasets.vocab import vocab_problems
 from llmshear.models.hf import check_weights, load_config
 from llmshear.models.l0 import TargetShape
+from llmshear.remote import RemoteError, remote_checkpoints, uri_problem
 
 __all__ = ["check_run"]
 
@@ -285,19 +286,44 @@ def check_runtime(cfg: RunConfig, cuda: bool) -> list[str]:
 
 
 def check_local_paths(cfg: RunConfig) -> list[str]:
-    """Object-store URIs (``s3://``, ``gs://``, …) are refused: the run folder and checkpoints are local files."""
+    """Object-store URIs (``s3://``, ``gs://``, …) are refused: the run folder and checkpoints are local files;
+    ``checkpoint.remote`` mirrors the folder to an object store."""
     c = cfg.checkpoint
     problems = []
     if "://" in c.save_folder:
-        problems.append(f"checkpoint.save_folder={c.save_folder!r}: remote run folders are not supported; "
-                        f"checkpoints, metrics.jsonl, masks/ and proportions.json are written and read as local "
-                        f"files, and this would create a local directory {c.save_folder.split('://')[0]}:/... "
-                        f"instead. Use a local or mounted path (copy it to the object store afterwards)")
+        problems.append(f"checkpoint.save_folder={c.save_folder!r}: must be a local (or mounted) path: checkpoints, "
+                        f"metrics.jsonl, masks/ and proportions.json are written and read as local files, and this "
+                        f"would create a local directory {c.save_folder.split('://')[0]}:/... instead. To keep the "
+                        f"run in an object store, set checkpoint.remote={c.save_folder!r} and a local save_folder")
     if c.load_path is not None and "://" in c.load_path:
-        problems.append(f"checkpoint.load_path={c.load_path!r}: remote checkpoints are not supported; the "
-                        f"checks, the resume and scripts/prune.py / export_hf.py read checkpoints as local files. "
-                        f"Download it first and give its local path")
+        problems.append(f"checkpoint.load_path={c.load_path!r}: must be a local path; the checks and the resume read "
+                        f"checkpoints as local files. Download it first, or resume a run mirrored there with "
+                        f"checkpoint.remote and checkpoint.autoresume=true")
     return problems
+
+
+def check_remote(cfg: RunConfig, files: bool) -> list[str]:
+    """``checkpoint.remote``: an ``s3://`` location, full checkpoints, and (``files``) a bucket that can be listed
+    (one listing, nothing downloaded), holding no checkpoints unless the run resumes them."""
+    c = cfg.checkpoint
+    if c.remote is None:
+        return []
+    problem = uri_problem(c.remote)
+    if problem:
+        return [f"checkpoint.remote={c.remote!r}: {problem}"]
+    if cfg.fsdp.state_dict_type == "sharded":
+        return [f"checkpoint.remote={c.remote!r} with fsdp.state_dict_type='sharded': the mirror holds full "
+                "checkpoints only; use fsdp.state_dict_type='full' or no checkpoint.remote"]
+    if not files:
+        return []
+    try:
+        found = remote_checkpoints(c.remote)
+    except RemoteError as err:
+        return [str(err)]
+    if found and not c.autoresume:
+        return [f"checkpoint.remote={c.remote!r} already holds checkpoints {found[:3]}; set checkpoint.autoresume=true "
+                f"to continue that run, or choose another prefix"]
+    return []
 
 
 def check_run(cfg: RunConfig, world_size: int, cuda: bool, files: bool = True,
@@ -310,6 +336,7 @@ def check_run(cfg: RunConfig, world_size: int, cuda: bool, files: bool = True,
     file_checks = [check_data, check_checkpoint] if files else []
     checks = [check_numbers, lambda c: check_batches(c, world_size), check_model,
               lambda c: check_proportions(c, resolved), *file_checks, check_local_paths,
+              lambda c: check_remote(c, files),
               lambda c: check_runtime(c, cuda), lambda c: check_parts(c, world_size, cuda)]
     problems = []
     _CONFIGS.clear()

@@ -138,7 +138,12 @@ class TrainSection:
 
 @dataclass
 class CheckpointSection:
-    """Where the run lives and how it resumes (local paths only; ``save_interval``: batches or a duration)."""
+    """Where the run lives and how it resumes (``save_interval``: batches or a duration).
+
+    ``save_folder`` and ``load_path`` are local (or mounted) paths. ``remote``: ``s3://bucket/prefix``, a mirror
+    of the run folder in an object store (:mod:`llmshear.remote`): uploaded after each checkpoint and at the end,
+    and downloaded at an ``autoresume`` whose folder holds no complete checkpoint; full checkpoints only.
+    """
 
     save_folder: str
     save_interval: int | str = 0
@@ -146,6 +151,7 @@ class CheckpointSection:
     autoresume: bool = False
     load_path: str | None = None
     load_weights_only: bool = False
+    remote: str | None = None
 
 
 @dataclass

@@ -1,0 +1,167 @@
+"""``checkpoint.remote``: a run folder mirrored to S3 (moto's in-process mock; every transfer is synchronous and in
+this process), a resume on a machine without the folder, exports from the bucket, and the errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import boto3
+import pytest
+from moto import mock_aws
+from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
+from script_modules import script
+from test_checkpoint_faults import assert_same_state, final_state
+
+from llmshear import run as train
+from llmshear.config import ConfigError, load
+
+SETTINGS = {"train": {"max_batches": 4, "eval_interval": 2}, "checkpoint": {"save_interval": 2},
+            "pruning": {"eval_target": False}}  # one evaluator is all these tests need
+RESUME = ["checkpoint.autoresume=true", "train.max_batches=6"]
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    """A mocked S3 with the bucket ``bucket``, for the whole module."""
+    with pytest.MonkeyPatch.context() as env, mock_aws():
+        for name in ("S3_ENDPOINT_URL", "AWS_PROFILE"):
+            env.delenv(name, raising=False)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        client = boto3.client("s3", region_name="us-east-1")
+        client.create_bucket(Bucket="bucket")
+        yield client
+
+
+def objects(client, prefix: str) -> dict[str, bytes]:
+    listed = client.list_objects_v2(Bucket="bucket", Prefix=prefix).get("Contents", [])
+    return {o["Key"].removeprefix(prefix): client.get_object(Bucket="bucket", Key=o["Key"])["Body"].read()
+            for o in listed}
+
+
+def run_main(caplog, recipe: Path, *args: str) -> tuple[int, str]:
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        status = train.main([str(recipe), *args])
+    return status, caplog.text
+
+
+@pytest.fixture(scope="module")
+def runs(bucket, tmp_path_factory):
+    """The same 4-batch pruning run, continued to 6, once in a local folder and once mirrored to s3://bucket/run
+    (its folder deleted before the continuation); the bucket's objects after the first 4 batches."""
+    tmp = tmp_path_factory.mktemp("remote")
+    data = write_mds(tmp / "data", DOMAINS, 32, n_train=8)
+    local = tiny_recipe(tmp, data, run="local", **SETTINGS)
+    mirrored = tiny_recipe(tmp, data, run="mirrored", **{**SETTINGS, "checkpoint": {
+        **SETTINGS["checkpoint"], "remote": "s3://bucket/run"}})
+    for recipe in (local, mirrored):
+        assert train.main([str(recipe)]) == 0
+    after_four = objects(bucket, "run/")
+    shutil.rmtree(tmp / "mirrored")
+    return {"tmp": tmp, "data": data, "local": local, "mirrored": mirrored, "after_four": after_four}
+
+
+def test_a_mirrored_run_resumes_from_the_bucket_bit_identical(runs, bucket, caplog):
+    tmp, after_four = runs["tmp"], runs["after_four"]
+    assert after_four["latest"] == b"ep0-ba4-rank0.pt\n"
+    assert {"ep0-ba2-rank0.pt", "ep0-ba4-rank0.pt", "metrics.jsonl", "proportions.json", "masks/ba2.pt",
+            "masks/ba2.json", "masks/ba4.pt", "masks/ba4.json"} <= set(after_four)
+    assert not {name for name in after_four if name in ("run.lock", "latest-rank0.pt") or name.startswith(".")}
+
+    assert train.main([str(runs["local"]), *RESUME]) == 0
+    status, text = run_main(caplog, runs["mirrored"], *RESUME)
+    assert status == 0, text
+    assert "downloaded s3://bucket/run/ep0-ba4-rank0.pt" in text
+    folder, reference = tmp / "mirrored", tmp / "local"
+    assert_same_state(final_state(reference), final_state(folder))
+    assert (folder / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    assert sorted(p.name for p in (folder / "masks").rglob("*")) == sorted(
+        p.name for p in (reference / "masks").rglob("*"))
+    assert not (folder / "ep0-ba2-rank0.pt").exists()  # only the checkpoint resumed from is downloaded
+
+    after_six = objects(bucket, "run/")
+    assert after_six["latest"] == b"ep0-ba6-rank0.pt\n"
+    for name in ("ep0-ba6-rank0.pt", "metrics.jsonl", "proportions.json", "masks/ba6.json"):
+        assert after_six[name] == (folder / name).read_bytes(), name
+    assert after_six["ep0-ba2-rank0.pt"] == after_four["ep0-ba2-rank0.pt"]  # the remote keeps every checkpoint
+
+
+def test_exports_from_the_bucket_match_the_local_ones(runs, bucket, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the downloads go, to see them removed
+    prune = script("prune").main
+    local, uri = runs["tmp"] / "local" / "ep0-ba4-rank0.pt", "s3://bucket/run/ep0-ba4-rank0.pt"
+    assert prune(["--checkpoint", str(local), "--out", str(tmp_path / "local")]) == 0
+    assert prune(["--checkpoint", uri, "--out", str(tmp_path / "remote")]) == 0
+    assert_same_export(tmp_path / "local", tmp_path / "remote", uri)
+
+    plain = tiny_recipe(runs["tmp"], runs["data"], run="plain", prune=False, train={"max_batches": 2,
+                        "eval_interval": 2}, checkpoint={"remote": "s3://bucket/plain"})
+    assert train.main([str(plain)]) == 0
+    export = script("export_hf").main
+    checkpoint = runs["tmp"] / "plain" / "ep0-ba2-rank0.pt"
+    assert export(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "plain_local")]) == 0
+    uri = "s3://bucket/plain"  # a run's prefix: its newest checkpoint
+    assert export(["--checkpoint", uri, "--out", str(tmp_path / "plain_remote")]) == 0
+    assert_same_export(tmp_path / "plain_local", tmp_path / "plain_remote", uri)
+    assert not list(tmp_path.glob("llmshear-checkpoint-*"))
+
+
+def assert_same_export(local: Path, remote: Path, uri: str) -> None:
+    """The same files and bytes, except that the summary (and the card) name the checkpoint as given."""
+    names = sorted(p.name for p in local.iterdir())
+    assert names == sorted(p.name for p in remote.iterdir())
+    for name in names:
+        if name not in ("summary.json", "README.md"):
+            assert (local / name).read_bytes() == (remote / name).read_bytes(), name
+    ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (local, remote))
+    assert theirs["stages"][-1].pop("checkpoint") == uri
+    ours["stages"][-1].pop("checkpoint")
+    assert ours["perplexity"] is not None
+    assert {k: v for k, v in ours.items() if k not in ("out", "command")} == {
+        k: v for k, v in theirs.items() if k not in ("out", "command")}
+
+
+def problems_of(recipe: Path, *overrides: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(recipe, list(overrides))
+    return info.value.problems
+
+
+def test_unusable_remotes_are_config_errors_naming_the_key(runs, bucket, tmp_path, caplog):
+    recipe = tiny_recipe(tmp_path, runs["data"], run="bad", **SETTINGS)
+    for uri, why in [("gs://bucket/run", "must be s3://bucket/prefix"), ("runs/mirror", "must be s3://bucket/prefix"),
+                     ("s3://missing/run", "listing bucket 'missing' failed: NoSuchBucket")]:
+        problems = problems_of(recipe, f"checkpoint.remote={uri}")
+        assert any(f"checkpoint.remote={uri!r}: {why}" in p for p in problems), problems
+    problems = problems_of(recipe, "checkpoint.remote=s3://bucket/x", "fsdp.enabled=true",
+                           "fsdp.state_dict_type=sharded")
+    assert any("checkpoint.remote='s3://bucket/x' with fsdp.state_dict_type='sharded'" in p for p in problems)
+    problems = problems_of(recipe, "checkpoint.remote=s3://bucket/run")  # a run's checkpoints, no autoresume
+    assert any("checkpoint.remote='s3://bucket/run' already holds checkpoints" in p for p in problems), problems
+
+    status, text = run_main(caplog, recipe, "checkpoint.remote=s3://missing/run", "checkpoint.autoresume=true")
+    assert status == 2 and "checkpoint.remote='s3://missing/run'" in text and "Traceback" not in text
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "out"
+    assert script("prune").main(["--checkpoint", "s3://missing/run", "--out", str(out)]) == 2
+    assert script("prune").main(["--checkpoint", "s3://bucket/run/ep0-ba8-rank0.pt", "--out", str(out)]) == 2
+    assert "--checkpoint='s3://bucket/run/ep0-ba8-rank0.pt': no such object" in caplog.text
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_missing_credentials_are_a_config_error(runs, bucket, tmp_path, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    recipe = tiny_recipe(tmp_path, runs["data"], run="nocreds", **SETTINGS)
+    problems = problems_of(recipe, "checkpoint.remote=s3://bucket/other")
+    assert any("checkpoint.remote='s3://bucket/other': listing bucket 'bucket' failed: NoCredentialsError" in p
+               for p in problems), problems
