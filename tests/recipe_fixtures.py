@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import OmegaConf
 from streaming import MDSWriter
 
@@ -75,3 +76,23 @@ def tiny_recipe(tmp: Path, data_dir: Path, run: str = "run", prune: bool = True,
     OmegaConf.save(OmegaConf.create(recipe), path)
     return path
 
+
+def final_state(folder: Path) -> dict:
+    """The model, optimizer, data and torch RNG state of the run's batch-6 checkpoint."""
+    checkpoint = torch.load(folder / "ep0-ba6-rank0.pt", map_location="cpu", weights_only=False)
+    state = checkpoint["state"]
+    return {"model": state["model"], "optimizer": state["optimizers"], "data": state["dataset_state"],
+            "rng": checkpoint["rng"][0]["torch"]}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two :func:`final_state` results are bit-identical."""
+    assert a["model"].keys() == b["model"].keys()
+    for key, value in a["model"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b["model"][key]), key
+    assert a["data"] == b["data"]
+    for x, y in zip(torch.utils._pytree.tree_leaves(a["optimizer"]), torch.utils._pytree.tree_leaves(b["optimizer"]),
+                    strict=True):
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    assert torch.equal(a["rng"], b["rng"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
+from recipe_fixtures import DOMAINS, assert_same_state, final_state, tiny_recipe, write_mds
 
 from llmshear import run as train
 from llmshear.checkpoints import LOCK_FILE, CheckpointError, RunLock, checkpoint_problem, describe, recover
@@ -62,25 +62,6 @@ def run_main(caplog, recipe: Path, *args: str) -> tuple[int, str]:
 def hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def final_state(folder: Path) -> dict:
-    checkpoint = torch.load(folder / "ep0-ba6-rank0.pt", map_location="cpu", weights_only=False)
-    state = checkpoint["state"]
-    return {"model": state["model"], "optimizer": state["optimizers"], "data": state["dataset_state"],
-            "rng": checkpoint["rng"][0]["torch"]}
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a["model"].keys() == b["model"].keys()
-    for key, value in a["model"].items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, b["model"][key]), key
-    assert a["data"] == b["data"]
-    for x, y in zip(torch.utils._pytree.tree_leaves(a["optimizer"]), torch.utils._pytree.tree_leaves(b["optimizer"]),
-                    strict=True):
-        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
-    assert torch.equal(a["rng"], b["rng"])
 
 
 @pytest.fixture(scope="module")

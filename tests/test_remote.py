@@ -12,9 +12,8 @@ from pathlib import Path
 import boto3
 import pytest
 from moto import mock_aws
-from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
+from recipe_fixtures import DOMAINS, assert_same_state, final_state, tiny_recipe, write_mds
 from script_modules import script
-from test_checkpoint_faults import assert_same_state, final_state
 
 from llmshear import run as train
 from llmshear.config import ConfigError, load
