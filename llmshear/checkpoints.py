@@ -33,6 +33,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from llmshear.files import replace_json
 from llmshear.models.l0 import L0Module, l0_from_state_dict
 from llmshear.models.llama import LlamaConfig, LlamaLM
 from llmshear.models.prune import model_from_state
@@ -354,9 +355,7 @@ class RunLock:
                 f"pid {other.get('pid')}, since {other.get('since')}); wait for it to end or choose another "
                 f"checkpoint.save_folder. If that process is gone, delete {self.path}")
         log.warning("taking over the lock %s of a run that is gone (%s)", self.path, other or "unreadable")
-        temporary = self.path.with_name(f".{LOCK_FILE}.{os.getpid()}")
-        temporary.write_text(json.dumps(self.holder), encoding="utf-8")
-        os.replace(temporary, self.path)
+        replace_json(self.path, self.holder)
 
     def release(self) -> None:
         """Remove the lock if it is still this process's."""

@@ -98,10 +98,6 @@ def task_manager(specs: list[TaskSpec]):
     return manager
 
 
-def _has_tokenizer(directory: Path) -> bool:
-    return any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-
-
 def to_transformers(model):
     """``transformers``' causal LM of our ``LlamaLM``'s config, with its weights (same dtype and device)."""
     from transformers import AutoModelForCausalLM
@@ -133,17 +129,17 @@ def load_lm(source: str, tokenizer: str | None = None, device: str = "cpu", dtyp
 
     from llmshear.evaluation import DTYPES
     from llmshear.models.hf import load_model
-    from llmshear.sources import load_tokenizer, resolve_source
+    from llmshear.sources import SMOLLM2, has_tokenizer, load_tokenizer, resolve_source
 
     if not is_local_model(source) and _looks_like_path(source):
         raise FileNotFoundError(f"--model {source}: not found (expected an HF directory, a .gguf file, smollm2 or "
                                 "a hub name ORG/NAME)")
-    if source.endswith(".gguf") or source == "smollm2":
+    if source.endswith(".gguf") or source == SMOLLM2:
         model = to_transformers(load_model(source, dtype=DTYPES[dtype], device=device))
         return HFLM(pretrained=model, tokenizer=load_tokenizer(tokenizer or source), batch_size=batch_size)
     if Path(source).exists():
         directory = resolve_source(source).directory
-        if tokenizer is None and not _has_tokenizer(directory):
+        if tokenizer is None and not has_tokenizer(directory):
             raise FileNotFoundError(f"--model {source}: the directory has no tokenizer; pass --tokenizer SOURCE "
                                     "(the model it was pruned from, e.g. smollm2)")
     hf_tokenizer = load_tokenizer(tokenizer) if tokenizer else None

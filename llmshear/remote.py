@@ -41,6 +41,7 @@ from llmshear.checkpoints import (
     checkpoints_in,
     set_aside,
 )
+from llmshear.files import replace_json
 from llmshear.loggers import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -173,10 +174,7 @@ class Mirror:
         self.uploaded[name] = [stat.st_size, stat.st_mtime_ns]
 
     def save(self) -> None:
-        temporary = self.state_path.with_name(f"{STATE_FILE}.{os.getpid()}")
-        temporary.write_text(json.dumps({"remote": self.remote.uri, "marker": self.marker,
-                                         "uploaded": self.uploaded}), encoding="utf-8")
-        os.replace(temporary, self.state_path)
+        replace_json(self.state_path, {"remote": self.remote.uri, "marker": self.marker, "uploaded": self.uploaded})
 
     def pending(self) -> list[str]:
         """Files new or changed since their upload: complete checkpoints (oldest first), then the rest."""
@@ -334,8 +332,9 @@ class MirrorRunFolder(Callback):
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         del state, logger
-        if self._latest_target() != self._latest:
-            self._latest = self._latest_target()
+        target = self._latest_target()
+        if target != self._latest:
+            self._latest = target
             self._sync()
 
     def epoch_checkpoint(self, state: State, logger: Logger) -> None:

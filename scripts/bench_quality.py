@@ -64,6 +64,7 @@ from llmshear.datasets.vocab import check_vocab
 from llmshear.demo import make_demo_corpus
 from llmshear.evaluation import evaluate_domains
 from llmshear.export import export_checkpoint, prune_checkpoint
+from llmshear.files import replace_json
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.importance import importance_masks, random_masks
@@ -203,17 +204,10 @@ class Bench:
                 "prune_budget": self.prune_budget}
 
 
-def write_json(path: Path, content: dict) -> None:
-    """``content`` as indented JSON, replacing ``path`` only once complete."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(content, indent=2) + "\n")
-    partial.replace(path)
-
-
 def cached(path: Path, compute: Callable[[], dict]) -> dict:
     """The JSON in ``path``, computed and written first when absent."""
     if not path.is_file():
-        write_json(path, compute())
+        replace_json(path, compute(), indent=2)
     return json.loads(path.read_text())
 
 
@@ -305,7 +299,8 @@ def split_eval(full: Path, out: Path, eval_seqs: int) -> dict:
                 write_sequences(staging / split / domain, part, rows[0].dtype.name, source.seq_len)
             counts[domain] = {"eval": min(eval_seqs, len(rows)), "test": max(0, len(rows) - eval_seqs)}
         if (full / SUMMARY).is_file():
-            write_json(staging / SUMMARY, split_summary(json.loads((full / SUMMARY).read_text()), counts))
+            replace_json(staging / SUMMARY, split_summary(json.loads((full / SUMMARY).read_text()), counts),
+                         indent=2)
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -351,10 +346,10 @@ def source_row(bench: Bench) -> dict:
         model = load_model(bench.source)
         eval_row = evaluate(model, bench, bench.data / "eval")
         row = eval_row if bench.test == bench.data / "eval" else evaluate(model, bench)
-        write_json(bench.reference, {
+        replace_json(bench.reference, {
             "domains": bench.domains, "reference_losses": [eval_row["domains"][d]["loss"] for d in bench.domains],
             "source": bench.source, "split": str(bench.data / "eval"),
-            "row": {**row, "params": model.num_params()}, "row_split": str(bench.test)})
+            "row": {**row, "params": model.num_params()}, "row_split": str(bench.test)}, indent=2)
     return json.loads(bench.reference.read_text())["row"]
 
 
@@ -543,7 +538,7 @@ def run_arm(bench: Bench, run: ArmRun, reference: dict) -> dict:
     result["start"] = start_row(bench, start)
     if run.learned:
         result["cut_report"] = json.loads((folder / CUT_REPORT).read_text())
-    write_json(folder / RESULT, result)
+    replace_json(folder / RESULT, result, indent=2)
     return result
 
 
@@ -648,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     add_gaps(reference, reference)
     results = [run_arm(bench, run, reference) for run in runs]
     (bench.out / "results.md").write_text(markdown(bench, reference, results))
-    write_json(bench.out / "results.json", {"reference": reference, "arms": results})
+    replace_json(bench.out / "results.json", {"reference": reference, "arms": results}, indent=2)
     line = summary_line(bench, reference, results, time.perf_counter() - started)
     log.info("table: %s", bench.out / "results.md")
     print(json.dumps(line))

@@ -16,6 +16,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from llmshear.datasets.proportions import RULES, bounds_errors, reference_loss_errors, update_proportions
+from llmshear.files import replace_json
 from llmshear.metrics import DomainCrossEntropy
 
 log = logging.getLogger(__name__)
@@ -25,10 +26,7 @@ PROPORTIONS_FILE = "proportions.json"
 
 def write_domain_values(path: str | Path, domains: Sequence[str], key: str, values: Sequence[float]) -> None:
     """``{"domains": [...], key: [...]}`` as indented JSON at ``path``, replacing it only once complete."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps({"domains": list(domains), key: [float(v) for v in values]}, indent=2) + "\n")
-    partial.replace(path)
+    replace_json(path, {"domains": list(domains), key: [float(v) for v in values]}, indent=2)
 
 
 def read_domain_values(path: str | Path, domains: Sequence[str], key: str) -> list[float]:
