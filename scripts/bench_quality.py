@@ -35,7 +35,10 @@ there. ``OUT/reference_losses.json`` (dynamic loading's reference) holds the sou
 Writes ``OUT/<arm>/`` (recipes, runs, cut and final HF models, ``start.json``, ``cut_report.json`` for learned
 arms, ``result.json``), ``OUT/results.md`` (the tables) and ``OUT/results.json``, and prints one JSON line last.
 A finished arm is skipped on rerun, a finished stage too; an interrupted stage starts again. A rerun into the
-same ``--out`` with other settings (source, target, data, batch counts) is refused.
+same ``--out`` with other settings (source, target, data, batch counts) is refused. Once an arm's ``result.json``
+is written, the Composer checkpoints of its runs are deleted (about 1 GB each with SmolLM2: a three-seed
+comparison kept 8 GB of them); its HF models, masks, metrics and proportions stay. ``--keep-checkpoints`` keeps
+them (to resume or re-export a run).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ import torch
 from omegaconf import OmegaConf
 
 from llmshear.callbacks.dynamic_loading import PROPORTIONS_FILE
-from llmshear.checkpoints import LATEST_CHECKPOINT, load_pruning_checkpoint
+from llmshear.checkpoints import LATEST_CHECKPOINT, checkpoints_in, load_pruning_checkpoint
 from llmshear.datasets.dynamic import calibration_batches, open_train_parts
 from llmshear.datasets.mds import SUMMARY, TOKENS, MDSDomain, open_domains, prepare
 from llmshear.datasets.reference import eval_domains
@@ -235,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="scales the pruning stage's batches on top of --budget (default: 1.0)")
     parser.add_argument("--arms", help=f"comma-separated NAME or NAME@SEED (default: every arm at seed {SEED}); "
                                        f"names: {', '.join(ARM_BY_NAME)}")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep a finished arm's Composer checkpoints (default: deleted after result.json)")
     parser.add_argument("--source", default=SOURCE, help=argparse.SUPPRESS)  # tests: a tiny preset
     parser.add_argument("--target", type=json.loads, default=TARGET, help=argparse.SUPPRESS)  # tests: JSON shape
     return parser
@@ -519,8 +524,26 @@ def evaluate_arm(bench: Bench, run: ArmRun, stages: Stages, batches: dict, refer
     return result
 
 
-def run_arm(bench: Bench, run: ArmRun, reference: dict) -> dict:
-    """Every stage of one arm, then its evaluation (and its start model's); ``OUT/<key>/result.json``."""
+def delete_checkpoints(folder: Path) -> None:
+    """Delete the Composer checkpoints (and their latest link) of the run folders under ``folder``."""
+    freed, count = 0, 0
+    for run_folder in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for _, path in checkpoints_in(run_folder):
+            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+            freed += sum(f.stat().st_size for f in files)
+            count += 1
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        (run_folder / LATEST_CHECKPOINT).unlink(missing_ok=True)
+    if count:
+        log.info("%s: deleted %d checkpoint(s), %.2f GB (--keep-checkpoints keeps them)", folder, count, freed / 1e9)
+
+
+def run_arm(bench: Bench, run: ArmRun, reference: dict, keep_checkpoints: bool) -> dict:
+    """Every stage of one arm, then its evaluation (and its start model's); ``OUT/<key>/result.json``. The runs'
+    checkpoints are deleted afterwards unless ``keep_checkpoints``."""
     folder = bench.out / run.key
     if (folder / RESULT).is_file():
         log.info("arm %s: finished earlier, skipped", run.key)
@@ -539,6 +562,8 @@ def run_arm(bench: Bench, run: ArmRun, reference: dict) -> dict:
     if run.learned:
         result["cut_report"] = json.loads((folder / CUT_REPORT).read_text())
     replace_json(folder / RESULT, result, indent=2)
+    if not keep_checkpoints:
+        delete_checkpoints(folder)
     return result
 
 
@@ -641,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_data(bench, args.data is None)
     reference = {**source_row(bench), "label": f"{bench.source} (source, uncut)"}
     add_gaps(reference, reference)
-    results = [run_arm(bench, run, reference) for run in runs]
+    results = [run_arm(bench, run, reference, args.keep_checkpoints) for run in runs]
     (bench.out / "results.md").write_text(markdown(bench, reference, results))
     replace_json(bench.out / "results.json", {"reference": reference, "arms": results}, indent=2)
     line = summary_line(bench, reference, results, time.perf_counter() - started)

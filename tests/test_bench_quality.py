@@ -94,6 +94,9 @@ def test_arms_at_two_seeds_report_the_same_budget(tmp_path, data, capsys):
     reference = json.loads((out / "reference_losses.json").read_text())
     assert reference["split"] == str(data / "eval") and reference["row_split"] == str(data / "test")
     assert reference["reference_losses"] != [reference["row"]["domains"][d]["loss"] for d in DOMAINS]
+    for stage in ("prune", "continue"):  # finished arms keep no Composer checkpoint, only what they reported
+        assert (out / "ours" / stage / "metrics.jsonl").is_file() and not list((out / "ours" / stage).glob("*.pt"))
+    assert (out / "ours" / "pruned" / "masks.pt").is_file() and (out / "ours" / "final" / "config.json").is_file()
     table = (out / "results.md").read_text()
     assert table.splitlines()[0].split("|")[2:5] == [f" {d} " for d in DOMAINS] and "| cut ppl |" in table
     assert "| ours | layer |" in table and "size error %" in table
@@ -109,8 +112,11 @@ def test_arms_at_two_seeds_report_the_same_budget(tmp_path, data, capsys):
 
 def test_without_a_test_split_the_eval_split_is_evaluated_with_a_warning(tmp_path, full, caplog, capsys):
     out = tmp_path / "bench"
-    argv = _argv(out, full, "--budget", str(BUDGET), "--prune-budget", str(PRUNE_BUDGET), "--arms", "scratch,paper")
+    argv = _argv(out, full, "--budget", str(BUDGET), "--prune-budget", str(PRUNE_BUDGET), "--arms", "scratch,paper",
+                 "--keep-checkpoints")
     assert bench.main(argv) == 0
+    for stage in ("prune", "continue"):
+        assert (out / "paper" / stage / "latest-rank0.pt").is_file(), stage
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["test"] == str(full / "eval") and "has no test split" in caplog.text
     assert line["arms"]["scratch"]["start_mean_ppl"] > 0 and "cut_report" in line["arms"]["paper"]
