@@ -100,10 +100,16 @@ def run_calibration_batches(cfg: RunConfig) -> list[torch.Tensor]:
     return calibration_batches(parts, d.domains, d.proportions, size, cfg.pruning.init_batches, cfg.seed)
 
 
+def resumes_own_run(cfg: RunConfig) -> bool:
+    """Whether the Trainer will load the run folder's own latest checkpoint (autoresume; Composer prefers it to
+    ``load_path``), wherever the folder was when the checkpoint was written."""
+    c = cfg.checkpoint
+    return c.autoresume and (Path(c.save_folder) / LATEST_CHECKPOINT).exists()
+
+
 def resumes(cfg: RunConfig) -> bool:
     """Whether the Trainer will load a checkpoint (``load_path``, or autoresume with a latest checkpoint)."""
-    c = cfg.checkpoint
-    return c.load_path is not None or (c.autoresume and (Path(c.save_folder) / LATEST_CHECKPOINT).exists())
+    return cfg.checkpoint.load_path is not None or resumes_own_run(cfg)
 
 
 def init_gates(cfg: RunConfig, model: ComposerLlama) -> None:
@@ -222,7 +228,7 @@ def build_trainer(cfg: RunConfig, world_size: int | None = None) -> Trainer:
         step_schedulers_every_batch=True,
         device_train_microbatch_size=t.micro_batch_size,
         callbacks=build_callbacks(cfg),
-        loggers=[JSONLinesLogger(cfg.checkpoint.save_folder), *build_loggers(cfg)],
+        loggers=[JSONLinesLogger(cfg.checkpoint.save_folder, resumes_own_run(cfg)), *build_loggers(cfg)],
         run_name=cfg.run_name,
         seed=cfg.seed,
         precision=t.precision,

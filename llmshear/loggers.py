@@ -40,10 +40,15 @@ class JSONLinesLogger(LoggerDestination):
 
     Args:
         folder: the run folder (created if needed).
+        own_checkpoint: the run resumes from this folder's own checkpoint (autoresume), so the file continues even
+            when the folder has moved since (a resume on another machine from ``checkpoint.remote``); otherwise it
+            continues only when the checkpoint was written beside this very file, not for another run's
+            (``load_path``).
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, own_checkpoint: bool = False):
         self.path = Path(folder) / METRICS_FILE
+        self.own_checkpoint = own_checkpoint
         self._file = None
         self._resume_size = 0
         self._opened_size = 0
@@ -59,7 +64,7 @@ class JSONLinesLogger(LoggerDestination):
         return {"path": str(self.path.resolve()), "size": self.path.stat().st_size} if self._file else {}
 
     def load_state_dict(self, state: dict) -> None:
-        same_file = state.get("path") == str(self.path.resolve())  # not a checkpoint of another run (load_path)
+        same_file = self.own_checkpoint or state.get("path") == str(self.path.resolve())
         self._resume_size = int(state.get("size", 0)) if same_file else 0
 
     def fit_start(self, state: State, logger: Logger) -> None:

@@ -5,8 +5,10 @@ with a message naming the key or file, without a traceback, and leaves the files
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,6 +120,22 @@ def test_a_finished_run_started_again_is_complete(straight, caplog):
     assert status == 0, text
     assert "is complete: its latest checkpoint is batch 6 of train.max_batches=6" in text
     assert hashes(straight["folder"]) == before
+
+
+def test_a_run_folder_resumed_at_another_path_continues_its_metrics(straight, tmp_path, caplog):
+    """A run folder moved (or fetched from ``checkpoint.remote`` on a machine with another save_folder path) resumes
+    as the same run: ``metrics.jsonl`` continues instead of being set aside as another run's."""
+    moved = tmp_path / "moved"
+    shutil.copytree(straight["folder"], moved, symlinks=True)
+    before = (moved / "metrics.jsonl").read_text()
+    status, text = run_main(caplog, straight["recipe"], "checkpoint.autoresume=true", "train.max_batches=8",
+                            f"checkpoint.save_folder={moved}")
+    assert status == 0, text
+    after = (moved / "metrics.jsonl").read_text()
+    superseded = (moved / "metrics.superseded.jsonl").read_text()  # logged after the batch-6 checkpoint, logged again
+    assert before.endswith(superseded) and after.startswith(before[:len(before) - len(superseded)])
+    assert {json.loads(line)["batch"] for line in superseded.splitlines()} == {6}
+    assert (moved / "ep0-ba8-rank0.pt").is_file()
 
 
 def test_a_second_run_in_a_locked_folder_refuses(straight, caplog):
