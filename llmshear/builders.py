@@ -35,6 +35,7 @@ from llmshear.models.composer_llama import ComposerLlama, Distillation
 from llmshear.models.hf import build_model, load_config, load_model
 from llmshear.models.importance import init_l0_from_importance
 from llmshear.models.l0 import L0Module, TargetShape
+from llmshear.models.llama import DTYPES
 from llmshear.optim import build_optimizer, build_scheduler
 from llmshear.remote import MirrorRunFolder
 from llmshear.sources import source_record
@@ -82,8 +83,9 @@ def build_composer_model(cfg: RunConfig, device: str | None = None) -> ComposerL
     model.cfg.attn_impl = cfg.model.attn_impl
     distill = None
     if cfg.distill is not None:
-        teacher = build_model(load_config(cfg.distill.teacher), device="meta") if device == "meta" else \
-            load_model(cfg.distill.teacher)
+        dtype = DTYPES[cfg.distill.dtype]
+        teacher = build_model(load_config(cfg.distill.teacher), device="meta", dtype=dtype) if device == "meta" \
+            else load_model(cfg.distill.teacher, dtype=dtype)
         distill = Distillation(teacher, alpha=cfg.distill.alpha, temperature=cfg.distill.temperature)
     return ComposerLlama(model, l0=build_l0(cfg, source), domains=cfg.data.domains, distill=distill,
                          source=source_record(cfg.model.pretrained))

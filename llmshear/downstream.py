@@ -118,7 +118,7 @@ def load_lm(source: str, tokenizer: str | None = None, device: str = "cpu", dtyp
         source: the model.
         tokenizer: where its tokenizer is, when not in ``source`` (an HF dir, ``.gguf`` or ``smollm2``).
         device: torch device.
-        dtype: a key of :data:`llmshear.evaluation.DTYPES`.
+        dtype: a key of :data:`llmshear.models.llama.DTYPES`.
         batch_size: sequences per forward pass, or ``"auto"``.
 
     Raises:
@@ -127,8 +127,8 @@ def load_lm(source: str, tokenizer: str | None = None, device: str = "cpu", dtyp
     """
     from lm_eval.models.huggingface import HFLM
 
-    from llmshear.evaluation import DTYPES
     from llmshear.models.hf import load_model
+    from llmshear.models.llama import DTYPES
     from llmshear.sources import SMOLLM2, has_tokenizer, load_tokenizer, resolve_source
 
     if not is_local_model(source) and _looks_like_path(source):

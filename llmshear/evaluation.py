@@ -17,7 +17,6 @@ from llmshear.models.llama import LlamaLM
 from llmshear.progress import progress as report
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype choices
 
 
 def check_device(device: str) -> None:

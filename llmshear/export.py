@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from llmshear.checkpoints import load_pruning_checkpoint, model_from_checkpoint
-from llmshear.evaluation import DTYPES
 from llmshear.model_card import CARD_FILE, SUMMARY_FILE, Stage, domain_perplexity, lineage, read_stage, render_card
 from llmshear.models.hf import require_new_directory, save_pretrained
 from llmshear.models.l0 import TARGET_KEYS
-from llmshear.models.llama import LlamaLM
+from llmshear.models.llama import DTYPES, LlamaLM
 from llmshear.models.prune import cut_model, prune_summary
 from llmshear.remote import local_checkpoint
 from llmshear.sources import has_tokenizer, load_tokenizer

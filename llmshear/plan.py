@@ -19,7 +19,7 @@ from llmshear.config import RunConfig, load
 from llmshear.datasets.mds import token_dtype
 from llmshear.models.hf import config_to_hf, load_config
 from llmshear.models.l0 import L0Module, TargetShape
-from llmshear.models.llama import LlamaConfig
+from llmshear.models.llama import DTYPES, LlamaConfig
 from llmshear.resources import FP32, StepShape, non_embedding_params, step_memory, total_params, train_flops_per_token
 
 GIB = 2**30
@@ -87,7 +87,13 @@ def step_shape(cfg: RunConfig, gpus: int, micro_batch: int, checkpointing: bool)
 def memory_of(cfg: RunConfig, source: LlamaConfig, teacher: LlamaConfig | None, gpus: int, micro_batch: int,
               checkpointing: bool, gates: tuple[int, int]):
     """:func:`step_memory` of the run at ``micro_batch``, with or without activation checkpointing."""
-    return step_memory(source, step_shape(cfg, gpus, micro_batch, checkpointing), *gates, teacher=teacher)
+    return step_memory(source, step_shape(cfg, gpus, micro_batch, checkpointing), *gates, teacher=teacher,
+                       teacher_bytes=teacher_bytes(cfg))
+
+
+def teacher_bytes(cfg: RunConfig) -> int:
+    """Bytes per teacher weight (``distill.dtype``)."""
+    return DTYPES[cfg.distill.dtype].itemsize if cfg.distill is not None else FP32
 
 
 def largest_micro_batch(cfg: RunConfig, source, teacher, machine: Machine, gates) -> int:
@@ -141,10 +147,11 @@ def hours(cfg: RunConfig, flops_per_token: float, machine: Machine) -> dict:
 
 def host_memory(cfg: RunConfig, source: LlamaConfig, teacher: LlamaConfig | None, machine: Machine) -> float:
     """Bytes of host memory per node while the model loads: an fp32 copy per loading rank (every rank with
-    ``model.init_device=cpu``, rank 0 only with ``meta``), plus the teacher on every rank."""
+    ``model.init_device=cpu``, rank 0 only with ``meta``), plus the teacher (in ``distill.dtype``) on every rank."""
     ranks = min(machine.gpus, machine.gpus_per_node)
     loading = ranks if cfg.model.init_device == "cpu" else 1
-    return FP32 * (loading * total_params(source) + (ranks * total_params(teacher) if teacher else 0))
+    teachers = teacher_bytes(cfg) * ranks * total_params(teacher) if teacher is not None else 0
+    return FP32 * loading * total_params(source) + teachers
 
 
 def gpu_memory(cfg, source, teacher, machine: Machine, gates) -> dict:

@@ -130,14 +130,14 @@ class Memory:
 
 
 def step_memory(cfg: LlamaConfig, step: StepShape, gate_params: int = 0, gate_buffers: int = 0,
-                teacher: LlamaConfig | None = None) -> Memory:
+                teacher: LlamaConfig | None = None, teacher_bytes: int = FP32) -> Memory:
     """Per-GPU memory of a step of ``cfg`` (fp32 master weights, fp32 gradients, AdamW's two fp32 states).
 
     Under FSDP full shard the weights, gradients and Adam states are split over ``world_size``; a layer's
     weights are gathered in the compute dtype (the one running and the one prefetched), and the root's
     embedding, head and final norm stay gathered through the step. The gates and multipliers (``gate_params``,
-    with gradient and Adam states; ``gate_buffers``: hardened masks and shifts) and the teacher (fp32, not
-    sharded: it is not a child module of the model) are whole on every GPU.
+    with gradient and Adam states; ``gate_buffers``: hardened masks and shifts) and the teacher (``teacher_bytes``
+    per weight, not sharded: it is not a child module of the model) are whole on every GPU.
     """
     n = total_params(cfg)
     shards = step.world_size if step.sharded else 1
@@ -147,4 +147,4 @@ def step_memory(cfg: LlamaConfig, step: StepShape, gate_params: int = 0, gate_bu
     return Memory(weights=FP32 * n / shards, grads=FP32 * n / shards, adam=ADAM_STATES * FP32 * n / shards,
                   gates=(2 + ADAM_STATES) * FP32 * gate_params + FP32 * gate_buffers, gathered=gathered,
                   activations=activation_bytes(cfg, step, distill=teacher is not None),
-                  teacher=FP32 * total_params(teacher) if teacher is not None else 0.0)
+                  teacher=teacher_bytes * total_params(teacher) if teacher is not None else 0.0)

@@ -22,7 +22,7 @@ log = logging.getLogger("eval_downstream")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from llmshear.downstream import PAPER_TASKS, parse_task
-    from llmshear.evaluation import DTYPES
+    from llmshear.models.llama import DTYPES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, help="model source (repeatable)")

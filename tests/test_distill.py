@@ -2,8 +2,12 @@
 
 import math
 
+import pytest
 import torch
+from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
+from llmshear.builders import build_composer_model
+from llmshear.config import ConfigError, load
 from llmshear.models.composer_llama import ComposerLlama, Distillation
 from llmshear.models.llama import LlamaConfig, LlamaLM
 
@@ -56,3 +60,29 @@ def test_student_moves_towards_frozen_teacher():
         opt.step()
     assert history[-1] < 0.5 * history[0]
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_a_bfloat16_teacher_is_held_in_bfloat16_and_agrees_with_the_float32_one(tmp_path):
+    """``distill.dtype: bfloat16`` halves the teacher's memory (every rank holds a whole copy); its distillation
+    loss stays close to the float32 teacher's, and the student stays float32."""
+    recipe = tiny_recipe(tmp_path, write_mds(tmp_path / "data", DOMAINS, 32, n_train=8),
+                         distill={"teacher": "tiny-gqa", "alpha": 0.5})
+    models = {dtype: build_composer_model(load(recipe, [f"distill.dtype={dtype}"]))
+              for dtype in ("float32", "bfloat16")}
+    assert {p.dtype for p in models["bfloat16"].distill.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in models["bfloat16"].model.parameters()} == {torch.float32}
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 32), generator=generator)
+    student = torch.randn(2, 31, 256, generator=generator)  # a student unlike the teacher: the KL is far from 0
+    logits = {dtype: model.distill.teacher_logits(ids) for dtype, model in models.items()}
+    assert logits["bfloat16"].dtype == torch.float32
+    assert (logits["bfloat16"] - logits["float32"]).abs().max() < 0.05 * logits["float32"].abs().max()
+    losses = {dtype: model.distill.loss(student, ids[:, 1:], ids).item() for dtype, model in models.items()}
+    assert losses["float32"] > 0.1 and losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+
+
+def test_an_unknown_teacher_dtype_is_a_config_error_naming_the_key(tmp_path):
+    recipe = tiny_recipe(tmp_path, write_mds(tmp_path / "data", DOMAINS, 32, n_train=8),
+                         distill={"teacher": "tiny-gqa"})
+    with pytest.raises(ConfigError, match="distill.dtype"):
+        load(recipe, ["distill.dtype=float8"])

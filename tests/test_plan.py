@@ -98,6 +98,18 @@ def test_too_large_micro_batch_warns_with_the_largest_that_fits(recipe_env):
     assert smaller["fits"] and smaller["peak_gib"] * 2**30 <= GPUS["a100-80g"][0] - RESERVED
 
 
+def test_a_bfloat16_teacher_halves_the_teachers_memory(recipe_env):
+    results = {dtype: plan(load_recipe(str(ROOT / "yaml" / "prune_1.3b.yaml"),
+                                       ["distill.teacher=llama2-7b", f"distill.dtype={dtype}"], 8),
+                           Machine("a100-80g", 8)) for dtype in ("float32", "bfloat16")}
+    teacher = total_params(load_config("llama2-7b"))
+    assert results["float32"]["teacher_gib"] == pytest.approx(4 * teacher / 2**30)
+    assert results["bfloat16"]["teacher_gib"] == pytest.approx(2 * teacher / 2**30)
+    saved = results["float32"]["host_load_gb_per_node"] - results["bfloat16"]["host_load_gb_per_node"]
+    assert saved == pytest.approx(8 * 2 * teacher / 1e9)  # every rank of the node holds a teacher
+    assert results["float32"]["peak_gib"] - results["bfloat16"]["peak_gib"] == pytest.approx(2 * teacher / 2**30)
+
+
 def test_continue_after_prune_uses_the_cut_model(recipe_env):
     with cut_source(str(ROOT / "yaml" / "prune_2.7b.yaml"), []) as source:
         cfg = load_recipe(str(ROOT / "yaml" / "continue_2.7b.yaml"), [], 32, source)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from llmshear.config.types import build_section
 from llmshear.datasets.proportions import RULES
 from llmshear.models.l0 import CONSTRAINTS, EVAL_MASKS, STRUCTURES
+from llmshear.models.llama import DTYPES
 from llmshear.optim import GATE_SCHEDULES
 
 
@@ -51,11 +52,12 @@ class PruningSection:
 
 @dataclass
 class DistillSection:
-    """Optional logit distillation from a frozen ``teacher`` (any model source)."""
+    """Optional logit distillation from a frozen ``teacher`` (any model source), its weights held in ``dtype``."""
 
     teacher: str
     alpha: float = 0.5
     temperature: float = 1.0
+    dtype: str = "float32"
 
 
 @dataclass
@@ -203,6 +205,7 @@ CHOICES = {
     "fsdp.version": (1, 2),
     "fsdp.state_dict_type": ("full", "sharded"),
     "fsdp.mixed_precision": ("DEFAULT", "PURE", "FULL"),
+    "distill.dtype": tuple(DTYPES),
 }
 
 
