@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 Masks = dict[str, torch.Tensor]
-# The fields of LlamaConfig that give the shape (the rest are numerics and conventions).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # weights' dtypes
+# The fields of LlamaConfig that give the shape (the rest are numerics and conventions).
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size")
 
 
