@@ -1,4 +1,4 @@
-"""A miniature Sheared-LLaMA experiment: seven ways to reach one target shape on one token budget, compared.
+"""A miniature Sheared-LLaMA experiment: eight ways to reach one target shape on one token budget, compared.
 
     python scripts/bench_quality.py --out out/bench_quality [--data out/demo/data] [--budget 1.0]
         [--prune-budget 1.0] [--arms ours,paper,importance,ours@18,importance@18]
@@ -15,10 +15,12 @@ intermediate 1024) by each of these arms, which train on the same number of toke
 4. ``random``: a seeded random structured selection of the target shape, then continued pre-training;
 5. ``scratch``: the target architecture from random initialisation;
 6. ``constant``: as 1 with constant domain proportions (``data.update: constant``) in both stages;
-7. ``distill``: as 1 with logit distillation from the source (``distill.alpha`` 0.5) in both stages.
+7. ``distill``: as 1 with logit distillation from the source (``distill.alpha`` 0.5) in both stages;
+8. ``importance-distill``: as 3 with the same distillation in its continued pre-training (Minitron's recipe:
+   one-shot importance pruning, then distillation), the baseline to set against 7.
 
 An arm is data (:class:`Arm`): how its start model is made, and the overrides merged last into the recipes it
-derives from ``yaml/demo/``. Arms 3-5 spend the pruning stage's batches on continued pre-training instead, so
+derives from ``yaml/demo/``. Arms 3-5 and 8 spend the pruning stage's batches on continued pre-training instead, so
 every arm trains on ``prune + continue`` batches. ``--arms`` picks arms, in order, as ``NAME`` or ``NAME@SEED``
 (default: every arm at seed 17); an arm at another seed lives in ``OUT/NAME@SEED``, its recipes, random
 selection, initialisation and calibration batches use that seed. ``--budget`` scales every stage's number of
@@ -132,6 +134,8 @@ ARMS = (
     Arm("constant", "6. learned gates, constant proportions", "l0", CONSTANT, CONSTANT),
     Arm("distill", "7. learned gates + distillation (both stages)", "l0",
         prune_overrides={"distill": {"teacher": SOURCE_MODEL}},
+        continue_overrides={"distill": {"teacher": SOURCE_MODEL}}),
+    Arm("importance-distill", "8. one-shot activation importance + distillation", "importance",
         continue_overrides={"distill": {"teacher": SOURCE_MODEL}}),
 )
 ARM_BY_NAME = {arm.name: arm for arm in ARMS}

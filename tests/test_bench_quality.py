@@ -112,8 +112,8 @@ def test_arms_at_two_seeds_report_the_same_budget(tmp_path, data, capsys):
 
 def test_without_a_test_split_the_eval_split_is_evaluated_with_a_warning(tmp_path, full, caplog, capsys):
     out = tmp_path / "bench"
-    argv = _argv(out, full, "--budget", str(BUDGET), "--prune-budget", str(PRUNE_BUDGET), "--arms", "scratch,paper",
-                 "--keep-checkpoints")
+    argv = _argv(out, full, "--budget", str(BUDGET), "--prune-budget", str(PRUNE_BUDGET), "--arms",
+                 "scratch,paper,importance-distill", "--keep-checkpoints")
     assert bench.main(argv) == 0
     for stage in ("prune", "continue"):
         assert (out / "paper" / stage / "latest-rank0.pt").is_file(), stage
@@ -125,6 +125,8 @@ def test_without_a_test_split_the_eval_split_is_evaluated_with_a_warning(tmp_pat
     recipe = (out / "paper" / "prune.yaml").read_text()  # the paper's settings, merged last
     assert "constraint: overall" in recipe and "harden_from: 1.0" in recipe and "distill: null" in recipe
     assert "eta: 1.0" in (out / "paper" / "continue.yaml").read_text()
+    assert "distill:" in (out / "importance-distill" / "continue.yaml").read_text()  # Minitron's: one-shot + KD
+    assert not (out / "importance-distill" / "prune.yaml").exists()
 
 
 @pytest.mark.parametrize("extra, message", [
