@@ -533,12 +533,12 @@ def delete_checkpoints(folder: Path) -> None:
     freed, count = 0, 0
     for run_folder in sorted(p for p in folder.iterdir() if p.is_dir()):
         for _, path in checkpoints_in(run_folder):
-            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-            freed += sum(f.stat().st_size for f in files)
             count += 1
-            if path.is_dir():
+            if path.is_dir():  # a sharded checkpoint
+                freed += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
                 shutil.rmtree(path)
             else:
+                freed += path.stat().st_size
                 path.unlink()
         (run_folder / LATEST_CHECKPOINT).unlink(missing_ok=True)
     if count:
