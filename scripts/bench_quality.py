@@ -49,6 +49,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import shutil
 import sys
 import time
@@ -58,10 +59,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from llmshear.callbacks.dynamic_loading import PROPORTIONS_FILE
 from llmshear.checkpoints import LATEST_CHECKPOINT, checkpoints_in, load_pruning_checkpoint
+from llmshear.config.schema import PruningSection
 from llmshear.datasets.dynamic import calibration_batches, open_train_parts
 from llmshear.datasets.mds import SUMMARY, TOKENS, MDSDomain, open_domains, prepare
 from llmshear.datasets.reference import eval_domains
@@ -74,7 +76,9 @@ from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.importance import importance_masks, random_masks
 from llmshear.models.l0 import TargetShape
+from llmshear.models.llama import LlamaConfig
 from llmshear.models.prune import cut_model, prune_summary
+from llmshear.resources import forward_flops_per_token, train_flops_per_token
 from llmshear.run import main as train_main
 
 log = logging.getLogger("bench_quality")
@@ -92,12 +96,15 @@ SOURCE_MODEL = "<source>"  # in an arm's overrides: replaced by the source model
 
 REPO = Path(__file__).resolve().parents[1]
 PRUNE_RECIPE, CONTINUE_RECIPE = REPO / "yaml/demo/prune.yaml", REPO / "yaml/demo/continue.yaml"
+CLUSTER_RECIPE = REPO / "yaml/prune_1.3b.yaml"  # the `row` arm takes its pruning keys from here
 SOURCE = "smollm2"
 TARGET = {"d_model": 384, "n_layers": 20, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 1024}
 SEED = 17
 PRUNE_BATCHES, CONTINUE_BATCHES = 36, 44  # at --budget 1 (~50 min on 2 CPU cores); batches of 4 x 256 tokens
 PRUNE_EVALS, CONTINUE_EVALS = 4, 2  # evaluations (= domain re-weightings) per stage; ~17 s each
 CALIBRATION_BATCHES = 8  # importance arm: forward passes (no training) of the source for the importance scores
+CALIBRATION_SEQS = 4  # sequences per calibration batch of the importance arm
+MATCHES = ("flops", "tokens")  # --match: what every arm spends as much of as `ours`
 EVAL_BATCH_SIZE = 8
 EVAL_SEQS, TEST_SEQS = 8, 32  # held-out sequences per domain: in-training evaluation / final evaluation
 CORPUS_CHARS, DATA_SEQ_LEN, DATA_EVAL_SEQS = 600_000, 256, EVAL_SEQS + TEST_SEQS
@@ -115,6 +122,10 @@ class Arm:
         start: ``"l0"`` (a pruning run), ``"random"``, ``"importance"`` (one-shot masks) or ``"scratch"``.
         prune_overrides: merged last into the pruning recipe (``start == "l0"``).
         continue_overrides: merged last into the continue recipe; :data:`SOURCE_MODEL` names the source.
+        stop_at_freeze: the pruning run ends where the masks freeze (its last batch trains the frozen 0/1 masks)
+            and the cut model continues: the batches that ``ours`` trains at the source's shape on frozen masks
+            run at the target's shape instead (see :func:`pruning_plan`).
+        prune_share: scales ``ours``' pruning stage (its batches, so its ramp and freeze) for this arm.
     """
 
     name: str
@@ -122,6 +133,23 @@ class Arm:
     start: str
     prune_overrides: dict = field(default_factory=dict)
     continue_overrides: dict = field(default_factory=dict)
+    stop_at_freeze: bool = False
+    prune_share: float = 1.0
+
+
+CLUSTER_KEYS = {"pruning": ("constraint", "sparsity_warmup", "harden_from"), "optimizer": ("lag_lr", "gate_schedule")}
+
+
+def cluster_pruning_keys(recipe: Path = CLUSTER_RECIPE) -> dict:
+    """The 7B recipes' constraint, schedule and gate optimiser (:data:`CLUSTER_KEYS`, ``cluster`` arm), read from
+    ``recipe`` so that the arm measures what ships."""
+    cfg = OmegaConf.load(recipe)
+    return {section: {k: cfg[section][k] for k in keys} for section, keys in CLUSTER_KEYS.items()}
+
+
+# The 7B recipes' keys until they shipped `exact` (`row` arm): per-row multipliers by gradient ascent.
+ROW = {"pruning": {"constraint": "row", "sparsity_warmup": 0.2, "harden_from": 0.8},
+       "optimizer": {"lag_lr": 1.0, "gate_schedule": "constant"}}
 
 
 CONSTANT = {"data": {"update": "constant"}}
@@ -137,6 +165,13 @@ ARMS = (
         continue_overrides={"distill": {"teacher": SOURCE_MODEL}}),
     Arm("importance-distill", "8. one-shot activation importance + distillation", "importance",
         continue_overrides={"distill": {"teacher": SOURCE_MODEL}}),
+    Arm("fixed-ranking", "9. learned gates, logits not trained (lag_lr 0): importance order removed gradually",
+        "l0", {"optimizer": {"lag_lr": 0.0}}),
+    Arm("row", "10. per-row Lagrangian (the 7B recipes' keys before exact)", "l0", ROW),
+    Arm("cluster", "11. the 7B recipes' pruning keys as shipped", "l0", cluster_pruning_keys()),
+    Arm("freeze-cut", "12. learned gates, cut where the masks freeze", "l0", stop_at_freeze=True),
+    Arm("short", "13. learned gates, half the pruning stage, cut where the masks freeze", "l0", stop_at_freeze=True,
+        prune_share=0.5),
 )
 ARM_BY_NAME = {arm.name: arm for arm in ARMS}
 
@@ -196,9 +231,11 @@ class Bench:
     prune_batches: int
     continue_batches: int
     prune_budget: float = 1.0
+    match: str = "flops"
     domains: list[str] | None = None
     seq_len: int | None = None
     batch_tokens: int = 0
+    shapes: tuple[LlamaConfig, LlamaConfig] | None = None  # the source's and the target's config
 
     @property
     def reference(self) -> Path:
@@ -208,7 +245,7 @@ class Bench:
         """What the arms' results depend on; a rerun into the same ``--out`` must not change it."""
         return {"source": self.source, "target": self.target, "data": str(self.data), "test": str(self.test),
                 "prune_batches": self.prune_batches, "continue_batches": self.continue_batches,
-                "prune_budget": self.prune_budget}
+                "prune_budget": self.prune_budget, "match": self.match}
 
 
 def cached(path: Path, compute: Callable[[], dict]) -> dict:
@@ -240,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, default=1.0, help="scales every stage's batches (default: 1.0)")
     parser.add_argument("--prune-budget", type=float, default=1.0,
                         help="scales the pruning stage's batches on top of --budget (default: 1.0)")
+    parser.add_argument("--match", choices=MATCHES, default="flops",
+                        help="what every arm spends as much of as `ours`: training FLOPs (default; the arms "
+                             "get as many continued batches as fill ours' FLOPs) or tokens")
     parser.add_argument("--arms", help=f"comma-separated NAME or NAME@SEED (default: every arm at seed {SEED}); "
                                        f"names: {', '.join(ARM_BY_NAME)}")
     parser.add_argument("--keep-checkpoints", action="store_true",
@@ -265,13 +305,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Bench, list[
     try:
         runs = parse_arms(args.arms)
         source = load_config(args.source)
-        TargetShape.from_dict(args.target, source)
+        target = TargetShape.from_dict(args.target, source).to_config(source)
         domains, seq_len = check_data(data, source.vocab_size, test, args.source) if args.data else (None, None)
     except (OSError, ValueError, TypeError) as err:
         parser.error(str(err))
     bench = Bench(args.out, data, test, args.source, args.target,
                   max(1, round(PRUNE_BATCHES * args.budget * args.prune_budget)),
-                  max(1, round(CONTINUE_BATCHES * args.budget)), args.prune_budget, domains, seq_len)
+                  max(1, round(CONTINUE_BATCHES * args.budget)), args.prune_budget, args.match, domains, seq_len,
+                  shapes=(source, target))
     earlier = args.out / SETTINGS
     if earlier.is_file() and json.loads(earlier.read_text()) != bench.settings():
         parser.error(f"{args.out} holds arms run with other settings ({earlier}): choose another --out")
@@ -436,14 +477,79 @@ def uniform(bench: Bench) -> list[float]:
     return [1 / len(bench.domains)] * len(bench.domains)
 
 
-def prune_stages(bench: Bench, run: ArmRun, stages: Stages) -> Path:
-    """A learned arm's pruning run, its cut (``OUT/<key>/pruned``) and its cut report; the cut model's path."""
+def recipe_with(template: Path, overrides: dict) -> DictConfig:
+    """``template`` with an arm's ``overrides`` merged in (what its written recipe holds of these keys)."""
+    return OmegaConf.merge(OmegaConf.load(template), OmegaConf.create(overrides))
+
+
+def pruning_plan(bench: Bench, run: ArmRun) -> tuple[int, dict]:
+    """A learned run's pruning batches and the schedule keys derived for them (merged before the arm's own).
+
+    An arm plans :attr:`Arm.prune_share` of ``ours``' batches. An :attr:`Arm.stop_at_freeze` run stops where the
+    planned run would freeze its masks: its target sparsity ramps over as many batches as the planned run's does,
+    and its masks freeze on its last batch, so that its cut is the 0/1 sub-network that batch trained.
+    """
+    planned = max(1, round(bench.prune_batches * run.arm.prune_share))
+    if not run.arm.stop_at_freeze:
+        return planned, {}
+    pruning = recipe_with(PRUNE_RECIPE, run.arm.prune_overrides).pruning
+    batches = max(1, round(pruning.harden_from * planned))
+    warmup = min(round(pruning.sparsity_warmup * planned), batches - 1)
+    return batches, {"pruning": {"sparsity_warmup": warmup / batches, "harden_from": (batches - 1) / batches}}
+
+
+def calibration_sequences(run: ArmRun) -> int:
+    """Sequences the source reads forward-only before training: one-shot scores or a pruning run's importance
+    init."""
+    if run.arm.start == "importance":
+        return CALIBRATION_BATCHES * CALIBRATION_SEQS
+    if run.learned:
+        cfg = recipe_with(PRUNE_RECIPE, run.arm.prune_overrides)
+        pruning = OmegaConf.merge(OmegaConf.structured(PruningSection(target={})), cfg.pruning)
+        return pruning.init_batches * cfg.train.micro_batch_size if pruning.init == "importance" else 0
+    return 0
+
+
+def arm_flops(bench: Bench, run: ArmRun, batches: dict) -> dict:
+    """Training FLOPs of ``run`` with ``batches`` (``{"prune": n, "continue": m}``), by part.
+
+    Calibration forwards of the source; pruning steps at the source's shape (the masked model multiplies every
+    weight of the source, frozen masks or not); continued steps at the target's shape; a distillation teacher's
+    forward in every step of a stage that distils (:func:`llmshear.resources.train_flops_per_token`). The
+    evaluations are not counted: every arm evaluates alike.
+    """
+    source, target = bench.shapes
+    teacher = {stage: source if recipe_with(template, overrides).get("distill") else None
+               for stage, template, overrides in (("prune", PRUNE_RECIPE, run.arm.prune_overrides),
+                                                  ("continue", CONTINUE_RECIPE, run.arm.continue_overrides))}
+    per_batch = {stage: bench.batch_tokens * train_flops_per_token(shape, bench.seq_len, teacher[stage])
+                 for stage, shape in (("prune", source), ("continue", target))}
+    parts = {"calibration": calibration_sequences(run) * bench.seq_len * forward_flops_per_token(source, bench.seq_len),
+             **{stage: batches[stage] * per_batch[stage] for stage in per_batch}}
+    return {"per_batch": per_batch, "parts": parts, "total": sum(parts.values())}
+
+
+def plan_batches(bench: Bench, run: ArmRun) -> dict:
+    """Batches per stage of ``run``. ``--match tokens``: ``prune + continue`` batches in all (an arm continues for
+    what its pruning run did not use); ``--match flops``: a continued stage that fills ``ours``' training FLOPs."""
+    prune = pruning_plan(bench, run)[0] if run.learned else 0
+    if bench.match == "tokens":
+        return {"prune": prune, "continue": bench.prune_batches + bench.continue_batches - prune}
+    ours = {"prune": bench.prune_batches, "continue": bench.continue_batches}
+    budget = arm_flops(bench, ArmRun(ARM_BY_NAME["ours"]), ours)["total"]
+    fixed = arm_flops(bench, run, {"prune": prune, "continue": 0})
+    return {"prune": prune, "continue": max(1, round((budget - fixed["total"]) / fixed["per_batch"]["continue"]))}
+
+
+def prune_stages(bench: Bench, run: ArmRun, stages: Stages, batches: int) -> Path:
+    """A learned arm's pruning run of ``batches``, its cut (``OUT/<key>/pruned``) and its cut report; the cut
+    model's path."""
     folder = bench.out / run.key
     folder.mkdir(parents=True, exist_ok=True)
     prune_run, pruned = folder / "prune", folder / "pruned"
-    overrides = recipe_overrides(bench, run, prune_run, bench.prune_batches, bench.prune_batches, PRUNE_EVALS)
+    overrides = recipe_overrides(bench, run, prune_run, batches, bench.prune_batches, PRUNE_EVALS)
     overrides["model"] = {"pretrained": bench.source}
-    overrides["pruning"] = {"target": bench.target}
+    overrides["pruning"] = {"target": bench.target, **pruning_plan(bench, run)[1].get("pruning", {})}
     overrides["data"]["proportions"] = uniform(bench)
     recipe = write_recipe(folder / "prune.yaml", PRUNE_RECIPE, f"arm {run.key}, pruning stage", overrides,
                           run.arm.prune_overrides, bench.source)
@@ -453,9 +559,9 @@ def prune_stages(bench: Bench, run: ArmRun, stages: Stages) -> Path:
     return pruned
 
 
-def learned_start(bench: Bench, run: ArmRun, stages: Stages) -> tuple[Path, dict]:
+def learned_start(bench: Bench, run: ArmRun, stages: Stages, batches: int) -> tuple[Path, dict]:
     """The cut model of ``run``'s pruning run and the continue stage's proportion setting (its final ones)."""
-    pruned = prune_stages(bench, run, stages)
+    pruned = prune_stages(bench, run, stages, batches)
     return pruned, {"proportions_from": str(bench.out / run.key / "prune" / PROPORTIONS_FILE)}
 
 
@@ -465,7 +571,7 @@ def importance_calibration(bench: Bench, seed: int) -> list[torch.Tensor]:
     importance init draws from there too)."""
     train_range = list(OmegaConf.load(PRUNE_RECIPE).data.train_range)
     parts = open_train_parts([bench.data / "train" / d for d in bench.domains], bench.seq_len, train_range)
-    return calibration_batches(parts, bench.domains, uniform(bench), 4, CALIBRATION_BATCHES, seed)
+    return calibration_batches(parts, bench.domains, uniform(bench), CALIBRATION_SEQS, CALIBRATION_BATCHES, seed)
 
 
 def make_start(bench: Bench, run: ArmRun, out_dir: Path) -> None:
@@ -487,13 +593,13 @@ def make_start(bench: Bench, run: ArmRun, out_dir: Path) -> None:
 
 def start_stages(bench: Bench, run: ArmRun, stages: Stages) -> tuple[Path, dict, dict]:
     """The start model of ``run``'s continued pre-training, its proportion setting and the batches per stage."""
+    batches = plan_batches(bench, run)
     if run.arm.start == "l0":
-        start, data = learned_start(bench, run, stages)
-        return start, data, {"prune": bench.prune_batches, "continue": bench.continue_batches}
+        start, data = learned_start(bench, run, stages, batches["prune"])
+        return start, data, batches
     start = bench.out / run.key / ("init" if run.arm.start == "scratch" else "pruned")
     stages.run(run.arm.start, start / "config.json", lambda: make_start(bench, run, start))
-    data = {"proportions": uniform(bench), "proportions_from": None}
-    return start, data, {"prune": 0, "continue": bench.prune_batches + bench.continue_batches}
+    return start, {"proportions": uniform(bench), "proportions_from": None}, batches
 
 
 def continue_recipe(bench: Bench, run: ArmRun, start: Path, data: dict, batches: int) -> Path:
@@ -523,6 +629,9 @@ def evaluate_arm(bench: Bench, run: ArmRun, stages: Stages, batches: dict, refer
               "params": model.num_params(), "train_batches": batches}
     stages.seconds["eval"] = time.perf_counter() - started
     result["train_tokens"] = sum(batches.values()) * bench.batch_tokens
+    flops = arm_flops(bench, run, batches)
+    result.update(match=bench.match, train_flops=flops["total"], flops=flops["parts"],
+                  flops_per_batch=flops["per_batch"])
     result["stages_s"], result["wall_s"] = dict(stages.seconds), sum(stages.seconds.values())
     add_gaps(result, reference)
     return result
@@ -580,18 +689,56 @@ def add_gaps(row: dict, reference: dict) -> None:
 
 
 def results_table(bench: Bench, reference: dict, results: list[dict]) -> list[str]:
-    """One row per model: perplexity per domain, mean, the start model's mean, worst gap, size, tokens, time."""
-    head = ["arm", *bench.domains, "mean ppl", "cut ppl", "worst gap (domain)", "params", "train tokens", "wall"]
+    """One row per model: perplexity per domain, mean, the start model's mean, worst gap, size, batches per
+    stage, tokens, training FLOPs, time."""
+    head = ["arm", *bench.domains, "mean ppl", "cut ppl", "worst gap (domain)", "params", "batches",
+            "train tokens", "train FLOPs", "wall"]
     rows = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for r in [reference, *results]:
         ppl = [f"{r['domains'][d]['ppl']:.2f}" for d in bench.domains]
         trained = r is not reference
         cut = f"{r['start']['mean_ppl']:.2f}" if trained else "-"
         gap = f"{r['worst_gap']['gap']:+.3f} ({r['worst_gap']['domain']})" if trained else "-"
-        tokens, wall = (f"{r['train_tokens']:,}", f"{r['wall_s'] / 60:.1f} min") if trained else ("-", "-")
+        spent = ["-"] * 4
+        if trained:
+            batches = r["train_batches"]
+            spent = [f"{batches['prune']} + {batches['continue']}", f"{r['train_tokens']:,}",
+                     f"{r['train_flops']:.3g}" if "train_flops" in r else "-", f"{r['wall_s'] / 60:.1f} min"]
         rows.append(f"| {r['label']} | " + " | ".join(ppl) + f" | {r['mean_ppl']:.2f} | {cut} | {gap} | "
-                    f"{r['params'] / 1e6:.1f}M | {tokens} | {wall} |")
+                    f"{r['params'] / 1e6:.1f}M | " + " | ".join(spent) + " |")
     return rows
+
+
+def paired_differences(results: list[dict]) -> list[dict]:
+    """For every two arms run at two or more common seeds: the mean over those seeds of the difference of their
+    log mean perplexities (first minus second: below zero, the first is better) and its 95% interval (Student's
+    t with n - 1 degrees of freedom), in the order the arms first appear."""
+    from scipy.stats import t as student_t
+
+    logs: dict[str, dict[int, float]] = {}
+    for r in results:
+        logs.setdefault(r["arm"].partition("@")[0], {})[r["seed"]] = math.log(r["mean_ppl"])
+    names, pairs = list(logs), []
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            seeds = sorted(set(logs[first]) & set(logs[second]))
+            if len(seeds) < 2:
+                continue
+            diffs = np.array([logs[first][s] - logs[second][s] for s in seeds])
+            half = student_t.ppf(0.975, len(seeds) - 1) * diffs.std(ddof=1) / math.sqrt(len(seeds))
+            mean = float(diffs.mean())
+            pairs.append({"first": first, "second": second, "seeds": seeds, "mean": round(mean, 5),
+                          "low": round(mean - half, 5), "high": round(mean + half, 5),
+                          "ratio": round(math.exp(mean), 4)})
+    return pairs
+
+
+def pairs_table(pairs: list[dict]) -> list[str]:
+    """One row per pair of :func:`paired_differences` (empty when there is none)."""
+    rows = [f"| {p['first']} vs {p['second']} | {len(p['seeds'])} | {p['mean']:+.4f} | "
+            f"[{p['low']:+.4f}, {p['high']:+.4f}] | {p['ratio']:.3f} |" for p in pairs]
+    head = ["arms (first vs second)", "seeds", "mean log-ppl difference", "95% interval", "ppl ratio"]
+    return ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|", *rows] if rows else []
 
 
 def cut_table(results: list[dict]) -> list[str]:
@@ -604,26 +751,34 @@ def cut_table(results: list[dict]) -> list[str]:
 
 
 def markdown(bench: Bench, reference: dict, results: list[dict]) -> str:
-    """The results table, the learned arms' cut reports, and how to read them."""
+    """The results table, the paired differences, the learned arms' cut reports, and how to read them."""
     split = "the test split" if bench.test.name == "test" else "the eval split (no test split in --data)"
+    spent = ("as many training FLOPs as ours: the arms whose pruning stage is shorter or absent, or that distil, "
+             "get as many continued batches as fill it" if bench.match == "flops" else
+             "as many tokens as ours: the arms that do not prune continue for both stages' batches")
     notes = [
-        f"Source {bench.source} -> target {bench.target}. Every arm trains on {bench.prune_batches} + "
-        f"{bench.continue_batches} batches of {bench.batch_tokens:,} tokens (--prune-budget {bench.prune_budget:g}):"
-        " the learned-gate arms prune for the first and continue for the second; importance, random and scratch "
-        "continue for both.",
-        f"distill distils from the source in both stages. importance also runs {CALIBRATION_BATCHES} forward-only "
+        f"Source {bench.source} -> target {bench.target}. ours prunes for {bench.prune_batches} batches of "
+        f"{bench.batch_tokens:,} tokens and continues for {bench.continue_batches} (--prune-budget "
+        f"{bench.prune_budget:g}); --match {bench.match}: every arm spends {spent} (batches: pruning + continued).",
+        "Training FLOPs: calibration forwards of the source, pruning steps at the source's shape, continued steps at "
+        "the target's, a teacher's forward in every distilled step (llmshear.resources); evaluations not counted. "
+        f"distill distils from the source in both stages. importance runs {CALIBRATION_BATCHES} forward-only "
         "calibration batches of the source.",
         f"Perplexity on every sequence of {split} of each domain ({bench.test}); the in-training evaluations and "
         "dynamic loading read the eval split. cut ppl: the model the continued pre-training started from (cut, "
         "one-shot pruned or initialised), on the same sequences. mean ppl = exp(mean of the domain losses); "
         "gap = domain loss minus the source's loss there.",
     ]
-    cuts = cut_table(results)
+    pairs, cuts = pairs_table(paired_differences(results)), cut_table(results)
+    if pairs:
+        notes.append("Paired differences: for two arms run at the same seeds, the mean over the seeds of log(mean "
+                     "ppl of the first) - log(mean ppl of the second), with its 95% t interval; below zero, the "
+                     "first is better; an interval that excludes zero settles the sign.")
     if cuts:
-        notes.append("Cut report (second table): per structure of a pruning run's final gates, the expected number "
+        notes.append("Cut report: per structure of a pruning run's final gates, the expected number "
                      "kept, the target, the expected size's error, and the share of gates already decided.")
-    return "\n".join(results_table(bench, reference, results)) + "\n\n" + \
-        ("\n".join(cuts) + "\n\n" if cuts else "") + "\n".join(f"- {n}" for n in notes) + "\n"
+    tables = [results_table(bench, reference, results), pairs, cuts]
+    return "".join("\n".join(t) + "\n\n" for t in tables if t) + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 def short(r: dict) -> dict:
@@ -635,6 +790,9 @@ def short(r: dict) -> dict:
         row.update(seed=r["seed"], start_mean_ppl=round(r["start"]["mean_ppl"], 4))
     if "cut_report" in r:
         row["cut_report"] = r["cut_report"]
+    if "train_flops" in r:
+        row.update(train_batches=r["train_batches"], train_flops=r["train_flops"],
+                   flops_per_batch=r["flops_per_batch"])
     if "wall_s" in r:
         row["wall_s"] = round(r["wall_s"], 1)
     return row
@@ -643,10 +801,10 @@ def short(r: dict) -> dict:
 def summary_line(bench: Bench, reference: dict, results: list[dict], wall: float) -> dict:
     """The JSON line: every arm's perplexities, worst gap, size, start perplexity, cut report and time."""
     return {"source": bench.source, "target": bench.target, "prune_batches": bench.prune_batches,
-            "continue_batches": bench.continue_batches, "prune_budget": bench.prune_budget,
+            "continue_batches": bench.continue_batches, "prune_budget": bench.prune_budget, "match": bench.match,
             "batch_tokens": bench.batch_tokens, "test": str(bench.test), "reference": short(reference),
-            "arms": {r["arm"]: short(r) for r in results}, "wall_s": round(wall, 1),
-            "results": str(bench.out / "results.md")}
+            "arms": {r["arm"]: short(r) for r in results}, "pairs": paired_differences(results),
+            "wall_s": round(wall, 1), "results": str(bench.out / "results.md")}
 
 
 def setup_data(bench: Bench, use_demo_data: bool) -> None:

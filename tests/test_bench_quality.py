@@ -4,13 +4,18 @@ models' evaluation, the cut report, the JSON line and tables; bad arguments refu
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from recipe_fixtures import DOMAINS, write_mds
 from script_modules import script
 
 from llmshear.datasets.mds import MDSDomain
+from llmshear.models.hf import load_config
+from llmshear.models.l0 import TargetShape
+from llmshear.resources import forward_flops_per_token, train_flops_per_token
 
 TARGET = {"d_model": 96, "n_layers": 3, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 256}
 BUDGET, PRUNE_BUDGET = 0.05, 0.5  # 1 pruning batch, 2 continue batches
@@ -63,15 +68,25 @@ def test_parse_arms():
             bench.parse_arms(text)
 
 
-def test_arms_at_two_seeds_report_the_same_budget(tmp_path, data, capsys):
+def test_arms_at_two_seeds_spend_the_same_flops(tmp_path, data, capsys):
     out = tmp_path / "bench"
     argv = _argv(out, data, "--budget", str(BUDGET), "--prune-budget", str(PRUNE_BUDGET), "--arms", ARMS)
     assert bench.main(argv) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert list(line["arms"]) == KEYS and line["prune_budget"] == PRUNE_BUDGET
+    assert list(line["arms"]) == KEYS and line["prune_budget"] == PRUNE_BUDGET and line["match"] == "flops"
     batches = [max(1, round(n * b)) for n, b in ((bench.PRUNE_BATCHES, BUDGET * PRUNE_BUDGET),
                                                  (bench.CONTINUE_BATCHES, BUDGET))]
     assert [line["prune_batches"], line["continue_batches"]] == batches and line["batch_tokens"] == 4 * 32
+    ours = line["arms"]["ours"]
+    assert ours["train_batches"] == {"prune": batches[0], "continue": batches[1]}
+    assert ours["flops_per_batch"]["prune"] > 2 * ours["flops_per_batch"]["continue"]  # the source's shape
+    for key in ("importance", "importance@18"):  # here 32 calibration sequences leave one continued batch
+        arm = line["arms"][key]
+        assert arm["train_batches"] == {"prune": 0, "continue": 1}, key
+        assert abs(arm["train_flops"] - ours["train_flops"]) <= arm["flops_per_batch"]["continue"], key
+    distill = line["arms"]["distill@18"]  # the teacher's forwards: dearer steps, as few as fill the budget
+    assert distill["flops_per_batch"]["continue"] > ours["flops_per_batch"]["continue"]
+    assert distill["train_batches"] == {"prune": batches[0], "continue": 1}
     for key, arm in line["arms"].items():
         assert set(arm["ppl"]) == set(DOMAINS) and arm["mean_ppl"] > 0 and arm["wall_s"] > 0, key
         assert arm["start_mean_ppl"] > 0 and arm["seed"] == (18 if key.endswith("@18") else 17), key
@@ -80,7 +95,10 @@ def test_arms_at_two_seeds_report_the_same_budget(tmp_path, data, capsys):
     assert set(line["arms"]["ours"]["cut_report"]) >= {"layer", "hidden"}
     assert line["reference"]["worst_gap"] == 0 and line["reference"]["params"] > line["arms"]["ours"]["params"]
     results = {key: json.loads((out / key / "result.json").read_text()) for key in KEYS}
-    assert {r["train_tokens"] for r in results.values()} == {sum(batches) * 4 * 32}  # every arm alike
+    assert results["ours"]["train_tokens"] == sum(batches) * 4 * 32
+    for key, result in results.items():
+        assert sum(result["flops"].values()) == pytest.approx(result["train_flops"]), key
+    assert line["pairs"] == []  # no two arms share two seeds
     assert {d: v["tokens"] for d, v in results["ours"]["domains"].items()} == {d: TEST * 31 for d in DOMAINS}
     assert results["ours"]["start"]["model"] == str(out / "ours" / "pruned")
     assert results["distill@18"]["start"]["model"] == str(out / "distill@18" / "pruned")
@@ -99,7 +117,7 @@ def test_arms_at_two_seeds_report_the_same_budget(tmp_path, data, capsys):
     assert (out / "ours" / "pruned" / "masks.pt").is_file() and (out / "ours" / "final" / "config.json").is_file()
     table = (out / "results.md").read_text()
     assert table.splitlines()[0].split("|")[2:5] == [f" {d} " for d in DOMAINS] and "| cut ppl |" in table
-    assert "| ours | layer |" in table and "size error %" in table
+    assert "| ours | layer |" in table and "size error %" in table and f"| {batches[0]} + {batches[1]} |" in table
 
     stamps = {key: (out / key / "result.json").stat().st_mtime_ns for key in KEYS}
     assert bench.main(argv) == 0  # resumed: every arm is skipped
@@ -113,11 +131,15 @@ def test_arms_at_two_seeds_report_the_same_budget(tmp_path, data, capsys):
 def test_without_a_test_split_the_eval_split_is_evaluated_with_a_warning(tmp_path, full, caplog, capsys):
     out = tmp_path / "bench"
     argv = _argv(out, full, "--budget", str(BUDGET), "--prune-budget", str(PRUNE_BUDGET), "--arms",
-                 "scratch,paper,importance-distill", "--keep-checkpoints")
+                 "scratch,paper,importance-distill", "--keep-checkpoints", "--match", "tokens")
     assert bench.main(argv) == 0
     for stage in ("prune", "continue"):
         assert (out / "paper" / stage / "latest-rank0.pt").is_file(), stage
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["match"] == "tokens"
+    batches = {key: arm["train_batches"] for key, arm in line["arms"].items()}  # every arm the same tokens
+    assert {sum(b.values()) for b in batches.values()} == {line["prune_batches"] + line["continue_batches"]}
+    assert batches["paper"]["prune"] == line["prune_batches"] and batches["scratch"]["prune"] == 0
     assert line["test"] == str(full / "eval") and "has no test split" in caplog.text
     assert line["arms"]["scratch"]["start_mean_ppl"] > 0 and "cut_report" in line["arms"]["paper"]
     reference = json.loads((out / "reference_losses.json").read_text())
@@ -148,3 +170,73 @@ def test_missing_data_fails_before_any_work(tmp_path, capsys):
         bench.main(_argv(tmp_path / "bench", tmp_path / "nowhere"))
     assert exit_info.value.code == 2 and "nowhere" in capsys.readouterr().err
     assert not (tmp_path / "bench").exists()
+
+
+def _bench(prune_batches=36, continue_batches=44):
+    source = load_config("tiny-smollm2")
+    target = TargetShape.from_dict(TARGET, source).to_config(source)
+    return bench.Bench(Path("out"), Path("data"), Path("data/test"), "tiny-smollm2", TARGET, prune_batches,
+                       continue_batches, seq_len=32, batch_tokens=4 * 32, shapes=(source, target))
+
+
+def test_an_arm_that_stops_at_the_freeze_ramps_as_ours_and_freezes_on_its_last_batch():
+    b = _bench()
+    assert bench.pruning_plan(b, bench.ArmRun(bench.ARM_BY_NAME["ours"])) == (36, {})
+    batches, keys = bench.pruning_plan(b, bench.ArmRun(bench.ARM_BY_NAME["freeze-cut"]))
+    demo = OmegaConf.load(bench.PRUNE_RECIPE).pruning
+    assert batches == round(demo.harden_from * 36) == 25
+    assert round(keys["pruning"]["sparsity_warmup"] * batches) == round(demo.sparsity_warmup * 36)  # as ours'
+    assert round(keys["pruning"]["harden_from"] * batches) == batches - 1  # its last batch trains 0/1 masks
+    batches, keys = bench.pruning_plan(b, bench.ArmRun(bench.ARM_BY_NAME["short"]))
+    assert batches == round(demo.harden_from * 18) and round(keys["pruning"]["harden_from"] * batches) == batches - 1
+
+
+def test_flops_budget_counts_pruning_at_the_source_shape_and_teachers():
+    b = _bench()
+    source, target = b.shapes
+    plans = {name: bench.plan_batches(b, bench.ArmRun(arm)) for name, arm in bench.ARM_BY_NAME.items()}
+    spent = {name: bench.arm_flops(b, bench.ArmRun(bench.ARM_BY_NAME[name]), plans[name]) for name in plans}
+    ours = spent["ours"]
+    assert plans["ours"] == {"prune": 36, "continue": 44}
+    assert ours["per_batch"] == {"prune": 128 * train_flops_per_token(source, 32),
+                                 "continue": 128 * train_flops_per_token(target, 32)}
+    assert ours["parts"]["calibration"] == 4 * 4 * 32 * forward_flops_per_token(source, 32)  # importance init
+    assert spent["importance"]["parts"]["calibration"] == 2 * ours["parts"]["calibration"]
+    for name, cost in spent.items():  # every arm within half a continued batch of ours' FLOPs
+        assert abs(cost["total"] - ours["total"]) <= cost["per_batch"]["continue"] / 2, name
+    assert plans["freeze-cut"]["continue"] > plans["ours"]["continue"] and plans["short"]["prune"] < 25
+    assert spent["importance-distill"]["per_batch"]["continue"] == 128 * train_flops_per_token(target, 32, source)
+    b.match = "tokens"
+    assert bench.plan_batches(b, bench.ArmRun(bench.ARM_BY_NAME["freeze-cut"])) == {"prune": 25, "continue": 55}
+    assert bench.plan_batches(b, bench.ArmRun(bench.ARM_BY_NAME["importance"])) == {"prune": 0, "continue": 80}
+
+
+def test_the_cluster_arm_takes_the_shipped_7b_pruning_keys():
+    shipped = bench.ARM_BY_NAME["cluster"].prune_overrides
+    for recipe in ("prune_1.3b.yaml", "prune_2.7b.yaml"):  # both 7B recipes ship the keys the arm measures
+        cfg = OmegaConf.load(bench.REPO / "yaml" / recipe)
+        assert {s: {k: cfg[s][k] for k in keys} for s, keys in bench.CLUSTER_KEYS.items()} == shipped, recipe
+    assert bench.ARM_BY_NAME["row"].prune_overrides["pruning"]["constraint"] == "row"
+    assert bench.ARM_BY_NAME["fixed-ranking"].prune_overrides == {"optimizer": {"lag_lr": 0.0}}
+
+
+def test_paired_differences_are_the_mean_log_ratio_with_a_t_interval():
+    def result(key, seed, ppl):
+        return {"arm": key, "seed": seed, "mean_ppl": ppl}
+
+    a, b, seeds = [90.0, 100.0, 120.0], [100.0, 112.0, 135.0], (17, 18, 19)
+    results = [result("ours" if s == 17 else f"ours@{s}", s, p) for s, p in zip(seeds, a, strict=True)]
+    results += [result("importance" if s == 17 else f"importance@{s}", s, p) for s, p in zip(seeds, b, strict=True)]
+    results += [result("random", 17, 500.0), result("random@18", 18, 600.0)]
+    pairs = bench.paired_differences(results)
+    assert [(p["first"], p["second"], p["seeds"]) for p in pairs] == [
+        ("ours", "importance", [17, 18, 19]), ("ours", "random", [17, 18]), ("importance", "random", [17, 18])]
+    diffs = np.log(a) - np.log(b)
+    half = 4.302653 * diffs.std(ddof=1) / np.sqrt(3)  # Student's t, 2 degrees of freedom, 97.5%
+    first = pairs[0]
+    assert first["mean"] == pytest.approx(diffs.mean(), abs=1e-5) and first["ratio"] == pytest.approx(
+        np.exp(diffs.mean()), abs=1e-4)
+    assert [first["low"], first["high"]] == pytest.approx([diffs.mean() - half, diffs.mean() + half], abs=1e-4)
+    assert first["high"] < 0  # ours lower at every seed, by a steady margin
+    table = bench.pairs_table(pairs)
+    assert table[2].startswith("| ours vs importance | 3 | -0.") and len(table) == 5

@@ -59,7 +59,7 @@ def test_paper_recipes_validate_and_build_on_meta(repo_root, paper_env, monkeypa
     size = name.split("_")[1]
     if name.startswith("prune"):
         assert cfg.pruning.sparsity_warmup * cfg.train.max_batches == 640 and cfg.train.max_batches == 3200
-        assert model.l0.options["lagrangian_warmup"] == 640 and model.l0.options["harden_batch"] == 2560
+        assert model.l0.options["lagrangian_warmup"] == 640 and model.l0.options["harden_batch"] == 2240
         assert model.l0.target.d_model == PAPER_TARGETS[size]["d_model"]
     else:
         assert model.l0 is None and cfg.train.max_batches == 48000
@@ -135,7 +135,7 @@ def test_tiny_recipe_is_valid(tmp_path, data):
     ("fsdp.activation_checkpointing=true", "fsdp.activation_checkpointing needs fsdp.enabled=true"),
     ("scheduler.warmup=100", "scheduler.warmup=100 must lie in [0, train.max_batches]"),
     ("pruning.lagrangian_warmup=640", "pruning.lagrangian_warmup: unknown key"),
-    ("pruning.constraint=foo", "pruning.constraint: 'foo' is not one of ['exact', 'row', 'overall']"),
+    ("pruning.constraint=foo", "pruning.constraint: 'foo' is not one of ['exact', 'row', 'paper', 'overall']"),
     ("pruning.eval_masks=cut", "pruning.eval_masks: 'cut' is not one of"),
     ("pruning.sparsity_warmup=1.5", "pruning.sparsity_warmup=1.5 must lie in [0, 1]"),
     ("pruning.harden_from=0.1", "pruning.harden_from=0.1 must lie in [pruning.sparsity_warmup=0.3, 1]"),

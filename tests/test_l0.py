@@ -207,6 +207,23 @@ def test_overall_constraint_is_one_pair_per_structure_on_its_mean_sparsity():
         L0Module(GQA, _target(HALF_GQA), constraint="rows")
 
 
+def test_paper_constraint_is_one_pair_per_structure_over_the_mean_of_its_row_gaps():
+    l0 = L0Module(GQA, _target(HALF_GQA), lagrangian_warmup=10, constraint="paper")
+    l0.set_step(10)
+    assert all(p.shape == (1,) for n, p in l0.named_parameters() if n.startswith("lagrangian."))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in l0.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    formula = 0.0
+    for spec in l0.specs:
+        gap = 1 - prob_nonzero(l0.log_alpha[spec.name]).mean(-1) - spec.final_sparsity  # one per row
+        lam1, lam2 = l0.lagrangian.lambda1[spec.name], l0.lagrangian.lambda2[spec.name]
+        formula = formula + (lam1 * gap + lam2 * gap ** 2).mean()
+    torch.testing.assert_close(l0.lagrangian_loss(), formula.float())
+    assert l0.sparsity_gaps()["intermediate"].shape == (4,)  # rows, unlike overall's single mean
+
+
 def _optimizer(l0: L0Module, lr: float = 0.1) -> torch.optim.Optimizer:
     # maximize=True plays the role of the negative learning rate the training recipe gives the multipliers.
     return torch.optim.Adam([{"params": list(l0.log_alpha.parameters()), "lr": lr},

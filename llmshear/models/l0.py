@@ -17,6 +17,8 @@ How the expected size meets its (ramped) target, ``constraint``:
   units leave one by one, from the lowest-ranked up, instead of the whole row turning noisy at once.
 - ``row``: per-row Lagrange multipliers, trained by gradient ascent, pull every row's expected count to the count
   the cut keeps there.
+- ``paper``: the paper's form (Sheared-LLaMA and its code): one pair of multipliers per structure, applied to
+  every row's gap and averaged over the rows.
 - ``overall``: one pair of multipliers per structure on its mean sparsity (the form of the first release). The
   cut keeps exactly ``keep`` units in every row, so this form can be met by uneven rows, whose extra or missing
   units the cut then adds or removes without the network ever having trained that way.
@@ -49,7 +51,7 @@ FIXED_KEYS = ("head_dim", "vocab_size")  # accepted in a target only when equal 
 LIMITS = (-0.1, 1.1)  # stretch of the concrete distribution, so that exact 0 and 1 have nonzero probability
 TEMPERATURE = 2 / 3
 EPS = 1e-6
-CONSTRAINTS = ("exact", "row", "overall")
+CONSTRAINTS = ("exact", "row", "paper", "overall")
 EVAL_MASKS = ("current", "target")
 DECIDED = 0.95  # a gate with P(z != 0) >= DECIDED is decided open, <= 1 - DECIDED decided shut
 
@@ -458,14 +460,16 @@ class L0Module(nn.Module):
         return params_of_masks(self.source, self.probabilities())
 
     def lagrangian_loss(self) -> torch.Tensor:
-        """Sum over structures and rows of ``λ1 (ŝ - t) + λ2 (ŝ - t)^2``, a scalar (zero without structures)."""
+        """Sum over structures and rows of ``λ1 (ŝ - t) + λ2 (ŝ - t)^2``, a scalar (zero without structures);
+        ``paper``: each structure's term is the mean over its rows (one pair of multipliers per structure)."""
         loss = self.step.new_zeros((), dtype=torch.float32)
         if self.options["constraint"] == "exact":
             # No multipliers: the shifts meet the target. The zero term keeps every gate logit in the graph, so
             # DDP, which waits for a gradient of every parameter, does not stall once the masks are hardened.
             return loss + 0.0 * sum(p.sum() for p in self.log_alpha.values())
+        per_row_mean = self.options["constraint"] == "paper"
         for name, gap in self.sparsity_gaps().items():
-            loss = loss + self.lagrangian(name, gap)
+            loss = loss + self.lagrangian(name, gap) / (gap.numel() if per_row_mean else 1)
         return loss
 
     @torch.no_grad()
