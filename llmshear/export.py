@@ -1,9 +1,10 @@
 """Turn Composer training checkpoints into Hugging Face directories a user can take anywhere.
 
-``prune_checkpoint`` cuts a pruning run's checkpoint to its target shape; ``export_checkpoint`` saves a continued
-run's model. Both write the weights (in the chosen dtype), config, generation config, the tokenizer, a
-``summary.json`` (shape, parameters, the stages and tokens that made the model, the run's last per-domain
-perplexity) and a model card ``README.md``; the directory loads with ``transformers`` alone.
+``prune_checkpoint`` cuts a pruning run's checkpoint to its target shape; ``prune_one_shot`` cuts a recipe's
+source by activation importance, with no training; ``export_checkpoint`` saves a continued run's model. All
+write the weights (in the chosen dtype), config, generation config, the tokenizer, a ``summary.json`` (shape,
+parameters, the stages and tokens that made the model, the run's last per-domain perplexity) and a model card
+``README.md``; the directory loads with ``transformers`` alone.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from pathlib import Path
 
 import torch
 
+from llmshear.builders import run_calibration_batches
 from llmshear.checkpoints import load_pruning_checkpoint, model_from_checkpoint
+from llmshear.config import RunConfig
 from llmshear.model_card import CARD_FILE, SUMMARY_FILE, Stage, domain_perplexity, lineage, read_stage, render_card
-from llmshear.models.hf import require_new_directory, save_pretrained
-from llmshear.models.l0 import TARGET_KEYS
+from llmshear.models.hf import load_model, require_new_directory, save_pretrained
+from llmshear.models.importance import importance_masks
+from llmshear.models.l0 import TARGET_KEYS, TargetShape
 from llmshear.models.llama import DTYPES, LlamaLM
 from llmshear.models.prune import cut_model, prune_summary
 from llmshear.remote import local_checkpoint
@@ -114,13 +118,42 @@ def prune_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
         cut = cut_model(model, masks)
         if cut.cfg != l0.target.to_config(l0.source):
             raise ValueError(f"cut config {cut.cfg} differs from the target {l0.target}")
-        buffer = io.BytesIO()
-        torch.save(masks, buffer)
-        summary = _save(cut, out_dir, stage, tokenizer, dtype, command, prune_summary(model, masks, cut),
-                        {"masks.pt": buffer.getvalue()}, local.parent)
-    log.info("pruned %s: %d -> %d parameters, saved %s", checkpoint, summary["params_before"],
+        return _save_cut(model, masks, cut, out_dir, stage, tokenizer, dtype, command, local.parent)
+
+
+def _save_cut(model: LlamaLM, masks: dict, cut: LlamaLM, out_dir: Path, stage: Stage, tokenizer,
+              dtype: str | None, command: str | None, run_folder: Path) -> dict:
+    """Save ``cut`` (``model`` cut with ``masks``) with ``masks.pt`` and the cut's summary; returns the summary."""
+    buffer = io.BytesIO()
+    torch.save(masks, buffer)
+    summary = _save(cut, out_dir, stage, tokenizer, dtype, command, prune_summary(model, masks, cut),
+                    {"masks.pt": buffer.getvalue()}, run_folder)
+    log.info("pruned %s: %d -> %d parameters, saved %s", stage.checkpoint, summary["params_before"],
              summary["params_after"], out_dir)
     return summary
+
+
+def prune_one_shot(cfg: RunConfig, out_dir: str | os.PathLike, tokenizer=None, dtype: str | None = None,
+                   command: str | None = None) -> dict:
+    """One-shot structured pruning (no training): the recipe's source scored by activation importance on the
+    calibration batches its run would draw for ``pruning.init: importance`` (``pruning.init_batches`` batches of
+    ``train.micro_batch_size`` sequences from the recipe's part of the train split, with its proportions and
+    seed), cut to ``pruning.target`` and saved as :func:`prune_checkpoint` saves a cut.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and is not empty (checked before anything is read).
+        ValueError / FileNotFoundError: a source, data or tokenizer that cannot be read; non-finite weights.
+    """
+    out_dir = require_new_directory(out_dir)
+    source = cfg.model.pretrained
+    tokenizer = resolve_tokenizer(tokenizer, source)
+    model = load_model(source)
+    target = TargetShape.from_dict(cfg.pruning.target, model.cfg)
+    batches = run_calibration_batches(cfg)
+    stage = Stage("one-shot pruning", source, "(none: activation importance, no training)", 0,
+                  sum(b.numel() for b in batches))
+    masks = importance_masks(model, target, batches)
+    return _save_cut(model, masks, cut_model(model, masks), out_dir, stage, tokenizer, dtype, command, out_dir)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None,
@@ -146,10 +179,16 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         return _save(model, out_dir, stage, tokenizer, dtype, command, {}, {}, local.parent)
 
 
-def export_parser(doc: str, checkpoint_help: str, out_help: str) -> argparse.ArgumentParser:
-    """The command line that ``scripts/prune.py`` and ``scripts/export_hf.py`` share."""
+def export_parser(doc: str, checkpoint_help: str, out_help: str, recipe_help: str | None = None
+                  ) -> argparse.ArgumentParser:
+    """The command line that ``scripts/prune.py`` and ``scripts/export_hf.py`` share; with ``recipe_help``,
+    ``--recipe RECIPE [key=value ...]`` instead of ``--checkpoint``."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help=checkpoint_help)
+    if recipe_help is not None:
+        model.add_argument("--recipe", help=recipe_help)
+        parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of --recipe's keys")
     parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("--tokenizer", help="whose tokenizer to save (HF dir, .gguf, smollm2; 'none': no tokenizer); "
                         "default: the run's source")

@@ -1,4 +1,4 @@
-"""Cutting masked models into dense ones (llmshear.models.prune) and the prune script."""
+"""Cutting masked models into dense ones (llmshear.models.prune) and the prune script, from a checkpoint or one-shot."""
 
 from __future__ import annotations
 
@@ -9,13 +9,18 @@ import torch
 import torch.nn.functional as F
 from composer import Trainer
 from composer.models import ComposerModel
+from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
+from script_modules import script
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM
 
+from llmshear.builders import run_calibration_batches
 from llmshear.checkpoints import load_pruning_checkpoint
+from llmshear.config import load
 from llmshear.export import prune_checkpoint
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import load_config, load_model, save_pretrained
+from llmshear.models.importance import importance_masks
 from llmshear.models.l0 import L0Module, TargetShape, params_of_masks
 from llmshear.models.llama import LlamaConfig
 from llmshear.models.prune import cut_model, plan_cut, prune_summary
@@ -302,3 +307,42 @@ def test_the_cut_reaches_the_target_whatever_the_gate_logits(structure, kind):
     cut = cut_model(build_model(cfg, seed=0), masks)
     assert cut.cfg == target.to_config(cfg)
     assert all(torch.isfinite(p).all() for p in cut.parameters())
+
+
+def test_one_shot_pruning_from_a_recipe_cuts_by_the_runs_calibration_batches(tmp_path, capsys):
+    prune_script = script("prune")
+    data = write_mds(tmp_path / "data", DOMAINS, seq_len=32)
+    recipe = tiny_recipe(tmp_path, data, run="one_shot")
+    out = tmp_path / "out"
+    assert prune_script.main(["--recipe", str(recipe), "--out", str(out), "pruning.init_batches=3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = load(recipe, ["pruning.init_batches=3"])
+    model = load_model(cfg.model.pretrained)
+    batches = run_calibration_batches(cfg)
+    masks = importance_masks(model, TargetShape.from_dict(cfg.pruning.target, model.cfg), batches)
+    saved = torch.load(out / "masks.pt", weights_only=True)
+    assert saved.keys() == masks.keys() and all(torch.equal(saved[k], masks[k]) for k in masks)
+    assert summary["stages"][-1]["stage"] == "one-shot pruning" and summary["stages"][-1]["batches"] == 0
+    assert summary["stages"][-1]["tokens"] == 3 * 2 * 32  # three calibration batches of two sequences, read only
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = _tokens(model.cfg)
+    with torch.no_grad():
+        assert (hf(tokens).logits - model(tokens, masks)).abs().max() <= TOL
+    assert hf.config.hidden_size == cfg.pruning.target["d_model"] and summary["params_after"] == hf.num_parameters()
+
+
+def test_one_shot_pruning_refuses_bad_arguments_before_reading_a_weight(tmp_path, capsys, caplog):
+    prune_script = script("prune")
+    data = write_mds(tmp_path / "data", DOMAINS, seq_len=32)
+    plain = tiny_recipe(tmp_path, data, run="plain", prune=False)
+    assert prune_script.main(["--recipe", str(plain), "--out", str(tmp_path / "a")]) == 2
+    assert "not a pruning recipe" in caplog.text
+    recipe = tiny_recipe(tmp_path, data, run="bad")
+    assert prune_script.main(["--recipe", str(recipe), "--out", str(tmp_path / "b"), "pruning.init_batches=0"]) == 2
+    assert "pruning.init_batches" in caplog.text
+    for argv, message in ((["--checkpoint", "x.pt", "--out", "c", "seed=4"], "apply to --recipe only"),
+                          (["--checkpoint", "x.pt", "--recipe", str(recipe), "--out", "c"], "not allowed with")):
+        with pytest.raises(SystemExit) as exit_info:
+            prune_script.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
