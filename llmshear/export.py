@@ -128,7 +128,7 @@ def _save_cut(model: LlamaLM, masks: dict, cut: LlamaLM, out_dir: Path, stage: S
     torch.save(masks, buffer)
     summary = _save(cut, out_dir, stage, tokenizer, dtype, command, prune_summary(model, masks, cut),
                     {"masks.pt": buffer.getvalue()}, run_folder)
-    log.info("pruned %s: %d -> %d parameters, saved %s", stage.checkpoint, summary["params_before"],
+    log.info("cut (%s of %s): %d -> %d parameters, saved %s", stage.stage, stage.source, summary["params_before"],
              summary["params_after"], out_dir)
     return summary
 

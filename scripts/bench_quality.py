@@ -1,13 +1,14 @@
-"""A miniature Sheared-LLaMA experiment: eight ways to reach one target shape on one token budget, compared.
+"""A miniature Sheared-LLaMA experiment: ways to reach one target shape on one compute budget, compared.
 
-    python scripts/bench_quality.py --out out/bench_quality [--data out/demo/data] [--budget 1.0]
-        [--prune-budget 1.0] [--arms ours,paper,importance,ours@18,importance@18]
+    python scripts/bench_quality.py --out out/bench_quality [--data out/demo/data] [--match flops|tokens]
+        [--budget 1.0] [--prune-budget 1.0] [--arms ours,importance,short,ours@18,importance@18]
 
 SmolLM2-135M (the embedded GGUF) is brought to the demo target (d_model 384, 20 layers, 6 heads / 2 KV heads,
-intermediate 1024) by each of these arms, which train on the same number of tokens and are evaluated alike:
+intermediate 1024) by each of these arms, which spend the same training FLOPs (``--match flops``, the default) or
+train on the same number of tokens (``--match tokens``), and are evaluated alike:
 
 1. ``ours``: learned L0 gates (pruning run) + continued pre-training, both with dynamic batch loading, with the
-   demo recipes ``yaml/demo/prune.yaml`` and ``yaml/demo/continue.yaml`` as they are (the new defaults);
+   demo recipes ``yaml/demo/prune.yaml`` and ``yaml/demo/continue.yaml`` as they are (the shipped defaults);
 2. ``paper``: as 1 with the settings of the paper, our previous defaults (:data:`PAPER_PRUNE` merged into the
    pruning recipe, :data:`PAPER_CONTINUE` into the continue recipe);
 3. ``importance``: one-shot activation-importance pruning (Minitron-style scores on a few calibration batches,
@@ -17,11 +18,23 @@ intermediate 1024) by each of these arms, which train on the same number of toke
 6. ``constant``: as 1 with constant domain proportions (``data.update: constant``) in both stages;
 7. ``distill``: as 1 with logit distillation from the source (``distill.alpha`` 0.5) in both stages;
 8. ``importance-distill``: as 3 with the same distillation in its continued pre-training (Minitron's recipe:
-   one-shot importance pruning, then distillation), the baseline to set against 7.
+   one-shot importance pruning, then distillation), the baseline to set against 7;
+9. ``fixed-ranking``: as 1 with the gate logits not trained (``lag_lr`` 0): the importance order removed
+   gradually, the ablation that says what learning the selection adds;
+10. ``row``: as 1 with per-row Lagrange multipliers and the schedule the 7B recipes had until they shipped
+    ``exact`` (:data:`ROW`);
+11. ``cluster``: as 1 with the 7B recipes' pruning keys as shipped (read from ``yaml/prune_1.3b.yaml``);
+12. ``freeze-cut``: as 1, its pruning run ending where 1 freezes its masks, the cut model continuing;
+13. ``short``: as 12 with half of 1's pruning stage (the ramp and the freeze scaled alike).
+
+``ours`` prunes for ``prune`` batches and continues for ``continue``; its training FLOPs (calibration forwards, pruning
+steps at the source's shape, continued steps at the target's, teachers' forwards: :func:`arm_flops`) are the budget.
+With ``--match flops`` every other arm continues for as many batches as bring it to that budget; with ``--match
+tokens`` every arm trains on ``prune + continue`` batches. For arms run at two or more common seeds the table and
+the JSON line report the paired mean difference of log mean perplexity and its 95% t interval.
 
 An arm is data (:class:`Arm`): how its start model is made, and the overrides merged last into the recipes it
-derives from ``yaml/demo/``. Arms 3-5 and 8 spend the pruning stage's batches on continued pre-training instead, so
-every arm trains on ``prune + continue`` batches. ``--arms`` picks arms, in order, as ``NAME`` or ``NAME@SEED``
+derives from ``yaml/demo/``. ``--arms`` picks arms, in order, as ``NAME`` or ``NAME@SEED``
 (default: every arm at seed 17); an arm at another seed lives in ``OUT/NAME@SEED``, its recipes, random
 selection, initialisation and calibration batches use that seed. ``--budget`` scales every stage's number of
 batches, ``--prune-budget`` the pruning stage's only.
