@@ -170,6 +170,14 @@ def test_target_sparsity_ramps_linearly_and_set_step_clamps():
     assert all(p.max() == 3.0 for p in l0.log_alpha.values())  # initialised at 4.6, clamped to the limit
 
 
+def _randomise(l0: L0Module, seed: int) -> None:
+    """Gate logits and multipliers drawn from a standard normal."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in l0.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+
+
 def test_lagrangian_loss_is_the_per_row_formula_and_parameters_are_named_for_the_optimizer():
     l0 = L0Module(GQA, _target(HALF_GQA), lagrangian_warmup=10, constraint="row")
     l0.set_step(5)
@@ -180,10 +188,7 @@ def test_lagrangian_loss_is_the_per_row_formula_and_parameters_are_named_for_the
     assert {n: tuple(p.shape) for n, p in l0.lagrangian.lambda1.items()} == rows
     heads = L0Module(GQA, _target(HALF_GQA | {"n_heads": 2}), constraint="row")
     assert tuple(heads.lagrangian.lambda1["head"].shape) == (4, 2)  # one pair per (layer, KV group)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in l0.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator))
+    _randomise(l0, seed=1)
     formula = 0.0
     for spec in l0.specs:
         p = prob_nonzero(l0.log_alpha[spec.name])
@@ -211,10 +216,7 @@ def test_paper_constraint_is_one_pair_per_structure_over_the_mean_of_its_row_gap
     l0 = L0Module(GQA, _target(HALF_GQA), lagrangian_warmup=10, constraint="paper")
     l0.set_step(10)
     assert all(p.shape == (1,) for n, p in l0.named_parameters() if n.startswith("lagrangian."))
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in l0.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator))
+    _randomise(l0, seed=2)
     formula = 0.0
     for spec in l0.specs:
         gap = 1 - prob_nonzero(l0.log_alpha[spec.name]).mean(-1) - spec.final_sparsity  # one per row
