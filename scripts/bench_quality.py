@@ -554,15 +554,16 @@ def plan_batches(bench: Bench, run: ArmRun) -> dict:
     return {"prune": prune, "continue": max(1, round((budget - fixed["total"]) / fixed["per_batch"]["continue"]))}
 
 
-def prune_stages(bench: Bench, run: ArmRun, stages: Stages, batches: int) -> Path:
-    """A learned arm's pruning run of ``batches``, its cut (``OUT/<key>/pruned``) and its cut report; the cut
-    model's path."""
+def prune_stages(bench: Bench, run: ArmRun, stages: Stages) -> Path:
+    """A learned arm's pruning run (:func:`pruning_plan`), its cut (``OUT/<key>/pruned``) and its cut report; the
+    cut model's path."""
     folder = bench.out / run.key
     folder.mkdir(parents=True, exist_ok=True)
     prune_run, pruned = folder / "prune", folder / "pruned"
+    batches, schedule = pruning_plan(bench, run)
     overrides = recipe_overrides(bench, run, prune_run, batches, bench.prune_batches, PRUNE_EVALS)
     overrides["model"] = {"pretrained": bench.source}
-    overrides["pruning"] = {"target": bench.target, **pruning_plan(bench, run)[1].get("pruning", {})}
+    overrides["pruning"] = {"target": bench.target, **schedule.get("pruning", {})}
     overrides["data"]["proportions"] = uniform(bench)
     recipe = write_recipe(folder / "prune.yaml", PRUNE_RECIPE, f"arm {run.key}, pruning stage", overrides,
                           run.arm.prune_overrides, bench.source)
@@ -572,9 +573,9 @@ def prune_stages(bench: Bench, run: ArmRun, stages: Stages, batches: int) -> Pat
     return pruned
 
 
-def learned_start(bench: Bench, run: ArmRun, stages: Stages, batches: int) -> tuple[Path, dict]:
+def learned_start(bench: Bench, run: ArmRun, stages: Stages) -> tuple[Path, dict]:
     """The cut model of ``run``'s pruning run and the continue stage's proportion setting (its final ones)."""
-    pruned = prune_stages(bench, run, stages, batches)
+    pruned = prune_stages(bench, run, stages)
     return pruned, {"proportions_from": str(bench.out / run.key / "prune" / PROPORTIONS_FILE)}
 
 
@@ -608,7 +609,7 @@ def start_stages(bench: Bench, run: ArmRun, stages: Stages) -> tuple[Path, dict,
     """The start model of ``run``'s continued pre-training, its proportion setting and the batches per stage."""
     batches = plan_batches(bench, run)
     if run.arm.start == "l0":
-        start, data = learned_start(bench, run, stages, batches["prune"])
+        start, data = learned_start(bench, run, stages)
         return start, data, batches
     start = bench.out / run.key / ("init" if run.arm.start == "scratch" else "pruned")
     stages.run(run.arm.start, start / "config.json", lambda: make_start(bench, run, start))
