@@ -88,7 +88,8 @@ def build_composer_model(cfg: RunConfig, device: str | None = None) -> ComposerL
             else load_model(cfg.distill.teacher, dtype=dtype)
         distill = Distillation(teacher, alpha=cfg.distill.alpha, temperature=cfg.distill.temperature)
     return ComposerLlama(model, l0=build_l0(cfg, source), domains=cfg.data.domains, distill=distill,
-                         source=source_record(cfg.model.pretrained))
+                         source=source_record(cfg.model.pretrained),
+                         compact=cfg.pruning is not None and cfg.pruning.compact)
 
 
 def run_calibration_batches(cfg: RunConfig) -> list[torch.Tensor]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmshear.models.llama import LlamaConfig
+from llmshear.models.llama import ActiveShape, LlamaConfig
 
 FP32 = 4
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32
@@ -57,11 +57,24 @@ def forward_flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
 def train_flops_per_token(cfg: LlamaConfig, seq_len: int, teacher: LlamaConfig | None = None) -> float:
     """Forward and backward (3 × forward); a distillation teacher adds its forward only.
 
-    The masked pruning step multiplies every weight of the source: its cost is the source's (the masks add
-    element-wise products only).
+    A dense masked pruning step multiplies every weight of the source: its cost is the source's (the masks add
+    element-wise products only); a compact one costs what it computed (:func:`active_forward_flops_per_token`).
     """
     flops = 3 * forward_flops_per_token(cfg, seq_len)
     return flops + (forward_flops_per_token(teacher, seq_len) if teacher is not None else 0.0)
+
+
+def active_forward_flops_per_token(cfg: LlamaConfig, active: ActiveShape, seq_len: int) -> float:
+    """:func:`forward_flops_per_token` of a compact masked forward of a ``cfg``-shaped model that computed
+    ``active`` (the residual width and every layer's query heads, KV heads and channels): at every unit
+    kept it equals the full model's."""
+    d, hd = active.d_model, cfg.head_dim
+    matmul, attention = cfg.vocab_size * d + d, 0
+    for heads, groups, channels in active.layers:
+        matmul += 2 * d * hd * (heads + groups) + 3 * d * channels + 2 * d
+        matmul += ((heads + 2 * groups) * hd if cfg.qkv_bias else 0) + (d if cfg.o_bias else 0)
+        attention += 4 * heads * hd * seq_len
+    return 2.0 * matmul + attention
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,7 @@ from llmshear.demo import make_demo_corpus
 from llmshear.evaluation import evaluate_domains
 from llmshear.export import export_checkpoint, prune_checkpoint
 from llmshear.files import replace_json
+from llmshear.loggers import METRICS_FILE, read_metrics
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.importance import importance_masks, random_masks
@@ -523,13 +524,14 @@ def calibration_sequences(run: ArmRun) -> int:
     return 0
 
 
-def arm_flops(bench: Bench, run: ArmRun, batches: dict) -> dict:
+def arm_flops(bench: Bench, run: ArmRun, batches: dict, prune_flops: float | None = None) -> dict:
     """Training FLOPs of ``run`` with ``batches`` (``{"prune": n, "continue": m}``), by part.
 
-    Calibration forwards of the source; pruning steps at the source's shape (the masked model multiplies every
-    weight of the source, frozen masks or not); continued steps at the target's shape; a distillation teacher's
-    forward in every step of a stage that distils (:func:`llmshear.resources.train_flops_per_token`). The
-    evaluations are not counted: every arm evaluates alike.
+    Calibration forwards of the source; the pruning steps: ``prune_flops`` when given (what a run measured,
+    :func:`measured_prune_flops`), else every step at the source's shape (a dense masked step multiplies every
+    weight of the source); continued steps at the target's shape; a distillation teacher's forward in every step
+    of a stage that distils (:func:`llmshear.resources.train_flops_per_token`). The evaluations are not counted:
+    every arm evaluates alike.
     """
     source, target = bench.shapes
     teacher = {stage: source if recipe_with(template, overrides).get("distill") else None
@@ -539,18 +541,38 @@ def arm_flops(bench: Bench, run: ArmRun, batches: dict) -> dict:
                  for stage, shape in (("prune", source), ("continue", target))}
     parts = {"calibration": calibration_sequences(run) * bench.seq_len * forward_flops_per_token(source, bench.seq_len),
              **{stage: batches[stage] * per_batch[stage] for stage in per_batch}}
+    if prune_flops is not None:
+        parts["prune"] = prune_flops
     return {"per_batch": per_batch, "parts": parts, "total": sum(parts.values())}
 
 
-def plan_batches(bench: Bench, run: ArmRun) -> dict:
+def measured_prune_flops(bench: Bench, run: ArmRun) -> float:
+    """The training FLOPs a learned arm's pruning run logged (``l0/batch_flops`` of every batch in its
+    ``metrics.jsonl``: what its compact steps computed, or the source's shape for dense ones).
+
+    Raises:
+        ValueError: the log lacks the count for some batch (a run from before it was logged).
+    """
+    path = bench.out / run.key / "prune" / METRICS_FILE
+    flops = {int(line["batch"]): line["l0/batch_flops"] for line in read_metrics(path) if "l0/batch_flops" in line}
+    batches = pruning_plan(bench, run)[0]
+    if len(flops) != batches:
+        raise ValueError(f"{path}: l0/batch_flops logged for {len(flops)} of the run's {batches} batches; rerun "
+                         f"the arm (delete {bench.out / run.key})")
+    return float(sum(flops.values()))
+
+
+def plan_batches(bench: Bench, run: ArmRun, prune_flops: float | None = None) -> dict:
     """Batches per stage of ``run``. ``--match tokens``: ``prune + continue`` batches in all (an arm continues for
-    what its pruning run did not use); ``--match flops``: a continued stage that fills ``ours``' training FLOPs."""
+    what its pruning run did not use); ``--match flops``: a continued stage that fills the budget, what ``ours``'
+    schedule costs with every pruning step at the source's shape, after ``prune_flops`` (a learned arm's
+    measured pruning FLOPs)."""
     prune = pruning_plan(bench, run)[0] if run.learned else 0
     if bench.match == "tokens":
         return {"prune": prune, "continue": bench.prune_batches + bench.continue_batches - prune}
     ours = {"prune": bench.prune_batches, "continue": bench.continue_batches}
     budget = arm_flops(bench, ArmRun(ARM_BY_NAME["ours"]), ours)["total"]
-    fixed = arm_flops(bench, run, {"prune": prune, "continue": 0})
+    fixed = arm_flops(bench, run, {"prune": prune, "continue": 0}, prune_flops)
     return {"prune": prune, "continue": max(1, round((budget - fixed["total"]) / fixed["per_batch"]["continue"]))}
 
 
@@ -605,15 +627,16 @@ def make_start(bench: Bench, run: ArmRun, out_dir: Path) -> None:
     save_pretrained(cut, out_dir, extra_files={"summary.json": prune_summary(model, masks, cut)})
 
 
-def start_stages(bench: Bench, run: ArmRun, stages: Stages) -> tuple[Path, dict, dict]:
-    """The start model of ``run``'s continued pre-training, its proportion setting and the batches per stage."""
-    batches = plan_batches(bench, run)
+def start_stages(bench: Bench, run: ArmRun, stages: Stages) -> tuple[Path, dict, dict, float | None]:
+    """The start model of ``run``'s continued pre-training, its proportion setting, the batches per stage and
+    the pruning run's measured FLOPs (``None`` for arms that do not prune)."""
     if run.arm.start == "l0":
         start, data = learned_start(bench, run, stages)
-        return start, data, batches
+        prune_flops = measured_prune_flops(bench, run)
+        return start, data, plan_batches(bench, run, prune_flops), prune_flops
     start = bench.out / run.key / ("init" if run.arm.start == "scratch" else "pruned")
     stages.run(run.arm.start, start / "config.json", lambda: make_start(bench, run, start))
-    return start, {"proportions": uniform(bench), "proportions_from": None}, batches
+    return start, {"proportions": uniform(bench), "proportions_from": None}, plan_batches(bench, run), None
 
 
 def continue_recipe(bench: Bench, run: ArmRun, start: Path, data: dict, batches: int) -> Path:
@@ -635,7 +658,8 @@ def start_row(bench: Bench, start: Path) -> dict:
     return cached(start.parent / START, compute)
 
 
-def evaluate_arm(bench: Bench, run: ArmRun, stages: Stages, batches: dict, reference: dict) -> dict:
+def evaluate_arm(bench: Bench, run: ArmRun, stages: Stages, batches: dict, reference: dict,
+                 prune_flops: float | None) -> dict:
     """The final model's evaluation, size, training tokens, gaps and time (the evaluation's own included)."""
     started = time.perf_counter()
     model = load_model(bench.out / run.key / "final")
@@ -643,7 +667,7 @@ def evaluate_arm(bench: Bench, run: ArmRun, stages: Stages, batches: dict, refer
               "params": model.num_params(), "train_batches": batches}
     stages.seconds["eval"] = time.perf_counter() - started
     result["train_tokens"] = sum(batches.values()) * bench.batch_tokens
-    flops = arm_flops(bench, run, batches)
+    flops = arm_flops(bench, run, batches, prune_flops)
     result.update(match=bench.match, train_flops=flops["total"], flops=flops["parts"],
                   flops_per_batch=flops["per_batch"])
     result["stages_s"], result["wall_s"] = dict(stages.seconds), sum(stages.seconds.values())
@@ -678,13 +702,13 @@ def run_arm(bench: Bench, run: ArmRun, reference: dict, keep_checkpoints: bool) 
     log.info("arm %s: %s", run.key, run.label)
     folder.mkdir(parents=True, exist_ok=True)
     stages = Stages(folder)
-    start, data, batches = start_stages(bench, run, stages)
+    start, data, batches, prune_flops = start_stages(bench, run, stages)
     recipe = continue_recipe(bench, run, start, data, batches["continue"])
     continued = folder / "continue"
     stages.run("continue", continued / PROPORTIONS_FILE, lambda: train(recipe))
     stages.run("export", folder / "final" / "config.json",
                lambda: export_checkpoint(continued / LATEST_CHECKPOINT, folder / "final"))
-    result = evaluate_arm(bench, run, stages, batches, reference)
+    result = evaluate_arm(bench, run, stages, batches, reference, prune_flops)
     result["start"] = start_row(bench, start)
     if run.learned:
         result["cut_report"] = json.loads((folder / CUT_REPORT).read_text())

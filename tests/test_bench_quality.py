@@ -13,6 +13,7 @@ from recipe_fixtures import DOMAINS, write_mds
 from script_modules import script
 
 from llmshear.datasets.mds import MDSDomain
+from llmshear.loggers import read_metrics
 from llmshear.models.hf import load_config
 from llmshear.models.l0 import TargetShape
 from llmshear.resources import forward_flops_per_token, train_flops_per_token
@@ -78,12 +79,22 @@ def test_arms_at_two_seeds_spend_the_same_flops(tmp_path, data, capsys):
                                                  (bench.CONTINUE_BATCHES, BUDGET))]
     assert [line["prune_batches"], line["continue_batches"]] == batches and line["batch_tokens"] == 4 * 32
     ours = line["arms"]["ours"]
-    assert ours["train_batches"] == {"prune": batches[0], "continue": batches[1]}
-    assert ours["flops_per_batch"]["prune"] > 2 * ours["flops_per_batch"]["continue"]  # the source's shape
-    for key in ("importance", "importance@18"):  # here 32 calibration sequences leave one continued batch
+    per_batch = ours["flops_per_batch"]
+    assert per_batch["prune"] > 2 * per_batch["continue"]  # a dense masked step: the source's shape
+    # The budget: ours' schedule with dense pruning steps. Its compact steps cost what they computed (logged per
+    # batch), at most the source's shape; the continued stage spends the rest.
+    flops = json.loads((out / "ours" / "result.json").read_text())["flops"]
+    budget = flops["calibration"] + batches[0] * per_batch["prune"] + batches[1] * per_batch["continue"]
+    logged = [line_["l0/batch_flops"] for line_ in read_metrics(out / "ours" / "prune" / "metrics.jsonl")
+              if "l0/batch_flops" in line_]
+    assert len(logged) == batches[0] and flops["prune"] == pytest.approx(sum(logged))
+    assert 0 < flops["prune"] <= batches[0] * per_batch["prune"]
+    assert ours["train_batches"]["prune"] == batches[0] and ours["train_batches"]["continue"] >= batches[1]
+    for key in ("ours", "importance", "importance@18"):  # 32 calibration sequences leave importance one batch
         arm = line["arms"][key]
-        assert arm["train_batches"] == {"prune": 0, "continue": 1}, key
-        assert abs(arm["train_flops"] - ours["train_flops"]) <= arm["flops_per_batch"]["continue"], key
+        assert abs(arm["train_flops"] - budget) <= arm["flops_per_batch"]["continue"], key
+    for key in ("importance", "importance@18"):
+        assert line["arms"][key]["train_batches"] == {"prune": 0, "continue": 1}, key
     distill = line["arms"]["distill@18"]  # the teacher's forwards: dearer steps, as few as fill the budget
     assert distill["flops_per_batch"]["continue"] > ours["flops_per_batch"]["continue"]
     assert distill["train_batches"] == {"prune": batches[0], "continue": 1}
@@ -95,7 +106,7 @@ def test_arms_at_two_seeds_spend_the_same_flops(tmp_path, data, capsys):
     assert set(line["arms"]["ours"]["cut_report"]) >= {"layer", "hidden"}
     assert line["reference"]["worst_gap"] == 0 and line["reference"]["params"] > line["arms"]["ours"]["params"]
     results = {key: json.loads((out / key / "result.json").read_text()) for key in KEYS}
-    assert results["ours"]["train_tokens"] == sum(batches) * 4 * 32
+    assert results["ours"]["train_tokens"] == sum(ours["train_batches"].values()) * 4 * 32
     for key, result in results.items():
         assert sum(result["flops"].values()) == pytest.approx(result["train_flops"]), key
     assert line["pairs"] == []  # no two arms share two seeds
@@ -117,7 +128,7 @@ def test_arms_at_two_seeds_spend_the_same_flops(tmp_path, data, capsys):
     assert (out / "ours" / "pruned" / "masks.pt").is_file() and (out / "ours" / "final" / "config.json").is_file()
     table = (out / "results.md").read_text()
     assert table.splitlines()[0].split("|")[2:5] == [f" {d} " for d in DOMAINS] and "| cut ppl |" in table
-    assert "| ours | layer |" in table and "size error %" in table and f"| {batches[0]} + {batches[1]} |" in table
+    assert "| ours | layer |" in table and "size error %" in table and f"| {batches[0]} + {ours['train_batches']['continue']} |" in table
 
     stamps = {key: (out / key / "result.json").stat().st_mtime_ns for key in KEYS}
     assert bench.main(argv) == 0  # resumed: every arm is skipped

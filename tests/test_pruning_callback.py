@@ -10,7 +10,7 @@ from composer.devices import DeviceCPU
 from composer.loggers import Logger, LoggerDestination
 
 from llmshear.callbacks.pruning import PruningCallback, save_masks, unwrap_l0
-from llmshear.models.composer_llama import ComposerLlama
+from llmshear.models.composer_llama import ComposerLlama, model_flops
 from llmshear.models.hf import build_model, load_config
 from llmshear.models.l0 import STRUCTURES, L0Module, TargetShape
 
@@ -52,11 +52,13 @@ def test_batch_end_logs_every_structure():
     recorder = Recorder()
     callback, logger = PruningCallback(None), Logger(state, [recorder])
     at_batch(state, 4)
+    state.batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long)}
     callback.batch_start(state, logger)
     with torch.no_grad():
         state.model.l0.lagrangian.lambda1["layer"].fill_(-0.25)
     callback.batch_end(state, logger)
     m = recorder.metrics
+    assert m["l0/batch_flops"] == model_flops(state.model.model.cfg, 2, 8)  # dense: the source's shape
     assert set(STRUCTURES) == {s.name for s in state.model.l0.specs}
     for name in STRUCTURES:
         for kind in ("expected_sparsity", "target_sparsity", "max_row_gap", "lambda1", "lambda2", "undecided"):

@@ -24,14 +24,18 @@ log = logging.getLogger(__name__)
 SUPERSEDED_DIR = "superseded"
 
 
+def unwrap_model(state: State) -> nn.Module:
+    """``state.model`` without its DDP wrapper (a :class:`ComposerLlama`)."""
+    return state.model.module if isinstance(state.model, nn.parallel.DistributedDataParallel) else state.model
+
+
 def unwrap_l0(state: State) -> L0Module:
     """The L0 module of ``state.model`` (a :class:`ComposerLlama`, or the DDP wrapper around one).
 
     Raises:
         ValueError: the model has no L0 module (the callback belongs to pruning runs only).
     """
-    model = state.model.module if isinstance(state.model, nn.parallel.DistributedDataParallel) else state.model
-    l0 = getattr(model, "l0", None)
+    l0 = getattr(unwrap_model(state), "l0", None)
     if l0 is None:
         raise ValueError("PruningCallback needs a model with an L0 module (set pruning.target in the config)")
     return l0
@@ -92,6 +96,7 @@ class PruningCallback(Callback):
 
     def batch_start(self, state: State, logger: Logger) -> None:
         l0 = unwrap_l0(state)
+        unwrap_model(state).start_batch()
         l0.set_step(int(state.timestamp.batch))
         with full_parameters(l0):
             l0.update_shifts()
@@ -106,6 +111,7 @@ class PruningCallback(Callback):
         with full_parameters(l0):
             l0.update_shifts()  # the logits moved in this step: report the state the next batch starts from
             metrics = l0.metrics()
+        metrics["l0/batch_flops"] = unwrap_model(state).flops_per_batch(state.batch)
         logger.log_metrics(metrics)
 
     def eval_end(self, state: State, logger: Logger) -> None:

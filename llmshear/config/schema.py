@@ -33,6 +33,8 @@ class PruningSection:
     up over the first, and from the second on the masks are frozen as 0/1 (1.0: never, the paper's).
     ``eval_masks``: what the evaluations during pruning (and so dynamic loading) measure, the ``current``
     model or the ``target`` cut; ``eval_target`` adds a second evaluation of the target cut, logged only.
+    ``compact``: masked steps compute only the units whose gate is not exactly 0 (same loss and gradients, FLOPs
+    that fall as units leave); ``false`` computes every unit of the source, as the paper's code does.
     """
 
     target: dict
@@ -48,6 +50,7 @@ class PruningSection:
     log_alpha_limit: float = 10.0
     init: str = "importance"
     init_batches: int = 4
+    compact: bool = True
 
 
 @dataclass

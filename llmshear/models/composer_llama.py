@@ -11,7 +11,7 @@ from torch import nn
 from llmshear.datasets.dynamic import IGNORE_INDEX
 from llmshear.metrics import DomainMetric, build_domain_metrics
 from llmshear.models.llama import SHAPE_KEYS, DecoderLayer, LlamaConfig, LlamaLM
-from llmshear.resources import forward_flops_per_token, train_flops_per_token
+from llmshear.resources import active_forward_flops_per_token, forward_flops_per_token, train_flops_per_token
 
 
 def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +88,8 @@ class ComposerLlama(ComposerModel):
         domains: domain names, in the order of the batches' ``domain`` index, for per-domain eval metrics.
         distill: optional :class:`Distillation` (a frozen teacher whose logits the student also matches).
         source: the run's ``model.pretrained``, recorded in checkpoints so an export can save its tokenizer.
+        compact: masked forwards compute only the units whose gate is not 0 (``pruning.compact``; see
+            :mod:`llmshear.models.llama`); their FLOPs are counted as computed.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class ComposerLlama(ComposerModel):
         domains: list[str] | tuple = (),
         distill: Distillation | None = None,
         source: str | None = None,
+        compact: bool = False,
     ):
         super().__init__()
         # Composer's FSDP wrapping and activation checkpointing look for these hooks on the direct children.
@@ -107,6 +110,8 @@ class ComposerLlama(ComposerModel):
         self.domains = list(domains)
         self.distill = distill
         self.source = source
+        self.compact = compact
+        self.batch_flops = 0.0  # compact pruning: FLOPs of the training forwards since start_batch()
         self._flops_cache: dict[tuple[int, int], int] = {}
         self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX)}
         self.eval_metrics = {
@@ -127,10 +132,17 @@ class ComposerLlama(ComposerModel):
             raise ValueError("checkpoint holds a model of another shape: " + ", ".join(
                 f"{k} {stored.get(k)} (this run: {mine[k]})" for k in different))
 
+    def start_batch(self) -> None:
+        """Start counting a new batch's FLOPs (the pruning callback calls it at every batch start)."""
+        self.batch_flops = 0.0
+
     def flops_per_batch(self, batch: dict) -> int:
-        """Training FLOPs of ``batch`` (read by Composer's ``speed_monitor`` for FLOPs/s and MFU): the model's
-        forward and backward (:func:`model_flops`, at the source shape while masked, at the cut shape after),
-        plus the teacher's forward when distilling."""
+        """Training FLOPs of ``batch`` on this rank (read by Composer's ``speed_monitor`` for FLOPs/s and MFU):
+        the model's forward and backward (:func:`model_flops`: at the source shape while masked, at the cut shape
+        after; a compact masked step counts what its forwards computed since :meth:`start_batch`), plus the
+        teacher's forward when distilling."""
+        if self.l0 is not None and self.compact:
+            return round(self.batch_flops)
         shape = tuple(batch["input_ids"].shape)
         if shape not in self._flops_cache:
             flops = model_flops(self.model.cfg, *shape)
@@ -145,7 +157,15 @@ class ComposerLlama(ComposerModel):
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits ``(B, T, vocab)`` for ``batch['input_ids']`` ``(B, T)``."""
-        return self.model(batch["input_ids"], self.masks())
+        masks = self.masks()
+        logits = self.model(batch["input_ids"], masks, compact=self.compact)
+        if self.training and self.compact and masks is not None:
+            b, t = batch["input_ids"].shape
+            per_token = 3 * active_forward_flops_per_token(self.model.cfg, self.model.active, t)
+            if self.distill is not None:
+                per_token += forward_flops_per_token(self.distill.teacher.cfg, t)
+            self.batch_flops += per_token * b * t
+        return logits
 
     def loss(self, outputs: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """Returns ``ce`` (LM loss), ``distill`` and ``lagrangian`` when enabled, and the ``total`` to minimise."""

@@ -16,6 +16,13 @@ name               shape                               gates
 =================  ==================================  =====================================================
 
 A zero entry removes its unit exactly: cutting the zeroed units out (``prune.py``) gives the same logits.
+
+With ``compact=True`` a masked forward computes only the units whose gate is not exactly 0 (:class:`LayerUnits`):
+it gathers their rows and columns of every weight, so its cost follows the units still in play (hard-concrete
+samples put most removed units at exactly 0) instead of the source's shape. Logits and every gradient equal the
+dense masked forward's (a skipped unit's output is multiplied by 0 there, and a clamped gate has no gradient);
+every weight still receives a gradient, zero where its units were skipped, so the optimizer steps alike.
+:attr:`LlamaLM.active` records the shape the last compact forward computed (for its FLOPs).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 Masks = dict[str, torch.Tensor]
+Index = torch.Tensor | None  # indices of the units a compact forward computes; None: all of them
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # weights' dtypes
 # The fields of LlamaConfig that give the shape (the rest are numerics and conventions).
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size")
@@ -147,6 +155,59 @@ class RMSNorm(nn.Module):
             variance = x.pow(2).sum(-1, keepdim=True) / hidden_kept
         return self.weight * (x * torch.rsqrt(variance + self.eps)).to(dtype)
 
+    def forward_dims(self, x: torch.Tensor, dims: Index) -> torch.Tensor:
+        """RMSNorm of ``x`` that holds only the dimensions ``dims`` of the residual stream (the kept ones)."""
+        weight = self.weight if dims is None else self.weight.index_select(0, dims)
+        dtype = x.dtype
+        x = x.float()
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+
+
+@dataclass(frozen=True)
+class LayerUnits:
+    """What a compact masked forward computes in one decoder layer (each ``None``: every unit).
+
+    Attributes:
+        hidden: the kept dimensions of the residual stream (shared by all layers).
+        heads: the query heads whose gate is not 0, ascending.
+        groups: the KV heads those query heads read, ascending.
+        head_groups: for each of ``heads``, the position of its KV head in ``groups``.
+        channels: the SwiGLU channels whose gate is not 0.
+    """
+
+    hidden: Index = None
+    heads: Index = None
+    groups: Index = None
+    head_groups: Index = None
+    channels: Index = None
+
+
+@dataclass(frozen=True)
+class ActiveShape:
+    """The shape a compact masked forward computed: the residual width and, per layer, its (query heads, KV
+    heads, channels)."""
+
+    d_model: int
+    layers: tuple[tuple[int, int, int], ...]
+
+
+def _unit_rows(units: Index, width: int) -> Index:
+    """Row indices of ``units`` that are ``width`` rows each (a head's ``head_dim`` rows of a projection)."""
+    if units is None:
+        return None
+    return (units.unsqueeze(-1) * width + torch.arange(width, device=units.device)).flatten()
+
+
+def _gathered_linear(x: torch.Tensor, layer: nn.Linear, rows: Index, cols: Index) -> torch.Tensor:
+    """``layer(x)`` restricted to the output ``rows`` and input ``cols`` of its weight (bias: its ``rows``)."""
+    weight, bias = layer.weight, layer.bias
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+        bias = bias.index_select(0, rows) if bias is not None else None
+    if cols is not None:
+        weight = weight.index_select(1, cols)
+    return F.linear(x, weight, bias)
+
 
 def _flash_available(x: torch.Tensor) -> bool:
     if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
@@ -183,6 +244,27 @@ class Attention(nn.Module):
             out = out * head_gate.view(1, -1, 1, 1).to(out.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
+    def forward_units(self, x, cos, sin, head_gate: torch.Tensor | None, units: LayerUnits) -> torch.Tensor:
+        """:meth:`forward` of the query heads ``units.heads`` (their KV heads only) on the dimensions
+        ``units.hidden`` of ``x`` ``(B, T, len(hidden))``; ``head_gate`` ``(n_heads,)``."""
+        b, t, _ = x.shape
+        hd, cfg = self.cfg.head_dim, self.cfg
+        n, g = (cfg.n_heads, cfg.n_kv_heads) if units.heads is None else (len(units.heads), len(units.groups))
+        q_rows, kv_rows = _unit_rows(units.heads, hd), _unit_rows(units.groups, hd)
+        q = _gathered_linear(x, self.q_proj, q_rows, units.hidden).view(b, t, n, hd).transpose(1, 2)
+        k = _gathered_linear(x, self.k_proj, kv_rows, units.hidden).view(b, t, g, hd).transpose(1, 2)
+        v = _gathered_linear(x, self.v_proj, kv_rows, units.hidden).view(b, t, g, hd).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if units.heads is not None:
+            k, v = k.index_select(1, units.head_groups), v.index_select(1, units.head_groups)
+            if head_gate is not None:
+                head_gate = head_gate.index_select(0, units.heads)
+        # No head left: an empty output that keeps k and v in the graph (their weights get zero gradients).
+        out = self._attend(q, k, v) if n else q + k + v
+        if head_gate is not None:
+            out = out * head_gate.view(1, -1, 1, 1).to(out.dtype)
+        return _gathered_linear(out.transpose(1, 2).reshape(b, t, n * hd), self.o_proj, units.hidden, q_rows)
+
     def _attend(self, q, k, v) -> torch.Tensor:
         """Causal attention; q ``(B, H, T, hd)``, k/v ``(B, KV, T, hd)`` → ``(B, H, T, hd)``."""
         if self.cfg.attn_impl == "flash" and _flash_available(q):
@@ -212,6 +294,16 @@ class MLP(nn.Module):
             h = h * channel_gate.to(h.dtype)
         return self.down_proj(h)
 
+    def forward_units(self, x: torch.Tensor, channel_gate: torch.Tensor | None, units: LayerUnits) -> torch.Tensor:
+        """:meth:`forward` of the channels ``units.channels`` on the dimensions ``units.hidden`` of ``x``."""
+        channels, hidden = units.channels, units.hidden
+        h = F.silu(_gathered_linear(x, self.gate_proj, channels, hidden)) * _gathered_linear(
+            x, self.up_proj, channels, hidden)
+        if channel_gate is not None:
+            gate = channel_gate if channels is None else channel_gate.index_select(0, channels)
+            h = h * gate.to(h.dtype)
+        return _gathered_linear(h, self.down_proj, hidden, channels)
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``, each output optionally gated."""
@@ -226,12 +318,25 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, gates: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """``gates``: ``head`` (n_heads,), ``channel`` (I,), ``out`` (d,) or (1,), ``kept`` (count); all optional.
 
-        ``out`` (layer gate × hidden gate) multiplies both block outputs.
+        ``out`` (layer gate × hidden gate) multiplies both block outputs. With ``units`` (a :class:`LayerUnits`)
+        the layer computes only those units, on the kept dimensions of ``x`` (``out`` holds those dimensions).
         """
+        units = gates.get("units")
+        if units is not None:
+            return self._forward_units(x, cos, sin, gates, units)
         kept, out = gates.get("kept"), gates.get("out")
         attn = self.self_attn(self.input_layernorm(x, kept), cos, sin, gates.get("head"))
         x = x + attn if out is None else torch.addcmul(x, attn, out)  # fused: no temporary for attn * out
         mlp = self.mlp(self.post_attention_layernorm(x, kept), gates.get("channel"))
+        return x + mlp if out is None else torch.addcmul(x, mlp, out)
+
+    def _forward_units(self, x, cos, sin, gates: dict, units: LayerUnits) -> torch.Tensor:
+        out = gates.get("out")
+        attn = self.self_attn.forward_units(self.input_layernorm.forward_dims(x, units.hidden), cos, sin,
+                                            gates.get("head"), units)
+        x = x + attn if out is None else torch.addcmul(x, attn, out)
+        mlp = self.mlp.forward_units(self.post_attention_layernorm.forward_dims(x, units.hidden),
+                                     gates.get("channel"), units)
         return x + mlp if out is None else torch.addcmul(x, mlp, out)
 
 
@@ -245,19 +350,31 @@ class LlamaBackbone(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
 
 
+def _kept(flags: torch.Tensor | None, device: torch.device | None) -> Index:
+    """Indices of the true ``flags`` (on the host), moved to ``device``; ``None`` when every flag is true."""
+    if flags is None or bool(flags.all()):
+        return None
+    index = flags.nonzero().flatten()
+    return index if device is None else index.to(device, non_blocking=True)
+
+
 class LlamaLM(nn.Module):
     """Causal LM: ``forward(input_ids (B, T), masks=None) → logits (B, T, vocab)``."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
+        self.active: ActiveShape | None = None  # what the last compact forward computed
         self.model = LlamaBackbone(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, masks: Masks | None = None, compact: bool = False) -> torch.Tensor:
+        """Logits; ``compact``: with masks, compute only the units whose gate is not 0 (see the module doc)."""
+        if compact and masks:
+            return self._forward_compact(input_ids, masks)
         masks = masks or {}
         x = self.model.embed_tokens(input_ids)
         hidden = masks.get("hidden")
@@ -273,6 +390,53 @@ class LlamaLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, {"kept": kept, **{name: gate[i] for name, gate in gates.items()}})
         return self.lm_head(self.model.norm(x, kept))
+
+    def _forward_compact(self, input_ids: torch.Tensor, masks: Masks) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        gates = self._stacked_gates(masks, x.dtype)
+        units = self._units(masks, gates, x.device)
+        hidden = units[0].hidden
+        if hidden is not None:
+            x = x.index_select(-1, hidden)  # selected, never scaled, as in the dense forward
+        cos, sin = self.rotary(input_ids.shape[1], x.device, x.dtype)
+        out = gates.get("out")
+        if out is not None and hidden is not None and out.shape[-1] > 1:
+            out = out.index_select(-1, hidden)
+        for i, layer in enumerate(self.model.layers):
+            layer_gates = {name: gates[name][i] for name in ("head", "channel") if name in gates}
+            if out is not None:
+                layer_gates["out"] = out[i]
+            x = layer(x, cos, sin, {**layer_gates, "units": units[i]})
+        head = self.lm_head.weight if hidden is None else self.lm_head.weight.index_select(1, hidden)
+        return F.linear(self.model.norm.forward_dims(x, hidden), head)
+
+    def _units(self, masks: Masks, gates: dict[str, torch.Tensor], device: torch.device) -> list[LayerUnits]:
+        """Every layer's :class:`LayerUnits` (one transfer of the gates' zero pattern to the host), and
+        :attr:`active` set to the shape they compute."""
+        cfg = self.cfg
+        flags = {"hidden": masks.get("hidden"), "head": gates.get("head"), "channel": gates.get("channel"),
+                 "layer": masks.get("layer")}
+        flags = {name: flag for name, flag in flags.items() if flag is not None}
+        host = torch.cat([flag.detach().flatten() != 0 for flag in flags.values()]).cpu().split(
+            [flag.numel() for flag in flags.values()])
+        flags = {name: flat.view(flags[name].shape) for name, flat in zip(flags, host, strict=True)}
+        layer_on = flags.get("layer", torch.ones(cfg.n_layers, dtype=torch.bool))
+        heads = flags.get("head", torch.ones(cfg.n_layers, cfg.n_heads, dtype=torch.bool)) & layer_on[:, None]
+        channels = flags.get("channel", torch.ones(cfg.n_layers, cfg.intermediate_size, dtype=torch.bool))
+        channels = channels & layer_on[:, None]
+        hidden = _kept(flags.get("hidden"), device)
+        units, shape = [], []
+        for i in range(cfg.n_layers):
+            head_index = _kept(heads[i], device=None)
+            groups = head_groups = None
+            if head_index is not None:
+                groups, head_groups = torch.unique(head_index // cfg.q_per_kv, return_inverse=True)
+                head_index, groups, head_groups = (t.to(device) for t in (head_index, groups, head_groups))
+            units.append(LayerUnits(hidden, head_index, groups, head_groups, _kept(channels[i], device)))
+            shape.append((int(heads[i].sum()), int(groups.numel()) if groups is not None else cfg.n_kv_heads,
+                          int(channels[i].sum())))
+        self.active = ActiveShape(int(flags["hidden"].sum()) if "hidden" in flags else cfg.d_model, tuple(shape))
+        return units
 
     def _stacked_gates(self, masks: Masks, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Per-layer gates, combined once for all layers (not per layer: the masked step stays cheap).
