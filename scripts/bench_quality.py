@@ -1,6 +1,6 @@
 """A miniature Sheared-LLaMA experiment: ways to reach one target shape on one compute budget, compared.
 
-    python scripts/bench_quality.py --out out/bench_quality [--data out/demo/data] [--match flops|tokens]
+    python scripts/bench_quality.py --out out/bench_quality [--data out/demo/data | --corpus DIR] [--match flops|tokens]
         [--budget 1.0] [--prune-budget 1.0] [--arms ours,importance,short,ours@18,importance@18]
 
 SmolLM2-135M (the embedded GGUF) is brought to the demo target (d_model 384, 20 layers, 6 heads / 2 KV heads,
@@ -39,8 +39,9 @@ derives from ``yaml/demo/``. ``--arms`` picks arms, in order, as ``NAME`` or ``N
 selection, initialisation and calibration batches use that seed. ``--budget`` scales every stage's number of
 batches, ``--prune-budget`` the pruning stage's only.
 
-Without ``--data`` the demo corpus is built as ``scripts/demo.sh`` builds it (``OUT/corpus``), tokenized into
-``OUT/data`` with 40 held-out sequences per domain: the first 8 form the ``eval`` split (what the recipes'
+Without ``--data`` the demo corpus is built as ``scripts/demo.sh`` builds it (``OUT/corpus``), or ``--corpus DIR``
+(``<domain>/*.jsonl`` folders, e.g. the RedPajama sample) is read, and tokenized into ``OUT/data`` with 40
+held-out sequences per domain: the first 8 form the ``eval`` split (what the recipes'
 evaluations and dynamic loading read), the other 32 the ``test`` split. Every model (the source, the start of
 each arm's continued pre-training: cut, one-shot pruned or initialised, and the final one) is evaluated on the
 test split of every domain (:func:`llmshear.evaluation.evaluate_domains`); with ``--data DIR`` on ``DIR/test``,
@@ -250,6 +251,7 @@ class Bench:
     seq_len: int | None = None
     batch_tokens: int = 0
     shapes: tuple[LlamaConfig, LlamaConfig] | None = None  # the source's and the target's config
+    corpus: Path | None = None  # --corpus: the jsonl corpus the data is built from (None: the demo corpus)
 
     @property
     def reference(self) -> Path:
@@ -259,7 +261,8 @@ class Bench:
         """What the arms' results depend on; a rerun into the same ``--out`` must not change it."""
         return {"source": self.source, "target": self.target, "data": str(self.data), "test": str(self.test),
                 "prune_batches": self.prune_batches, "continue_batches": self.continue_batches,
-                "prune_budget": self.prune_budget, "match": self.match}
+                "prune_budget": self.prune_budget, "match": self.match,
+                **({"corpus": str(self.corpus)} if self.corpus is not None else {})}
 
 
 def cached(path: Path, compute: Callable[[], dict]) -> dict:
@@ -287,7 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory (reused: finished arms are skipped)")
-    parser.add_argument("--data", type=Path, help="an MDS root from prepare_data.py (default: build the demo data)")
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--data", type=Path, help="an MDS root from prepare_data.py (default: build the demo data)")
+    data.add_argument("--corpus", type=Path, help="a corpus of <domain>/*.jsonl folders (as prepare_data.py reads) "
+                                                  "to tokenize and split as the demo corpus is (default: the demo's)")
     parser.add_argument("--budget", type=float, default=1.0, help="scales every stage's batches (default: 1.0)")
     parser.add_argument("--prune-budget", type=float, default=1.0,
                         help="scales the pruning stage's batches on top of --budget (default: 1.0)")
@@ -314,6 +320,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Bench, list[
         parser.error(f"--out {args.out} is a file")
     if args.data is None and args.source in PRESETS:
         parser.error(f"--source {args.source} has no tokenizer to prepare the demo data: give --data")
+    if args.corpus is not None and not any(args.corpus.glob("*/*.jsonl")):
+        parser.error(f"--corpus {args.corpus}: no <domain>/*.jsonl file there")
     data = args.data or args.out / "data"
     test = data / "test" if args.data is None or (data / "test").is_dir() else data / "eval"
     try:
@@ -326,7 +334,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Bench, list[
     bench = Bench(args.out, data, test, args.source, args.target,
                   max(1, round(PRUNE_BATCHES * args.budget * args.prune_budget)),
                   max(1, round(CONTINUE_BATCHES * args.budget)), args.prune_budget, args.match, domains, seq_len,
-                  shapes=(source, target))
+                  shapes=(source, target), corpus=args.corpus)
     earlier = args.out / SETTINGS
     if earlier.is_file() and json.loads(earlier.read_text()) != bench.settings():
         parser.error(f"{args.out} holds arms run with other settings ({earlier}): choose another --out")
@@ -382,11 +390,12 @@ def split_summary(summary: dict, counts: dict) -> dict:
 
 
 def prepare_demo_data(bench: Bench) -> None:
-    """Build the demo corpus and its MDS data (eval and test split) in ``OUT``, unless already there."""
+    """Build the demo corpus (or read ``--corpus``) and its MDS data (eval and test split) in ``OUT``, unless
+    already there."""
     if (bench.data / SUMMARY).is_file():
         return
-    corpus, unsplit = bench.out / "corpus", bench.out / ".data.unsplit"
-    if not (corpus / "sources.json").is_file():
+    corpus, unsplit = bench.corpus or bench.out / "corpus", bench.out / ".data.unsplit"
+    if bench.corpus is None and not (corpus / "sources.json").is_file():
         log.info("demo corpus -> %s", corpus)
         make_demo_corpus(corpus, max_chars=CORPUS_CHARS, overwrite=True)
     if not (unsplit / SUMMARY).is_file():

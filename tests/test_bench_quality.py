@@ -128,7 +128,8 @@ def test_arms_at_two_seeds_spend_the_same_flops(tmp_path, data, capsys):
     assert (out / "ours" / "pruned" / "masks.pt").is_file() and (out / "ours" / "final" / "config.json").is_file()
     table = (out / "results.md").read_text()
     assert table.splitlines()[0].split("|")[2:5] == [f" {d} " for d in DOMAINS] and "| cut ppl |" in table
-    assert "| ours | layer |" in table and "size error %" in table and f"| {batches[0]} + {ours['train_batches']['continue']} |" in table
+    assert "| ours | layer |" in table and "size error %" in table
+    assert f"| {batches[0]} + {ours['train_batches']['continue']} |" in table
 
     stamps = {key: (out / key / "result.json").stat().st_mtime_ns for key in KEYS}
     assert bench.main(argv) == 0  # resumed: every arm is skipped
@@ -183,6 +184,15 @@ def test_missing_data_fails_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "bench").exists()
 
 
+def test_a_corpus_without_jsonl_domains_fails_before_any_work(tmp_path, capsys):
+    (tmp_path / "corpus" / "alpha").mkdir(parents=True)
+    (tmp_path / "corpus" / "alpha" / "notes.txt").write_text("not a jsonl file\n")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--out", str(tmp_path / "bench"), "--corpus", str(tmp_path / "corpus")])
+    assert exit_info.value.code == 2 and "no <domain>/*.jsonl file there" in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()
+
+
 def _bench(prune_batches=36, continue_batches=44):
     source = load_config("tiny-smollm2")
     target = TargetShape.from_dict(TARGET, source).to_config(source)
@@ -217,6 +227,11 @@ def test_flops_budget_counts_pruning_at_the_source_shape_and_teachers():
         assert abs(cost["total"] - ours["total"]) <= cost["per_batch"]["continue"] / 2, name
     assert plans["freeze-cut"]["continue"] > plans["ours"]["continue"] and plans["short"]["prune"] < 25
     assert spent["importance-distill"]["per_batch"]["continue"] == 128 * train_flops_per_token(target, 32, source)
+    # A learned arm's pruning run measured (compact steps): the FLOPs it did not spend go to continued batches.
+    half = ours["parts"]["prune"] / 2
+    measured = bench.plan_batches(b, bench.ArmRun(bench.ARM_BY_NAME["ours"]), prune_flops=half)
+    assert measured == {"prune": 36, "continue": 44 + round(half / ours["per_batch"]["continue"])}
+    assert bench.arm_flops(b, bench.ArmRun(bench.ARM_BY_NAME["ours"]), measured, half)["parts"]["prune"] == half
     b.match = "tokens"
     assert bench.plan_batches(b, bench.ArmRun(bench.ARM_BY_NAME["freeze-cut"])) == {"prune": 25, "continue": 55}
     assert bench.plan_batches(b, bench.ArmRun(bench.ARM_BY_NAME["importance"])) == {"prune": 0, "continue": 80}
