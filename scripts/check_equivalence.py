@@ -9,8 +9,8 @@ default; ``--device gpu --dtype bfloat16`` with a tolerance of bf16's rounding):
 1. HF logits ≡ ours (for a preset, "HF" is the HF reload of our saved model);
 2. gates of all ones ≡ no gates;
 3. random gate logits → deterministic masks for the target (default: about half of every axis):
-   masked model ≡ cut model ≡ the HF reload of the cut model; the cut config equals the target and its
-   parameter count equals the expected count of the masks.
+   masked model ≡ cut model ≡ the HF reload of the cut model ≡ the compact masked forward (``pruning.compact``);
+   the cut config equals the target and its parameter count equals the expected count of the masks.
 
 Prints one JSON object last and exits 1 when a difference exceeds the tolerance, 2 on bad input.
 On a real model, randomly masked, fp32 rounding alone can reach ~1e-3 (the damaged network amplifies it);
@@ -109,6 +109,7 @@ def check(source: str, target_items: list[str], seed: int, tolerance: float, wor
         "hf_vs_ours": max_diff(hf(tokens).logits, logits),
         "all_ones_vs_no_masks": max_diff(ours(tokens, ones), logits),
         "masked_vs_cut": max_diff(masked, cut_logits),
+        "compact_vs_masked": max_diff(ours(tokens, masks, compact=True), masked),
         "cut_vs_hf_reload": max_diff(hf_reload(cut, workdir / "cut", device)(tokens).logits, cut_logits),
     }
     expected = params_of_masks(cfg, {name: (m != 0).float() for name, m in masks.items()})
