@@ -25,13 +25,17 @@ train on the same number of tokens (``--match tokens``), and are evaluated alike
     ``exact`` (:data:`ROW`);
 11. ``cluster``: as 1 with the 7B recipes' pruning keys as shipped (read from ``yaml/prune_1.3b.yaml``);
 12. ``freeze-cut``: as 1, its pruning run ending where 1 freezes its masks, the cut model continuing;
-13. ``short``: as 12 with half of 1's pruning stage (the ramp and the freeze scaled alike).
+13. ``short``: as 12 with half of 1's pruning stage (the ramp and the freeze scaled alike);
+14. ``dense``: as 1 with every pruning step computing every unit of the source (``pruning.compact: false``, the
+    paper's code and our releases before compact steps).
 
-``ours`` prunes for ``prune`` batches and continues for ``continue``; its training FLOPs (calibration forwards, pruning
-steps at the source's shape, continued steps at the target's, teachers' forwards: :func:`arm_flops`) are the budget.
-With ``--match flops`` every other arm continues for as many batches as bring it to that budget; with ``--match
-tokens`` every arm trains on ``prune + continue`` batches. For arms run at two or more common seeds the table and
-the JSON line report the paired mean difference of log mean perplexity and its 95% t interval.
+``ours``' schedule prunes for ``prune`` batches and continues for ``continue``; its training FLOPs with every pruning
+step at the source's shape (calibration forwards, pruning steps, continued steps at the target's shape, teachers'
+forwards: :func:`arm_flops`) are the budget. With ``--match flops`` every arm continues for as many batches as
+bring it to that budget, a learned arm after the FLOPs its pruning run logged (compact steps cost what they
+computed, :func:`measured_prune_flops`): ``ours`` itself continues for more than ``continue`` batches; with
+``--match tokens`` every arm trains on ``prune + continue`` batches. For arms run at two or more common seeds the
+table and the JSON line report the paired mean difference of log mean perplexity and its 95% t interval.
 
 An arm is data (:class:`Arm`): how its start model is made, and the overrides merged last into the recipes it
 derives from ``yaml/demo/``. ``--arms`` picks arms, in order, as ``NAME`` or ``NAME@SEED``
@@ -187,6 +191,8 @@ ARMS = (
     Arm("freeze-cut", "12. learned gates, cut where the masks freeze", "l0", stop_at_freeze=True),
     Arm("short", "13. learned gates, half the pruning stage, cut where the masks freeze", "l0", stop_at_freeze=True,
         prune_share=0.5),
+    Arm("dense", "14. learned gates, every pruning step at the source's shape (pruning.compact false)", "l0",
+        {"pruning": {"compact": False}}),
 )
 ARM_BY_NAME = {arm.name: arm for arm in ARMS}
 

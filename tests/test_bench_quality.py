@@ -232,6 +232,8 @@ def test_flops_budget_counts_pruning_at_the_source_shape_and_teachers():
     measured = bench.plan_batches(b, bench.ArmRun(bench.ARM_BY_NAME["ours"]), prune_flops=half)
     assert measured == {"prune": 36, "continue": 44 + round(half / ours["per_batch"]["continue"])}
     assert bench.arm_flops(b, bench.ArmRun(bench.ARM_BY_NAME["ours"]), measured, half)["parts"]["prune"] == half
+    dense = bench.ArmRun(bench.ARM_BY_NAME["dense"])  # every step at the source's shape: ours' schedule exactly
+    assert bench.plan_batches(b, dense, prune_flops=ours["parts"]["prune"]) == {"prune": 36, "continue": 44}
     b.match = "tokens"
     assert bench.plan_batches(b, bench.ArmRun(bench.ARM_BY_NAME["freeze-cut"])) == {"prune": 25, "continue": 55}
     assert bench.plan_batches(b, bench.ArmRun(bench.ARM_BY_NAME["importance"])) == {"prune": 0, "continue": 80}
