@@ -135,6 +135,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + _rotate_half(x) * sin
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight`` × ``x`` over its root mean square, in fp32; ``kept``: the mean of squares divides the sum by it
+    (the kept dimensions of a hidden mask) instead of by ``x``'s width."""
+    dtype = x.dtype
+    x = x.float()
+    variance = x.pow(2).mean(-1, keepdim=True) if kept is None else x.pow(2).sum(-1, keepdim=True) / kept
+    return weight * (x * torch.rsqrt(variance + eps)).to(dtype)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm; with a hidden mask, the mean of squares runs over the kept (nonzero-gate) dimensions only.
 
@@ -147,20 +156,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, hidden_kept: torch.Tensor | None = None) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        if hidden_kept is None:
-            variance = x.pow(2).mean(-1, keepdim=True)
-        else:
-            variance = x.pow(2).sum(-1, keepdim=True) / hidden_kept
-        return self.weight * (x * torch.rsqrt(variance + self.eps)).to(dtype)
+        return _rms_norm(x, self.weight, self.eps, hidden_kept)
 
     def forward_dims(self, x: torch.Tensor, dims: Index) -> torch.Tensor:
         """RMSNorm of ``x`` that holds only the dimensions ``dims`` of the residual stream (the kept ones)."""
-        weight = self.weight if dims is None else self.weight.index_select(0, dims)
-        dtype = x.dtype
-        x = x.float()
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        return _rms_norm(x, self.weight if dims is None else self.weight.index_select(0, dims), self.eps)
 
 
 @dataclass(frozen=True)
