@@ -37,6 +37,13 @@ def _l0(cfg, seed: int = 0) -> L0Module:
     return l0
 
 
+def _setup(name: str, seed: int):
+    """A preset's config, its model (weights from seed 1), the spread gates and a batch of tokens from ``seed``."""
+    cfg = PRESETS[name]()
+    tokens = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))
+    return cfg, build_model(cfg, seed=1), _l0(cfg), tokens
+
+
 def _step(model, l0, tokens, compact: bool):
     """Logits and the gradients of every weight and gate logit of one sampled step (the same sample for both
     forms)."""
@@ -62,10 +69,8 @@ def _expected_active(cfg, masks) -> tuple[int, list[tuple[int, int, int]]]:
 
 @pytest.mark.parametrize("name", MODELS)
 def test_compact_step_has_the_dense_logits_and_gradients(name):
-    cfg = PRESETS[name]()
-    model = build_model(cfg, seed=1).train()
-    l0 = _l0(cfg)
-    tokens = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(2))
+    cfg, model, l0, tokens = _setup(name, seed=2)
+    model.train()
     dense_logits, dense, masks = _step(model, l0, tokens, compact=False)
     compact_logits, compact, same_masks = _step(model, l0, tokens, compact=True)
     assert all(torch.equal(masks[k], same_masks[k]) for k in masks)
@@ -85,10 +90,8 @@ def test_compact_step_has_the_dense_logits_and_gradients(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_compact_forward_of_the_target_masks_costs_the_cut_model(name):
-    cfg = PRESETS[name]()
-    model = build_model(cfg, seed=1).eval()
-    l0 = _l0(cfg)
-    tokens = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(3))
+    cfg, model, l0, tokens = _setup(name, seed=3)
+    model.eval()
     masks = l0.deterministic_masks()
     with torch.no_grad():
         compact, dense = model(tokens, masks, compact=True), model(tokens, masks)
