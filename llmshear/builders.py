@@ -61,6 +61,7 @@ def build_l0(cfg: RunConfig, source) -> L0Module | None:
         torch.manual_seed(cfg.seed)
         return L0Module(source, target, p.structures, lagrangian_warmup=round(p.sparsity_warmup * batches),
                         harden_batch=None if p.harden_from >= 1 else round(p.harden_from * batches),
+                        harden_by=p.harden_by,
                         constraint=p.constraint, eval_masks=p.eval_masks, init_log_alpha=p.init_log_alpha,
                         log_alpha_limit=p.log_alpha_limit, temperature=p.temperature,
                         final_temperature=p.final_temperature)

@@ -27,7 +27,9 @@ train on the same number of tokens (``--match tokens``), and are evaluated alike
 12. ``freeze-cut``: as 1, its pruning run ending where 1 freezes its masks, the cut model continuing;
 13. ``short``: as 12 with half of 1's pruning stage (the ramp and the freeze scaled alike);
 14. ``dense``: as 1 with every pruning step computing every unit of the source (``pruning.compact: false``, the
-    paper's code and our releases before compact steps).
+    paper's code and our releases before compact steps);
+15. ``harden-logits``: as 1 with the masks frozen by the gates' last logits (``pruning.harden_by: logits``, our
+    releases before usage-ranked hardening).
 
 ``ours``' schedule prunes for ``prune`` batches and continues for ``continue``; its training FLOPs with every pruning
 step at the source's shape (calibration forwards, pruning steps, continued steps at the target's shape, teachers'
@@ -193,6 +195,8 @@ ARMS = (
         prune_share=0.5),
     Arm("dense", "14. learned gates, every pruning step at the source's shape (pruning.compact false)", "l0",
         {"pruning": {"compact": False}}),
+    Arm("harden-logits", "15. learned gates, masks frozen by the last logits (pruning.harden_by logits)", "l0",
+        {"pruning": {"harden_by": "logits"}}),
 )
 ARM_BY_NAME = {arm.name: arm for arm in ARMS}
 

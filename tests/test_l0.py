@@ -104,6 +104,15 @@ def test_deterministic_gates_keep_exactly_top_k_per_row_with_positive_values():
     assert (low_kept >= high_pruned).all()
 
 
+def test_deterministic_gates_rank_by_scores_with_logits_breaking_ties():
+    log_alpha = torch.tensor([[0.0, 2.0, 5.0, 1.0], [3.0, 2.0, 1.0, 0.0]])
+    scores = torch.tensor([[1.0, 1.0, 0.0, 1.0], [float("nan"), 0.5, 0.5, 0.2]])
+    kept = deterministic_gates(log_alpha, 2, scores) != 0
+    assert kept[0].nonzero().flatten().tolist() == [1, 3]  # score 1 thrice: the two higher logits
+    assert kept[1].nonzero().flatten().tolist() == [1, 2]  # a NaN score ranks last, whatever its logit
+    assert torch.equal(deterministic_gates(log_alpha, 2) != 0, log_alpha >= log_alpha.topk(2).values[:, -1:])
+
+
 @pytest.mark.parametrize("name", ["tiny-llama2", "tiny-gqa", "tiny-qwen2", "tiny-smollm2", "llama2-7b"])
 def test_params_of_all_ones_equal_the_source_count(name):
     cfg = PRESETS[name]()
@@ -315,6 +324,44 @@ def test_hardening_freezes_exact_binary_masks_for_training_evaluation_and_the_cu
     rebuilt = l0_from_state_dict(l0.state_dict())
     assert rebuilt.is_hardened() and rebuilt.options["harden_batch"] == 8
     assert all(torch.equal(rebuilt.deterministic_masks()[n], before[n]) for n in before)
+
+
+def _run_schedule(l0: L0Module, logits_at: dict[int, list[float]], batches: int, start: int = 0) -> None:
+    """What the pruning callback does at every batch start, with the layer logits set from ``logits_at``."""
+    for batch in range(start, batches):
+        with torch.no_grad():
+            l0.log_alpha["layer"].copy_(torch.tensor(logits_at.get(batch, l0.log_alpha["layer"].tolist())))
+        l0.set_step(batch)
+        l0.update_shifts()
+        if l0.harden_due():
+            l0.harden()
+        l0.record_usage()
+
+
+@pytest.mark.parametrize(("harden_by", "kept"), [("usage", [0, 1]), ("logits", [2, 3])])
+def test_hardening_keeps_the_units_used_since_the_ramp_or_the_last_logits(harden_by, kept):
+    # Layers 0 and 1 lead from the ramp's end (batch 2) on; a last-moment swap puts 2 and 3 ahead at batch 5.
+    l0 = L0Module(GQA, _target({"n_layers": 2}, GQA), ["layer"], lagrangian_warmup=2, harden_batch=6,
+                  harden_by=harden_by)
+    _run_schedule(l0, {0: [3.0, 2.0, 1.0, 0.0], 5: [0.0, 0.1, 0.3, 0.2]}, batches=8)
+    assert l0.is_hardened()
+    assert l0.hard_masks()["layer"].nonzero().flatten().tolist() == kept
+    assert l0.usage_batches.item() == 4  # batches 2-5: from the ramp's end until the masks froze
+    p_ahead = prob_nonzero(l0.gate_logits("layer")).detach()  # the logits now, unchanged since batch 5
+    assert l0.usage_layer[2].item() < 3 + p_ahead[2].item()  # three batches near 0, one ahead
+
+
+def test_a_state_without_usage_loads_and_hardens_by_the_logits():
+    l0 = L0Module(GQA, _target({"n_layers": 2}, GQA), ["layer"], lagrangian_warmup=2, harden_batch=6)
+    _run_schedule(l0, {0: [3.0, 2.0, 1.0, 0.0], 5: [0.0, 0.1, 0.3, 0.2]}, batches=6)
+    old = {k: v for k, v in l0.state_dict().items() if not k.startswith("usage_")}  # a checkpoint of an earlier release
+    resumed = l0_from_state_dict(old)
+    assert resumed.usage_batches.item() == 0 and not resumed.usage_layer.any()
+    _run_schedule(resumed, {}, batches=7, start=6)
+    assert resumed.is_hardened() and resumed.usage_batches.item() == 0
+    assert resumed.hard_masks()["layer"].nonzero().flatten().tolist() == [2, 3]
+    with pytest.raises(ValueError, match="harden_by 'last'"):
+        L0Module(GQA, _target({"n_layers": 2}, GQA), ["layer"], harden_by="last")
 
 
 def test_cut_report_counts_expected_size_and_decided_gates():

@@ -68,6 +68,9 @@ def test_ddp_and_fsdp_wrap_as_configured_and_train_alike(runs):
             assert (fsdp["l0"][name] != value).float().mean() < 0.05, name
         elif name.startswith("shift_"):  # solved from the logits at every batch: they follow them
             assert (fsdp["l0"][name] - value).abs().max() < 1.0, name
+        elif name.startswith("usage_"):  # sums of P(z != 0) over the batches since the ramp: they follow them too
+            per_batch = (fsdp["l0"][name] - value).abs() / ddp["l0"]["usage_batches"].item()
+            assert ddp["l0"]["usage_batches"].item() > 0 and (per_batch > 0.05).float().mean() < 0.05, name
         else:
             assert torch.equal(fsdp["l0"][name], value), name
 

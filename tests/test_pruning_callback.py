@@ -96,9 +96,10 @@ def test_batch_start_hardens_at_its_batch():
         at_batch(state, batch)
         callback.batch_start(state, logger)
         assert not state.model.l0.is_hardened()
+    assert state.model.l0.usage_batches.item() == 1  # batch 2: the ramp reached the target, not yet frozen
     at_batch(state, 3)
     callback.batch_start(state, logger)
-    assert state.model.l0.is_hardened()
+    assert state.model.l0.is_hardened() and state.model.l0.usage_batches.item() == 1
     masks = state.model.l0.train()()
     assert all(((m == 0) | (m == 1)).all() for m in masks.values())
 

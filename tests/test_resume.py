@@ -13,7 +13,8 @@ import torch
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = {"train": {"max_batches": 6, "eval_interval": 2}, "checkpoint": {"save_interval": 2}}
+SETTINGS = {"train": {"max_batches": 6, "eval_interval": 2}, "checkpoint": {"save_interval": 2},
+            "pruning": {"sparsity_warmup": 0.15}}  # the ramp ends at batch 1: usage recorded before the kill
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -58,9 +59,10 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     for key, value in a["model"].items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, b["model"][key]), key
-    for name in ("l0.log_alpha.layer", "l0.shift_kv_group", "l0.hard_intermediate"):
+    for name in ("l0.log_alpha.layer", "l0.shift_kv_group", "l0.hard_intermediate", "l0.usage_hidden"):
         assert name in a["model"]
     assert a["model"]["l0.hardened"].item()  # hardened at batch 4, after the resume: the same masks either way
+    assert a["model"]["l0.usage_batches"].item() == 3  # batches 1-3, across the kill at batch 2
     assert a["data"]["train"] == b["data"]["train"]
     assert a["data"]["train"]["proportions"] != [0.5, 0.3, 0.2]  # re-weighting happened
     assert a["data"]["train"]["passes"] != [0, 0, 0]

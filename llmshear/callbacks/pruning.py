@@ -63,7 +63,7 @@ class PruningCallback(Callback):
 
     * ``batch_start``: tells the L0 module the current batch, from which it computes the target sparsity
       (linear warm-up), clamps its gate logits and (``exact``) solves the row shifts; at the hardening batch,
-      freezes the masks as 0/1.
+      freezes the masks as 0/1; before it, from the ramp's end, records the gates' usage.
     * ``eval_start``: the evaluator labelled ``target_label`` measures the target-shape cut, every other one
       the run's ``pruning.eval_masks`` (by default the current model, which dynamic loading then reads).
     * ``batch_end``: re-solves the row shifts for the logits the step moved, then logs :meth:`L0Module.metrics`
@@ -102,6 +102,7 @@ class PruningCallback(Callback):
             l0.update_shifts()
             if l0.harden_due():
                 l0.harden()
+            l0.record_usage()
 
     def eval_start(self, state: State, logger: Logger) -> None:
         unwrap_l0(state).use_eval_masks("target" if state.dataloader_label == self.target_label else None)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from llmshear.config.types import build_section
 from llmshear.datasets.proportions import RULES
-from llmshear.models.l0 import CONSTRAINTS, EVAL_MASKS, STRUCTURES
+from llmshear.models.l0 import CONSTRAINTS, EVAL_MASKS, HARDEN_BY, STRUCTURES
 from llmshear.models.llama import DTYPES
 from llmshear.optim import GATE_SCHEDULES
 
@@ -30,7 +30,8 @@ class PruningSection:
     ``init``: ``importance`` (logits ranked by activation importance on ``init_batches`` calibration batches,
     see :mod:`llmshear.models.importance`) or ``constant`` (every gate logit ``init_log_alpha``, the paper's).
     ``sparsity_warmup`` and ``harden_from`` are fractions of ``train.max_batches``: the target sparsity ramps
-    up over the first, and from the second on the masks are frozen as 0/1 (1.0: never, the paper's).
+    up over the first, and from the second on the masks are frozen as 0/1 (1.0: never, the paper's), keeping the
+    units ranked first by ``harden_by``: ``usage`` (mean ``P(z != 0)`` since the ramp's end) or ``logits``.
     ``eval_masks``: what the evaluations during pruning (and so dynamic loading) measure, the ``current``
     model or the ``target`` cut; ``eval_target`` adds a second evaluation of the target cut, logged only.
     ``compact``: masked steps compute only the units whose gate is not exactly 0 (same loss and gradients, FLOPs
@@ -44,6 +45,7 @@ class PruningSection:
     final_temperature: float = 0.05
     sparsity_warmup: float = 0.4
     harden_from: float = 0.7
+    harden_by: str = "usage"
     eval_masks: str = "current"
     eval_target: bool = True
     init_log_alpha: float = 4.6
@@ -202,6 +204,7 @@ CHOICES = {
     "pruning.init": ("constant", "importance"),
     "pruning.constraint": CONSTRAINTS,
     "pruning.eval_masks": EVAL_MASKS,
+    "pruning.harden_by": HARDEN_BY,
     "optimizer.gate_schedule": GATE_SCHEDULES,
     "train.precision": ("fp32", "amp_bf16", "amp_fp16"),
     "train.device": ("cpu", "gpu", None),

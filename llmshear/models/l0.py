@@ -53,6 +53,7 @@ TEMPERATURE = 2 / 3
 EPS = 1e-6
 CONSTRAINTS = ("exact", "row", "paper", "overall")
 EVAL_MASKS = ("current", "target")
+HARDEN_BY = ("usage", "logits")
 DECIDED = 0.95  # a gate with P(z != 0) >= DECIDED is decided open, <= 1 - DECIDED decided shut
 
 
@@ -204,17 +205,23 @@ def expected_gates(log_alpha: torch.Tensor) -> torch.Tensor:
     return (torch.sigmoid(log_alpha) * (high - low) + low).clamp(0.0, 1.0)
 
 
-def deterministic_gates(log_alpha: torch.Tensor, keep: int) -> torch.Tensor:
+def deterministic_gates(log_alpha: torch.Tensor, keep: int, scores: torch.Tensor | None = None) -> torch.Tensor:
     """Keep exactly the ``keep`` highest-scoring units of every row (last axis); the rest are exactly 0.
 
-    Whatever the logits: ties go to the lower index (a stable sort), and a NaN logit ranks below every number.
+    The score is the logit itself, or ``scores`` (same shape) when given, ties then going to the higher logit.
+    Whatever the logits: remaining ties go to the lower index (stable sorts), and a NaN ranks below every number.
     A kept unit's value is its probability of being nonzero, :func:`prob_nonzero`, floored at :data:`EPS`:
     strictly positive, so it is never mistaken for a pruned unit even when the gate underflowed (a far
     negative logit after a large ``lag_lr`` step) or is NaN, and close to 1 for the confident gates a finished
     run has.
     """
-    scores = log_alpha.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-    index = scores.sort(dim=-1, descending=True, stable=True).indices[..., :keep]
+    def ranked(values: torch.Tensor) -> torch.Tensor:
+        return values.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+
+    index = ranked(log_alpha).sort(dim=-1, descending=True, stable=True).indices
+    if scores is not None:
+        index = index.gather(-1, ranked(scores).gather(-1, index).sort(dim=-1, descending=True, stable=True).indices)
+    index = index[..., :keep]
     values = prob_nonzero(log_alpha).gather(-1, index).nan_to_num(nan=EPS).clamp_min(EPS)
     return torch.zeros_like(log_alpha).scatter(-1, index, values)
 
@@ -272,7 +279,8 @@ class L0Module(nn.Module):
     Parameters: ``log_alpha.<structure>`` (the gate logits, optimised with ``lag_lr``) and
     ``lagrangian.lambda1.<structure>`` / ``lagrangian.lambda2.<structure>`` (ascent). Buffers: ``step`` (the
     batch count given to :meth:`set_step`), ``hardened`` and ``hard_<structure>`` (the frozen 0/1 masks),
-    ``shift_<structure>`` (``exact``: the row shifts of :meth:`update_shifts`).
+    ``shift_<structure>`` (``exact``: the row shifts of :meth:`update_shifts`), ``usage_<structure>`` and
+    ``usage_batches`` (what :meth:`record_usage` summed).
     Source, target and options travel as ``_extra_state``, so a checkpoint alone rebuilds the module (see
     :func:`l0_from_state_dict`).
 
@@ -283,6 +291,9 @@ class L0Module(nn.Module):
         lagrangian_warmup: batches over which the target sparsity ramps linearly from 0 to its final value.
         harden_batch: from this batch on the deterministic masks are frozen as 0/1 and used in training too;
             ``None`` never (the cut then folds ``P(z != 0)`` of the kept units into the weights, as the paper).
+        harden_by: what ranks the units when the masks freeze: ``usage`` (the mean ``P(z != 0)`` over the
+            batches since the ramp reached the target, i.e. the units the weights trained with at the target
+            size; the logits break ties) or ``logits`` (their last values).
         constraint: ``exact``, ``row`` or ``overall`` (see the module docstring).
         temperature, final_temperature: ``exact`` only: the logit temperature ``τ`` until the end of the
             warm-up, then linearly down to ``final_temperature`` at ``harden_batch`` (or the warm-up's end).
@@ -296,19 +307,21 @@ class L0Module(nn.Module):
     """
 
     def __init__(self, source: LlamaConfig, target: TargetShape, structures: Iterable[str] = STRUCTURES, *,
-                 lagrangian_warmup: int = 0, harden_batch: int | None = None, constraint: str = "exact",
-                 eval_masks: str = "current", init_log_alpha: float = 4.6, log_alpha_limit: float = 10.0,
-                 init_noise: float = 0.01, temperature: float = 0.1, final_temperature: float = 0.05):
+                 lagrangian_warmup: int = 0, harden_batch: int | None = None, harden_by: str = "usage",
+                 constraint: str = "exact", eval_masks: str = "current", init_log_alpha: float = 4.6,
+                 log_alpha_limit: float = 10.0, init_noise: float = 0.01, temperature: float = 0.1,
+                 final_temperature: float = 0.05):
         super().__init__()
-        if constraint not in CONSTRAINTS or eval_masks not in EVAL_MASKS:
-            raise ValueError(f"constraint {constraint!r} / eval_masks {eval_masks!r}: expected one of "
-                             f"{CONSTRAINTS} / {EVAL_MASKS}")
+        if constraint not in CONSTRAINTS or eval_masks not in EVAL_MASKS or harden_by not in HARDEN_BY:
+            raise ValueError(f"constraint {constraint!r} / eval_masks {eval_masks!r} / harden_by {harden_by!r}: "
+                             f"expected one of {CONSTRAINTS} / {EVAL_MASKS} / {HARDEN_BY}")
         if not 0 < final_temperature <= temperature:
             raise ValueError(f"temperatures must satisfy 0 < final_temperature <= temperature, got {temperature}, "
                              f"{final_temperature}")
         self.source, self.target, self.structures = source, target, list(structures)
         self.options = {"lagrangian_warmup": int(lagrangian_warmup), "harden_batch": harden_batch,
-                        "constraint": constraint, "eval_masks": eval_masks, "init_log_alpha": float(init_log_alpha),
+                        "harden_by": harden_by, "constraint": constraint, "eval_masks": eval_masks,
+                        "init_log_alpha": float(init_log_alpha),
                         "log_alpha_limit": float(log_alpha_limit), "init_noise": float(init_noise),
                         "temperature": float(temperature), "final_temperature": float(final_temperature)}
         self.specs = mask_specs(source, target, self.structures)
@@ -317,9 +330,12 @@ class L0Module(nn.Module):
         self.lagrangian = Lagrangian({} if constraint == "exact" else rows)
         self.register_buffer("step", torch.zeros(1, dtype=torch.long))
         self.register_buffer("hardened", torch.zeros(1, dtype=torch.bool))
+        self.register_buffer("usage_batches", torch.zeros(1, dtype=torch.long))
         for spec in self.specs:
             self.register_buffer(f"hard_{spec.name}", torch.zeros(spec.shape))
             self.register_buffer(f"shift_{spec.name}", torch.zeros(spec.shape[:-1] + (1,)))
+            self.register_buffer(f"usage_{spec.name}", torch.zeros(spec.shape, dtype=torch.float64))
+        self.register_load_state_dict_pre_hook(_without_usage)
         self.eval_kind = eval_masks
         self.reset_parameters()
 
@@ -332,9 +348,11 @@ class L0Module(nn.Module):
                 p.zero_()
             self.step.zero_()
             self.hardened.zero_()
+            self.usage_batches.zero_()
             for spec in self.specs:
                 getattr(self, f"hard_{spec.name}").zero_()
                 getattr(self, f"shift_{spec.name}").zero_()
+                getattr(self, f"usage_{spec.name}").zero_()
 
     def is_hardened(self) -> bool:
         return bool(self.hardened.item())
@@ -416,10 +434,24 @@ class L0Module(nn.Module):
         return at is not None and int(self.step.item()) >= at and not self.is_hardened()
 
     @torch.no_grad()
+    def record_usage(self) -> None:
+        """Add every gate's ``P(z != 0)`` to its usage, once per batch from the batch the ramp reaches the target
+        until the masks freeze (called at ``batch_start``, after :meth:`update_shifts`)."""
+        if self.is_hardened() or self.ramp() < 1:
+            return
+        for spec in self.specs:
+            getattr(self, f"usage_{spec.name}").add_(prob_nonzero(self.gate_logits(spec.name).detach()).double())
+        self.usage_batches.add_(1)
+
+    @torch.no_grad()
     def harden(self) -> None:
-        """Freeze the deterministic masks as 0/1 (exactly ``keep`` per row); training goes on with them."""
-        for name, mask in self.deterministic_masks().items():
-            getattr(self, f"hard_{name}").copy_((mask != 0).float())
+        """Freeze exactly ``keep`` units per row as 0/1 masks, ranked as ``harden_by`` says (by the logits when no
+        usage was recorded: a hardening before the ramp's end); training goes on with them."""
+        by_usage = self.options["harden_by"] == "usage" and int(self.usage_batches.item()) > 0
+        for spec in self.specs:
+            scores = getattr(self, f"usage_{spec.name}") if by_usage else None
+            mask = deterministic_gates(self.gate_logits(spec.name).detach(), spec.keep, scores)
+            getattr(self, f"hard_{spec.name}").copy_((mask != 0).float())
         self.hardened.fill_(True)
         logger.info("batch %d: masks hardened to 0/1 (%s)", int(self.step.item()),
                     ", ".join(f"{k}: {v['undecided']:.1%} undecided" for k, v in self.cut_report().items()))
@@ -524,6 +556,15 @@ class L0Module(nn.Module):
                              f"run's {mine['options']['constraint']!r}")
         if state["options"] != mine["options"]:
             logger.warning("L0 options changed since the checkpoint: %s -> %s", state["options"], mine["options"])
+
+
+def _without_usage(module: L0Module, state: dict, prefix: str, *args) -> None:
+    """A checkpoint written before usage was recorded: start its usage empty (hardening then ranks by logits)."""
+    if f"{prefix}usage_batches" in state:
+        return
+    for name, buffer in module.named_buffers(recurse=False):
+        if name.startswith("usage_"):
+            state[prefix + name] = torch.zeros_like(buffer)
 
 
 def l0_from_state_dict(state: Mapping[str, object]) -> L0Module:
