@@ -19,6 +19,7 @@ from composer.utils.parallelism import FSDP2Config
 from llmshear.callbacks.clipping import ClipGradNorm
 from llmshear.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshear.callbacks.nonfinite import NonFiniteLossGuard
+from llmshear.callbacks.preemption import PreemptionStop, save_schedule
 from llmshear.callbacks.pruning import PruningCallback
 from llmshear.callbacks.resume_rng import ResumeRNG
 from llmshear.checkpoints import LATEST_CHECKPOINT, KeepAcrossResumes
@@ -197,20 +198,23 @@ def parallelism_config(cfg: RunConfig) -> dict | None:
                      "activation_checkpointing_reentrant": False}}
 
 
-def checkpoint_kwargs(cfg: RunConfig) -> dict:
-    """Trainer arguments for saving and resuming; existing checkpoints are never overwritten."""
+def checkpoint_kwargs(cfg: RunConfig, stop: PreemptionStop) -> dict:
+    """Trainer arguments for saving and resuming: a checkpoint every ``checkpoint.save_interval`` batches, at the
+    end, and where ``stop`` stops the run on a signal; existing checkpoints are never overwritten."""
     c = cfg.checkpoint
     interval = c.save_interval or cfg.train.max_batches
-    return {"save_folder": c.save_folder, "save_interval": f"{interval}ba", "save_overwrite": False,
-            "save_num_checkpoints_to_keep": c.keep, "autoresume": c.autoresume, "load_path": c.load_path,
-            "load_weights_only": c.load_weights_only}
+    return {"save_folder": c.save_folder, "save_interval": save_schedule(f"{interval}ba", stop),
+            "save_overwrite": False, "save_num_checkpoints_to_keep": c.keep, "autoresume": c.autoresume,
+            "load_path": c.load_path, "load_weights_only": c.load_weights_only}
 
 
 def build_trainer(cfg: RunConfig, world_size: int | None = None) -> Trainer:
-    """Everything the run needs, assembled into a Composer :class:`Trainer` (not yet fitted); with
-    ``checkpoint.remote``, the :class:`~llmshear.remote.MirrorRunFolder` callback after the checkpoint saver."""
+    """Everything the run needs, assembled into a Composer :class:`Trainer` (not yet fitted); after the checkpoint
+    saver, with ``checkpoint.remote`` the :class:`~llmshear.remote.MirrorRunFolder` callback, then the
+    :class:`~llmshear.callbacks.preemption.PreemptionStop` that ends the run on a signal once both are done."""
     world_size = world_size or dist.get_world_size()
     t = cfg.train
+    stop = PreemptionStop(t.max_batches)
     model = build_composer_model(cfg)
     init_gates(cfg, model)
     o = cfg.optimizer
@@ -241,11 +245,12 @@ def build_trainer(cfg: RunConfig, world_size: int | None = None) -> Trainer:
         progress_bar=t.progress_bar,
         log_to_console=not t.progress_bar,
         console_log_interval=f"{t.log_interval}ba",
-        **checkpoint_kwargs(cfg),
+        **checkpoint_kwargs(cfg, stop),
     )
     if cfg.checkpoint.remote is not None:
         # After Composer's checkpoint saver (which the Trainer appended last): each event's checkpoint is on disk
         # by the time the mirror looks.
         trainer.state.callbacks.append(MirrorRunFolder(cfg.checkpoint.save_folder, cfg.checkpoint.remote))
+    trainer.state.callbacks.append(stop)
     return trainer
 

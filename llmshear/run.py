@@ -15,10 +15,12 @@ from composer.utils import dist, get_device
 
 from llmshear.builders import build_trainer
 from llmshear.callbacks.nonfinite import NonFiniteLossError
+from llmshear.callbacks.preemption import Preempted
 from llmshear.checkpoints import CheckpointError, open_run_folder
 from llmshear.config import ConfigError, RunConfig, load
 from llmshear.datasets.mds import ShardError
 from llmshear.remote import fetch_run, mirror_run
+from llmshear.slurm import PREEMPTED_STATUS
 
 log = logging.getLogger("train")
 
@@ -32,6 +34,7 @@ def run(cfg: RunConfig) -> None:
     (:func:`llmshear.remote.fetch_run`), and at the end the folder's mirror is brought up to date.
 
     Raises:
+        Preempted: a signal stopped the run after a checkpoint (mirrored with ``checkpoint.remote``);
         CheckpointError: the run folder is in use by another run (see :func:`llmshear.checkpoints.open_run_folder`);
             :class:`~llmshear.remote.RemoteError`: ``checkpoint.remote`` cannot be read or written.
     """
@@ -45,17 +48,29 @@ def run(cfg: RunConfig) -> None:
                      "to do (raise train.max_batches to train on)", c.save_folder, done, cfg.train.max_batches)
         else:
             trainer = build_trainer(cfg)
-            trainer.fit()
+            try:
+                trainer.fit()
+            except Preempted:
+                mirror(cfg)
+                raise
             trainer.close()
-        if c.remote is not None and dist.get_global_rank() == 0:
-            mirror_run(c.save_folder, c.remote)  # what the run's last sync missed; a failure is reported here
+        mirror(cfg)
     finally:
         lock.release()
 
 
+def mirror(cfg: RunConfig) -> None:
+    """With ``checkpoint.remote``, bring its mirror up to date (rank 0): what the run's last sync missed; a failure
+    is reported here."""
+    c = cfg.checkpoint
+    if c.remote is not None and dist.get_global_rank() == 0:
+        mirror_run(c.save_folder, c.remote)
+
+
 def main(args: list[str]) -> int:
     """``RECIPE.yaml [key=value ...]``; returns the exit status (2 for an invalid config or damaged data, 3 for a
-    run stopped by a non-finite loss)."""
+    run stopped by a non-finite loss, :data:`~llmshear.slurm.PREEMPTED_STATUS` for one stopped by
+    SIGTERM / SIGUSR1 with a checkpoint)."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{dist.get_global_rank()} %(name)s: %(message)s")
     if not args or args[0] in ("-h", "--help") or "=" in args[0]:
         log.error(USAGE)
@@ -68,4 +83,7 @@ def main(args: list[str]) -> int:
     except NonFiniteLossError as err:
         log.error("%s", err)
         return 3
+    except Preempted as err:
+        log.warning("%s", err)
+        return PREEMPTED_STATUS
     return 0

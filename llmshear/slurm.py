@@ -20,9 +20,12 @@ launcher argument       source
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Mapping, Sequence
 
 BASE_PORT = 20000
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption; ``#SBATCH --signal=USR1@...`` before the time limit
+PREEMPTED_STATUS = 75  # EX_TEMPFAIL (sysexits.h): a run stopped by one of them with a checkpoint; run it again
 
 
 class SlurmEnvironmentError(RuntimeError):

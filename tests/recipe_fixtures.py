@@ -77,9 +77,9 @@ def tiny_recipe(tmp: Path, data_dir: Path, run: str = "run", prune: bool = True,
     return path
 
 
-def final_state(folder: Path) -> dict:
-    """The model, optimizer, data and torch RNG state of the run's batch-6 checkpoint."""
-    checkpoint = torch.load(folder / "ep0-ba6-rank0.pt", map_location="cpu", weights_only=False)
+def final_state(folder: Path, batch: int = 6) -> dict:
+    """The model, optimizer, data and torch RNG state of the run's checkpoint at ``batch``."""
+    checkpoint = torch.load(folder / f"ep0-ba{batch}-rank0.pt", map_location="cpu", weights_only=False)
     state = checkpoint["state"]
     return {"model": state["model"], "optimizer": state["optimizers"], "data": state["dataset_state"],
             "rng": checkpoint["rng"][0]["torch"]}

@@ -3,12 +3,14 @@
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
+from script_modules import script
 
-from llmshear.slurm import SlurmEnvironmentError, expand_hostlist, first_host, launch_command
+from llmshear.slurm import STOP_SIGNALS, SlurmEnvironmentError, expand_hostlist, first_host, launch_command
 
 JOB = {"SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "8", "SLURM_JOB_NODELIST": "gpu[07-08]",
        "SLURM_JOB_ID": "123456"}
@@ -114,3 +116,46 @@ def test_sbatch_without_recipe_prints_usage(repo_root, tmp_path):
     usage = subprocess.run(["bash", str(repo_root / "scripts" / "slurm" / "prune.sbatch")],
                            env=_sbatch_env(repo_root, tmp_path), capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def _stub(folder, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize(("srun", "requeued"), [
+    ("exit 75\n", True),  # SIGUSR1 ahead of the time limit: the run stopped with a checkpoint
+    ("kill -TERM $PPID; exit 75\n", False),  # preemption or scancel: the shell got SIGTERM too
+    ("exit 1\n", False),  # a failure is not retried
+])
+def test_sbatch_requeues_a_run_stopped_ahead_of_the_time_limit(repo_root, tmp_path, srun, requeued):
+    env = _sbatch_env(repo_root, tmp_path)
+    _stub(tmp_path, "srun", srun)
+    _stub(tmp_path, "scontrol", f'if [ "$1" = requeue ]; then echo "$@" >> {tmp_path}/requeued; fi\n')
+    text = (repo_root / "scripts" / "slurm" / "prune.sbatch").read_text()
+    assert "#SBATCH --signal=USR1@" in text
+    result = subprocess.run(["bash", str(repo_root / "scripts" / "slurm" / "prune.sbatch"), "yaml/x.yaml"],
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == int(srun.split()[-1])
+    assert (tmp_path / "requeued").exists() == requeued
+    if requeued:
+        assert (tmp_path / "requeued").read_text() == f"requeue {JOB['SLURM_JOB_ID']}\n"
+        assert "requeueing job 123456" in result.stderr
+
+
+def test_launch_ignores_the_stop_signals_it_passes_to_the_ranks(monkeypatch):
+    """The ``composer`` launcher it becomes must outlive its ranks' checkpoint on SIGTERM / SIGUSR1."""
+    seen = {}
+    monkeypatch.setattr(os, "execvp", lambda file, args: seen.update(
+        {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}, command=args))
+    for key, value in {**JOB, "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        script("slurm/launch").main(["yaml/x.yaml"])
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert all(seen[signum] == signal.SIG_IGN for signum in STOP_SIGNALS)
+    assert seen["command"][-1] == "yaml/x.yaml"

@@ -13,10 +13,11 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
 from pathlib import Path
 
-from llmshear.slurm import SlurmEnvironmentError, launch_command
+from llmshear.slurm import STOP_SIGNALS, SlurmEnvironmentError, launch_command
 
 log = logging.getLogger("launch")
 TRAIN_SCRIPT = str(Path(__file__).resolve().parents[2] / "train.py")
@@ -41,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         print(shlex.join(command))
         return 0
     log.info("%s", shlex.join(command))
-    os.execvp(command[0], command)  # replaces this process; returns only by raising
+    # SLURM signals every process of the step ahead of a preemption or the time limit: the training ranks write a
+    # checkpoint and exit (llmshear.callbacks.preemption takes the signals when training starts; until then they
+    # inherit the launcher's indifference); the launcher must outlive them to collect their status.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    os.execvp(command[0], command)  # replaces this process (ignored signals stay ignored); returns only by raising
 
 
 if __name__ == "__main__":
