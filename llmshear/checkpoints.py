@@ -13,12 +13,9 @@ or ``continued``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import socket
-import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +30,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from llmshear.files import replace_json
+from llmshear.files import Lock, LockedError
 from llmshear.models.l0 import L0Module, l0_from_state_dict
 from llmshear.models.llama import LlamaConfig, LlamaLM
 from llmshear.models.prune import model_from_state
@@ -323,17 +320,12 @@ class KeepAcrossResumes(Callback):
                                    for batch, path in checkpoints_in(self.folder) if batch <= start]
 
 
-class RunLock:
-    """``<save_folder>/run.lock``: one run at a time in a folder.
-
-    The file records the holder's host, pid and SLURM job. A lock whose holder is gone (same host, no such
-    process; or the same SLURM job, requeued) is taken over with a warning; any other refuses.
-    """
+class RunLock(Lock):
+    """``<save_folder>/run.lock``: one run at a time in a folder (a :class:`~llmshear.files.Lock`: a holder that
+    is gone, by pid on this host or as an earlier incarnation of a requeued SLURM job, is taken over)."""
 
     def __init__(self, folder: str | os.PathLike):
-        self.path = Path(folder) / LOCK_FILE
-        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-                       "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        super().__init__(Path(folder) / LOCK_FILE)
 
     def acquire(self) -> None:
         """Take the lock (or a stale one).
@@ -341,50 +333,12 @@ class RunLock:
         Raises:
             CheckpointError: another live run holds it; the message names the lock file and its holder.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(self.path, "x", encoding="utf-8") as handle:
-                json.dump(self.holder, handle)
-            return
-        except FileExistsError:
-            pass
-        other = self._read()
-        if not self._stale(other):
+            super().acquire()
+        except LockedError as err:
             raise CheckpointError(
-                f"{self.path.parent} is in use by another run (lock file {self.path}: host {other.get('host')}, "
-                f"pid {other.get('pid')}, since {other.get('since')}); wait for it to end or choose another "
-                f"checkpoint.save_folder. If that process is gone, delete {self.path}")
-        log.warning("taking over the lock %s of a run that is gone (%s)", self.path, other or "unreadable")
-        replace_json(self.path, self.holder)
-
-    def release(self) -> None:
-        """Remove the lock if it is still this process's."""
-        if self._read() == self.holder:
-            self.path.unlink(missing_ok=True)
-
-    def _read(self) -> dict:
-        try:
-            content = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return content if isinstance(content, dict) else {}
-
-    def _stale(self, other: dict) -> bool:
-        """Whether the holder ``other`` is gone (an unreadable lock is one a kill left half-written)."""
-        if not other:
-            return True
-        job = self.holder["slurm_job"]
-        if job is not None and other.get("slurm_job") == job:
-            return True  # the same SLURM job, requeued: its earlier incarnation is over
-        if other.get("host") != self.holder["host"]:
-            return False
-        try:
-            os.kill(int(other.get("pid")), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, TypeError, ValueError):
-            return False
-        return False
+                f"{self.path.parent} is in use by another run ({err}); wait for it to end or choose another "
+                f"checkpoint.save_folder. If that process is gone, delete {self.path}") from None
 
 
 def open_run_folder(folder: str | os.PathLike, autoresume: bool, max_batches: int,

@@ -1,11 +1,26 @@
-"""Writing a small file so that readers see the old content or the new, never a part: a temporary file beside it,
-then an atomic rename."""
+"""Writing files and directories so that no reader sees a part and no writer replaces another's finished work.
+
+- :func:`replace_json`: a small file through a temporary file beside it and an atomic rename.
+- :class:`Lock`: a lock file naming its holder (host, pid, SLURM job and restart); a holder that is provably gone
+  is taken over, any other refuses.
+- :func:`new_directory`: the rule every command that writes a directory follows: claim the target (a
+  :class:`Lock` beside it), build it in a staging folder beside it named after it, and move it into place at the
+  end, refusing a target that appeared meanwhile unless overwriting was asked for.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def replace_json(path: str | os.PathLike, content, indent: int | None = None) -> None:
@@ -15,3 +30,153 @@ def replace_json(path: str | os.PathLike, content, indent: int | None = None) ->
     text = json.dumps(content, indent=indent)
     temporary.write_text(text + "\n" if indent is not None else text, encoding="utf-8")
     os.replace(temporary, path)
+
+
+class LockedError(FileExistsError):
+    """A live holder has the lock; ``holder`` is what its file says."""
+
+    def __init__(self, path: Path, holder: dict):
+        super().__init__(f"lock file {path}: host {holder.get('host')}, pid {holder.get('pid')}, since "
+                         f"{holder.get('since')}")
+        self.path, self.holder = path, holder
+
+
+class Lock:
+    """A lock file that records its holder: host, pid, SLURM job and restart count, start time.
+
+    A holder is gone, and its lock taken over with a warning, when its file is unreadable (a kill left it
+    half-written), when it is an earlier incarnation of this SLURM job (the same job id, another
+    ``SLURM_RESTART_COUNT``: a requeue), or when it ran on this host and its pid no longer exists. Any other
+    holder (another host, or two job steps of one allocation) is live.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        job = os.environ.get("SLURM_JOB_ID")
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": job,
+                       "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0") if job else None,
+                       "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def acquire(self) -> None:
+        """Take the lock (or a stale one).
+
+        Raises:
+            LockedError: a live holder has it.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(self.path, "x", encoding="utf-8") as handle:
+                json.dump(self.holder, handle)
+            return
+        except FileExistsError:
+            pass
+        other = self.read()
+        if not self.stale(other):
+            raise LockedError(self.path, other)
+        log.warning("taking over the lock %s of a holder that is gone (%s)", self.path, other or "unreadable")
+        replace_json(self.path, self.holder)
+
+    def release(self) -> None:
+        """Remove the lock if it is still this process's."""
+        if self.read() == self.holder:
+            self.path.unlink(missing_ok=True)
+
+    def read(self) -> dict:
+        try:
+            content = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return content if isinstance(content, dict) else {}
+
+    def stale(self, other: dict) -> bool:
+        """Whether the holder ``other`` is gone."""
+        if not other:
+            return True
+        job = self.holder["slurm_job"]
+        if job is not None and other.get("slurm_job") == job and "slurm_restart" in other:
+            if other["slurm_restart"] != self.holder["slurm_restart"]:
+                return True  # an earlier incarnation of this job, requeued since
+        if other.get("host") != self.holder["host"]:
+            return False
+        try:
+            os.kill(int(other.get("pid")), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, TypeError, ValueError):
+            return False
+        return False
+
+
+def staging_dir(out: Path) -> Path:
+    """Where :func:`new_directory` builds ``out``: ``.<name>.partial`` beside it."""
+    return out.parent / f".{out.name}.partial"
+
+
+def claim_file(out: Path) -> Path:
+    """The lock that claims ``out`` for one writer: ``.<name>.claim`` beside it."""
+    return out.parent / f".{out.name}.claim"
+
+
+def replace_directory(staging: Path, out: Path) -> None:
+    """Put ``staging`` in the place of the existing ``out`` (the old one is removed once the new one is in)."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_empty_directory(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+@contextmanager
+def new_directory(out: str | os.PathLike, overwrite: bool = False, what: str = "the output",
+                  replace: Callable[[Path, Path], None] = replace_directory) -> Iterator[Path]:
+    """Build the directory ``out``: yields the staging folder to write into, and moves it to ``out`` at the end.
+
+    The target is claimed first (:func:`claim_file`): a second writer is refused by name while the first is alive;
+    a claim whose holder is gone is taken over and its staging folder cleared. On success the staging folder
+    becomes ``out`` by a rename (an empty directory there counts as absent). An ``out`` that is not empty by then
+    is replaced through ``replace`` only with ``overwrite``; otherwise it is left as it is, and the finished work
+    stays in the staging folder, which the error names. On failure the staging folder is removed. The claim is
+    released either way.
+
+    Raises:
+        FileExistsError: ``out`` is not empty and ``overwrite`` is false (checked at the start and at the end),
+            or another live writer holds the claim.
+    """
+    out = Path(out)
+
+    def occupied() -> bool:
+        return (out.exists() or out.is_symlink()) and not _is_empty_directory(out)
+
+    if occupied() and not overwrite:
+        raise FileExistsError(f"{out} exists and is not an empty directory; nothing was written")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    claim = Lock(claim_file(out))
+    try:
+        claim.acquire()
+    except LockedError as err:
+        raise FileExistsError(f"{out} is being written by another command ({err}); wait for it to finish, or "
+                              f"delete {err.path} if that process is gone") from None
+    staging = staging_dir(out)
+    try:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a writer that was killed: the claim is ours now
+        staging.mkdir()
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if occupied():
+            if not overwrite:
+                raise FileExistsError(f"{out} appeared while this command wrote {what}; it is left as it is, and "
+                                      f"what this command wrote is in {staging}")
+            replace(staging, out)
+        else:
+            if _is_empty_directory(out):
+                out.rmdir()
+            staging.rename(out)
+    finally:
+        claim.release()

@@ -19,7 +19,6 @@ import json
 import logging
 import mmap
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from llmshear.datasets.jsonl import find_domains
 from llmshear.datasets.packing import DomainPacker, FileResult, FileTask, file_tasks, tokenize_all
 from llmshear.datasets.redpajama import find_files
 from llmshear.datasets.vocab import SUMMARY, read_summary, vocab_fingerprint
+from llmshear.files import new_directory
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,18 @@ def input_tasks(input_dir: str | Path, layout: str, domains: list[str] | None) -
     return file_tasks(files), list(files)
 
 
+def unread(tasks: list[FileTask], summary: dict, domain: str) -> str:
+    """Why ``domain`` has no document, for the error: its files skipped or with bad lines (the warnings say which),
+    files without a document, or none of its documents in the input."""
+    files = [task.path for task in tasks if task.domain == domain]
+    faulty = [path for path in files if path in summary["skipped_files"] or path in summary["bad_line_files"]]
+    if faulty:
+        return f"{len(faulty)} of its {len(files)} file(s) skipped or with bad lines, see the warnings above"
+    if files:
+        return f"its {len(files)} file(s) hold no document with text"
+    return "the input holds no document of it"
+
+
 def _record(result: FileResult, summary: dict) -> None:
     """Note a file's bad lines, its skip (logged), and its documents of unselected domains in the summary."""
     if result.bad.count:
@@ -118,8 +130,9 @@ def prepare(input_dir: str | Path, tokenizer: str | Path, out: str | Path, seq_l
             progress: bool | None = None, layout: str = "domains") -> dict:
     """Tokenize, pack and write every domain of ``input_dir`` as MDS under ``out`` (see the module docstring).
 
-    The output is built in a sibling temporary directory and moved into place only when complete, so a
-    failure never leaves a half-written ``out`` (nor removes an existing one).
+    The output is built in a staging folder beside it and moved into place only when complete
+    (:func:`~llmshear.files.new_directory`): a failure never leaves a half-written ``out`` nor removes an existing
+    one, and a second ``prepare`` into the same ``out`` is refused while the first runs.
 
     Args:
         input_dir: ``DIR`` with ``DIR/<domain>/*.jsonl[.gz|.zst]`` (layout ``domains``), or RedPajama as it is
@@ -148,9 +161,7 @@ def prepare(input_dir: str | Path, tokenizer: str | Path, out: str | Path, seq_l
     tasks, order = input_tasks(input_dir, layout, domains)
     tokenizer_json, eos_id, vocab = fast_tokenizer(tokenizer)
     dtype = token_dtype(vocab)
-    staging = out.parent / f".{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with new_directory(out, overwrite, what="the data") as staging:
         summary = {"tokenizer": str(tokenizer), "vocab_size": vocab, "tokenizer_fingerprint":
                    vocab_fingerprint(tokenizer_json), "dtype": dtype, "seq_len": seq_len, "eval_seqs": eval_seqs,
                    "layout": layout, "bad_lines": 0, "bad_line_files": {}, "skipped_files": {},
@@ -164,14 +175,9 @@ def prepare(input_dir: str | Path, tokenizer: str | Path, out: str | Path, seq_l
                 packers[domain].add(part)
         for domain in order or sorted(packers):
             if domain not in packers:
-                raise ValueError(f"domain {domain!r}: no document was read (see the warnings above)")
+                raise ValueError(f"domain {domain!r}: no document was read ({unread(tasks, summary, domain)})")
             summary["domains"][domain] = packers[domain].close()
         (staging / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return summary
 
 

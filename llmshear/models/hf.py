@@ -11,8 +11,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ import transformers
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
+from llmshear.files import new_directory
 from llmshear.models.build import CONFIG_ONLY, PRESETS, build_model, empty_model, reset_rotary
 from llmshear.models.llama import LlamaConfig, LlamaLM
 from llmshear.models.weights import (
@@ -265,10 +264,8 @@ def _write_extra(directory: Path, extra_files: dict) -> None:
 
 
 def _move_into(staging: Path, out_dir: Path) -> None:
-    """Move the staged files into ``out_dir``, then drop weight files of an earlier save that were not replaced."""
-    if not out_dir.exists():
-        staging.rename(out_dir)
-        return
+    """Move the staged files into the existing ``out_dir``, then drop weight files of an earlier save that were not
+    replaced (``overwrite``: other files stay)."""
     written = {path.name for path in staging.iterdir()}
     for name in written:
         os.replace(staging / name, out_dir / name)
@@ -293,8 +290,9 @@ def save_pretrained(model: LlamaLM, out_dir: str | os.PathLike, tokenizer=None, 
                     overwrite: bool = False, max_shard_size: str | int = "5GB") -> Path:
     """Write ``model`` as an HF directory: config.json, generation_config.json, safetensors, tokenizer, extras.
 
-    Everything is written to a staging directory next to ``out_dir`` first and moved in at the end, so a crash
-    never leaves a half-written model behind.
+    Everything is written to a staging directory next to ``out_dir`` first and moved in at the end
+    (:func:`~llmshear.files.new_directory`), so a crash never leaves a half-written model behind, and a second
+    save into the same ``out_dir`` is refused while the first runs, or when the first finished meanwhile.
 
     Args:
         model: the model (any device; meta is refused).
@@ -323,10 +321,7 @@ def save_pretrained(model: LlamaLM, out_dir: str | os.PathLike, tokenizer=None, 
                          f"{broken[0]}); the run diverged, export an earlier checkpoint")
     if model.cfg.tie_word_embeddings != (model.lm_head.weight is model.model.embed_tokens.weight):
         raise ValueError("tie_word_embeddings does not match whether lm_head shares the embedding")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the saved model is an ordinary directory
-    try:
+    with new_directory(out_dir, overwrite, what="the model", replace=_move_into) as staging:
         hf_config = config_to_hf(model.cfg)
         hf_config.dtype = model.lm_head.weight.dtype
         hf_config.save_pretrained(staging)
@@ -336,8 +331,5 @@ def save_pretrained(model: LlamaLM, out_dir: str | os.PathLike, tokenizer=None, 
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         _write_extra(staging, extra_files or {})
-        _move_into(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("saved %s (%d parameters)", out_dir, model.num_params())
     return out_dir
