@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -48,6 +52,24 @@ def cut_source(prune_recipe: str, env_overrides: list[str]):
     with tempfile.TemporaryDirectory() as directory:
         config_to_hf(target).save_pretrained(directory)
         yield directory
+
+
+ENV_REFERENCE = re.compile(r"\$\{oc\.env:([A-Za-z_]\w*)\}")
+
+
+@contextmanager
+def placeholder_environment(*recipes: str) -> Iterator[list[str]]:
+    """Set the environment variables the ``recipes`` read (``${oc.env:NAME}``) but that are unset to ``<NAME>``
+    for the duration, and yield their names: a plan reads neither data nor run folders, so ``DATA_DIR`` and
+    ``RUN_DIR`` need no value (a source named by one still does, or ``--source``)."""
+    names = sorted({name for recipe in recipes for name in ENV_REFERENCE.findall(Path(recipe).read_text())
+                    if name not in os.environ})
+    os.environ.update({name: f"<{name}>" for name in names})
+    try:
+        yield names
+    finally:
+        for name in names:
+            os.environ.pop(name, None)
 
 
 def load_recipe(recipe: str, overrides: list[str], gpus: int, source: str | None = None) -> RunConfig:

@@ -5,7 +5,9 @@
     python scripts/plan.py yaml/continue_1.3b.yaml --after yaml/prune_1.3b.yaml --source llama2-7b
 
 The recipe is validated as train.py validates it, except for files that do not exist yet (data, checkpoints,
-``*_from`` files); only the source's ``config.json`` is read. ``--source`` replaces ``model.pretrained`` (an HF
+``*_from`` files); only the source's ``config.json`` is read, and environment variables the recipe reads but that
+are unset (``DATA_DIR``, ``RUN_DIR``) are planned as ``<NAME>``. Options and ``key=value`` overrides mix in any
+order. ``--source`` replaces ``model.pretrained`` (an HF
 directory, a ``.gguf`` file or a preset such as ``llama2-7b``, ``sheared-llama-1.3b``); ``--after`` plans a
 continued run whose source is the cut model of that pruning recipe (read the same way, ``--source`` applying to
 it). Prints a table and one JSON line (``--markdown``: one row of the docs' resource table instead).
@@ -20,7 +22,17 @@ import sys
 from contextlib import ExitStack
 
 from llmshear.config import ConfigError
-from llmshear.plan import GPUS, Machine, cut_source, json_line, load_recipe, markdown_header, markdown_row, plan
+from llmshear.plan import (
+    GPUS,
+    Machine,
+    cut_source,
+    json_line,
+    load_recipe,
+    markdown_header,
+    markdown_row,
+    placeholder_environment,
+    plan,
+)
 from llmshear.plan import table as render_table
 from llmshear.plan import warnings as plan_warnings
 
@@ -39,7 +51,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--after", metavar="PRUNE_RECIPE", help="the source is this pruning recipe's cut model")
     parser.add_argument("--markdown", action="store_true", help="print one row of the docs' resource table")
     parser.add_argument("--header", action="store_true", help="with --markdown: the table's header first")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.gpus < 1 or args.gpus_per_node < 1 or (args.mfu is not None and not 0 < args.mfu <= 1):
         parser.error("--gpus and --gpus-per-node must be positive, --mfu in (0, 1]")
     return args
@@ -51,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     machine = Machine(args.gpu, args.gpus, args.gpus_per_node, args.mfu)
     try:
         with ExitStack() as stack:
+            unset = stack.enter_context(placeholder_environment(*[r for r in (args.recipe, args.after) if r]))
+            if unset:
+                log.info("planning with %s unset (read as <NAME>): a plan reads no data or run folder",
+                         ", ".join(unset))
             source = args.source
             if args.after:
                 extra = [f"model.pretrained={args.source}"] if args.source else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -16,7 +17,8 @@ from omegaconf import OmegaConf
 from recipe_fixtures import DOMAINS, tiny_recipe, write_config_dir, write_mds, write_proportions
 
 from llmshear.builders import build_composer_model
-from llmshear.config import ConfigError, load
+from llmshear.config import ConfigError, RunConfig, load
+from llmshear.config.foreign import FOREIGN_KEYS
 from llmshear.config.loading import resolve_files
 from llmshear.config.preflight import check_proportions
 from llmshear.config.schema import parse
@@ -134,7 +136,11 @@ def test_tiny_recipe_is_valid(tmp_path, data):
     ("data.num_workers=2", "data.num_workers=2 must be 0"),
     ("fsdp.activation_checkpointing=true", "fsdp.activation_checkpointing needs fsdp.enabled=true"),
     ("scheduler.warmup=100", "scheduler.warmup=100 must lie in [0, train.max_batches]"),
-    ("pruning.lagrangian_warmup=640", "pruning.lagrangian_warmup: unknown key"),
+    ("pruning.lagrangian_warmup=640", "pruning.lagrangian_warmup: unknown key (LLM-Shearing's key; ours: "
+                                      "pruning.sparsity_warmup (a fraction of the run))"),
+    ("global_train_batch_size=8", "global_train_batch_size: unknown key (llm-foundry's key; ours: "
+                                  "train.global_batch_size)"),
+    ("model.l0_module.target_model.n_layers=2", "model.l0_module: unknown key (LLM-Shearing's key; ours: pruning"),
     ("pruning.constraint=foo", "pruning.constraint: 'foo' is not one of ['exact', 'row', 'paper', 'overall']"),
     ("pruning.eval_masks=cut", "pruning.eval_masks: 'cut' is not one of"),
     ("pruning.sparsity_warmup=1.5", "pruning.sparsity_warmup=1.5 must lie in [0, 1]"),
@@ -315,3 +321,11 @@ def test_bad_input_on_the_command_line_exits_2_without_traceback(repo_root, tmp_
     for key in ("optimizer.lr", "train.eval_batches", "seed=-1", "'train.max_batches' is not key=value"):
         assert f"command line: {key}" in result.stderr, result.stderr
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()} == before
+
+
+def test_every_foreign_key_is_in_the_docs_table_and_points_to_a_section_of_ours():
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    for key, (whose, ours) in FOREIGN_KEYS.items():
+        assert f"| `{key}` | {whose} |" in docs, key
+        assert ours.startswith("nothing") or ours.split(" ")[0].split(".")[0] in sections, key

@@ -138,3 +138,19 @@ def test_planning_skips_only_the_file_checks(recipe_env):
         load(recipe, ["data.proportions=[0.5,0.5,0,0,0,0,0.1]", "train.micro_batch_size=3"], world_size=8, cuda=True,
              files=False)
     assert "train.global_batch_size=32 is not divisible" in str(err.value)
+
+
+def test_the_docstrings_example_plans_without_data_or_run_folders_and_overrides_go_anywhere(monkeypatch, capsys,
+                                                                                              caplog):
+    for key in ("DATA_DIR", "RUN_DIR", "LLAMA2_7B"):
+        monkeypatch.delenv(key, raising=False)
+    cli = script("plan")
+    caplog.set_level("INFO")
+    assert cli.main([str(ROOT / "yaml" / "prune_1.3b.yaml"), "--gpus", "16", "train.micro_batch_size=2",
+                     "--source", "llama2-7b"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["gpus"] == 16 and result["micro_batch"] == 2
+    assert "planning with DATA_DIR, LLAMA2_7B, RUN_DIR unset" in caplog.text
+    assert "DATA_DIR" not in os.environ  # the placeholders end with the plan
+    assert cli.main([str(ROOT / "yaml" / "prune_1.3b.yaml")]) == 2  # the source itself is still needed
+    assert "model.pretrained" in caplog.text and "<LLAMA2_7B>" in caplog.text

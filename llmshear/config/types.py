@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from llmshear.config.foreign import foreign_hint
+
 
 class ConfigError(ValueError):
     """One or more configuration problems; ``problems`` lists them, each naming its key."""
@@ -107,7 +109,8 @@ def build_section(cls: type, values, prefix: str, problems: list[str]):
         return None
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    problems += [f"{prefix}{key}: unknown key (known: {', '.join(sorted(names))})" for key in values
+    known = "known: " + ", ".join(sorted(names))
+    problems += [f"{prefix}{key}: unknown key ({foreign_hint(prefix + str(key)) or known})" for key in values
                  if key not in names]
     kwargs = {}
     for f in dataclasses.fields(cls):
