@@ -6,17 +6,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
 from llmshear.checkpoints import describe
 from llmshear.loggers import METRICS_FILE, read_metrics
+from llmshear.sources import SMOLLM2, SMOLLM2_FILE
 
 SUMMARY_FILE = "summary.json"
 CARD_FILE = "README.md"
 DOMAIN_LOSS = "DomainCrossEntropy"
 # Evaluator labels, preferred first: ``eval_target`` measured the cut model during pruning, ``eval`` the model.
 EVAL_LABELS = ("eval_target", "eval")
+EMBEDDED = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}  # the `smollm2` source
+REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 @dataclass(frozen=True)
@@ -74,8 +81,42 @@ def domain_perplexity(run_folder: str | os.PathLike, batch: int) -> dict | None:
     return None
 
 
+def source_metadata(source: str | None) -> dict:
+    """``base_model`` and ``license`` of an original source, where known: the embedded SmolLM2; for an HF
+    directory, the license of its own card (``README.md`` front matter) and the hub id its ``config.json``
+    records (``_name_or_path``)."""
+    if source is None:
+        return {}
+    path = Path(source)
+    if source == SMOLLM2 or path.name == SMOLLM2_FILE:
+        return dict(EMBEDDED)
+    found = {}
+    card = path / CARD_FILE
+    if card.is_file():
+        try:
+            data = ModelCard.load(card).data
+        except (ValueError, yaml.YAMLError):
+            data = ModelCardData()
+        found = {"license": data.license} if data.license else {}
+    config = path / "config.json"
+    if config.is_file():
+        name = json.loads(config.read_text()).get("_name_or_path") or ""
+        if REPO_ID.fullmatch(name) and not Path(name).exists():
+            found["base_model"] = name
+    return found
+
+
+def card_metadata(summary: dict) -> ModelCardData:
+    """The card's front matter: what the Hugging Face hub indexes (library, pipeline, tags, and the original
+    source's base_model and license where :func:`source_metadata` knows them)."""
+    stages = summary.get("stages") or []
+    known = source_metadata(stages[0]["source"] if stages else None)
+    return ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                         tags=["llmshear", "pruned", "llama"], **known)
+
+
 def render_card(name: str, summary: dict) -> str:
-    """The model card (Markdown) of an exported model, from its ``summary.json`` content."""
+    """The model card (Markdown with Hugging Face front matter) of an exported model, from its ``summary.json``."""
     shape = summary["shape"]
     lines = [
         f"# {name}",
@@ -111,4 +152,5 @@ def render_card(name: str, summary: dict) -> str:
         lines += ["", f"## Perplexity per domain (the run's held-out evaluation `{ppl['evaluator']}` at batch "
                   f"{ppl['batch']})", "", "| domain | perplexity |", "|---|---|",
                   *(f"| {domain} | {value:.2f} |" for domain, value in ppl["perplexity"].items())]
-    return "\n".join(lines).rstrip() + "\n"
+    body = "\n".join(lines).rstrip() + "\n"
+    return str(ModelCard(f"---\n{card_metadata(summary).to_yaml()}\n---\n\n{body}"))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 from script_modules import script
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
@@ -39,6 +40,9 @@ def run(tmp_path_factory):
     cfg = dataclasses.replace(PRESETS["tiny-qwen2"](), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id, hf_model_type="llama", qkv_bias=False)
     save_pretrained(build_model(cfg, seed=0), tmp / "source", tokenizer=tokenizer)
+    (tmp / "source" / "README.md").write_text("---\nlicense: llama2\n---\n# the source's card\n")
+    config = json.loads((tmp / "source" / "config.json").read_text())
+    (tmp / "source" / "config.json").write_text(json.dumps({**config, "_name_or_path": "meta-llama/Llama-2-7b-hf"}))
     data = write_mds(tmp / "data", DOMAINS, SEQ_LEN)
     recipe = tiny_recipe(tmp, data, run="continue", prune=False, model={"pretrained": str(tmp / "source")},
                          train={"max_batches": BATCHES, "eval_interval": BATCHES, "global_batch_size": GLOBAL_BATCH},
@@ -61,6 +65,10 @@ def test_export_saves_the_runs_tokenizer_card_and_dtype_and_loads_with_transform
     assert set(summary["perplexity"]["perplexity"]) == set(DOMAINS) and summary["perplexity"]["batch"] == BATCHES
     card = (out / "README.md").read_text()
     assert f"{stage['tokens']:,}" in card and "python scripts/export_hf.py" in card and "| n_layers | 4 |" in card
+    front = ModelCard.load(out / "README.md").data  # the hub's metadata, from the source's card and config
+    assert (front.license, front.base_model, front.library_name) == ("llama2", "meta-llama/Llama-2-7b-hf",
+                                                                     "transformers")
+    assert "llmshear" in front.tags and front.pipeline_tag == "text-generation"
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")  # the dtype config.json records
