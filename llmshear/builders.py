@@ -23,7 +23,7 @@ from llmshear.callbacks.preemption import PreemptionStop, save_schedule
 from llmshear.callbacks.pruning import PruningCallback
 from llmshear.callbacks.resume_rng import ResumeRNG
 from llmshear.checkpoints import LATEST_CHECKPOINT, KeepAcrossResumes
-from llmshear.composer_parts import build_composer_callbacks, build_loggers, clip_threshold
+from llmshear.composer_parts import build_algorithms, build_composer_callbacks, build_loggers, clip_threshold
 from llmshear.config import RunConfig
 from llmshear.datasets.dynamic import (
     build_eval_dataloader,
@@ -236,6 +236,7 @@ def build_trainer(cfg: RunConfig, world_size: int | None = None) -> Trainer:
         step_schedulers_every_batch=True,
         device_train_microbatch_size=t.micro_batch_size,
         callbacks=build_callbacks(cfg),
+        algorithms=build_algorithms(cfg),
         loggers=[JSONLinesLogger(cfg.checkpoint.save_folder, resumes_own_run(cfg)), *build_loggers(cfg)],
         run_name=cfg.run_name,
         seed=cfg.seed,

@@ -1,17 +1,22 @@
-"""Composer's own loggers, callbacks and algorithms, named in a recipe's ``loggers:``, ``callbacks:`` and
+"""Composer's loggers, callbacks and algorithms, and anyone's, named in a recipe's ``loggers:``, ``callbacks:`` and
 ``algorithms:`` sections with their keyword arguments (see docs/recipes.md).
 
-A section maps names to keyword arguments (``{}`` or null: the class's defaults)::
+A section maps names to keyword arguments (``{}`` or null: the class's defaults); a name is one of the short
+names below or a class by import path (a subclass of Composer's ``LoggerDestination``, ``Callback`` or
+``Algorithm``)::
 
     loggers:
       tensorboard: {}                                   # <save_folder>/tensorboard/
       wandb: {project: shear, init_kwargs: {mode: offline}}
     callbacks:
       speed_monitor: {window_size: 10}
+      composer.callbacks.EarlyStopper: {monitor: LanguageCrossEntropy, dataloader_label: eval, patience: 4ba}
+      my_pkg.my_module.MyCallback: {every: 10}
     algorithms:
       gradient_clipping: {clipping_type: norm, clipping_threshold: 1.0}
 
-:func:`check_parts` rejects at config time an unknown name, a logger whose package is not installed (naming the
+:func:`check_parts` rejects at config time an unknown name, a class path that does not import or is not of the
+section's kind, a logger whose package is not installed (naming the
 pip extra) and an argument the class does not take (read from its signature); values are Composer's to check.
 ``metrics.jsonl`` (:class:`llmshear.loggers.JSONLinesLogger`) is always written: the plots, the resume checks and
 ``scripts/`` read it, so it is not a choice.
@@ -24,6 +29,7 @@ import importlib.util
 import inspect
 import netrc
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +75,9 @@ def _argument_problems(key: str, part: Part, kwargs: dict) -> list[str]:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return []
     known = [name for name, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    problems = [f"{key}.{name}: unknown argument of Composer's {part.name} (known: {', '.join(known)})"
+    problems = [f"{key}.{name}: unknown argument of {part.name} (known: {', '.join(known)})"
                 for name in kwargs if name not in known]
-    problems += [f"{key}.{name}: missing (required by Composer's {part.name})" for name, p in params.items()
+    problems += [f"{key}.{name}: missing (required by {part.name})" for name, p in params.items()
                  if p.default is inspect.Parameter.empty and name not in kwargs
                  and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
     return problems
@@ -94,27 +100,60 @@ def _wandb_key_problem(kwargs: dict) -> list[str]:
             f"the run folder's wandb/ later"]
 
 
-def _check_table(section: str, table: dict[str, Part], values: dict) -> list[str]:
+# What a class named by import path must be, per section: (module, class) of Composer's base.
+BASES = {"loggers": ("composer.loggers", "LoggerDestination"), "callbacks": ("composer.core", "Callback"),
+         "algorithms": ("composer.core", "Algorithm")}
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+def by_import_path(section: str, name: str) -> tuple[Part | None, str | None]:
+    """``pkg.module.Class`` as a :class:`Part`, or the reason it is not one: not importable, no such class, not a
+    subclass of Composer's base for ``section`` (:data:`BASES`)."""
+    module, _, cls_name = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), cls_name, None)
+    except ImportError as err:
+        return None, f"cannot import {module} ({err})"
+    base = getattr(importlib.import_module(BASES[section][0]), BASES[section][1])
+    if not (inspect.isclass(cls) and issubclass(cls, base)):
+        why = f"{module} has no class {cls_name}" if cls is None else f"not a subclass of Composer's {base.__name__}"
+        return None, why
+    return Part(module, cls_name), None
+
+
+def part_of(section: str, table: dict[str, Part], name: str,
+            also: tuple[str, ...] = ()) -> tuple[Part | None, str | None]:
+    """The part a recipe names in ``section``: one of ``table``'s short names, or a class by import path; else
+    None and why (``also``: more short names to list)."""
+    if name in table:
+        return table[name], None
+    if IMPORT_PATH.fullmatch(str(name)):
+        return by_import_path(section, name)
+    return None, (f"unknown (known: {', '.join([*table, *also])}; or a class by import path, "
+                  f"my_pkg.my_module.MyClass)")
+
+
+def _check_table(section: str, table: dict[str, Part], values: dict, also: tuple[str, ...] = ()) -> list[str]:
     problems = []
     for name, kwargs in values.items():
         key = f"{section}.{name}"
-        if name not in table:
-            problems.append(f"{key}: unknown (known: {', '.join(table)})")
+        part, why = part_of(section, table, name, also)
+        if part is None:
+            problems.append(f"{key}: {why}")
         elif kwargs is not None and not isinstance(kwargs, dict):
             problems.append(f"{key}: expected a mapping of keyword arguments (or {{}}), got {kwargs!r}")
-        elif table[name].package and importlib.util.find_spec(table[name].package) is None:
-            part = table[name]
+        elif part.package and importlib.util.find_spec(part.package) is None:
             problems.append(f"{key}: the {part.package!r} package is not installed (pip install -e "
                             f"'.[{part.extra}]', or `make setup`, which installs every logger)")
         else:
-            problems += _argument_problems(key, table[name], kwargs or {})
+            problems += _argument_problems(key, part, kwargs or {})
             problems += _wandb_key_problem(kwargs or {}) if key == "loggers.wandb" else []
     return problems
 
 
 def _check_algorithms(algorithms: dict, clip_norm: float | None) -> list[str]:
-    problems = [f"algorithms.{name}: unknown (known: gradient_clipping)" for name in algorithms
-                if name != "gradient_clipping"]
+    others = {name: kwargs for name, kwargs in algorithms.items() if name != "gradient_clipping"}
+    problems = _check_table("algorithms", {}, others, also=("gradient_clipping",))
     if "gradient_clipping" not in algorithms:
         return problems
     args = algorithms["gradient_clipping"] or {}
@@ -173,9 +212,17 @@ def _in_run_folder(name: str, kwargs: dict, folder: Path) -> dict:
 def build_loggers(cfg) -> list:
     """The ``loggers:`` of the recipe, writing into the run folder unless told otherwise."""
     folder = Path(cfg.checkpoint.save_folder)
-    return [LOGGERS[name].cls()(**_in_run_folder(name, kwargs or {}, folder)) for name, kwargs in cfg.loggers.items()]
+    return [part_of("loggers", LOGGERS, name)[0].cls()(**_in_run_folder(name, kwargs or {}, folder))
+            for name, kwargs in cfg.loggers.items()]
 
 
 def build_composer_callbacks(cfg) -> list:
-    """The ``callbacks:`` of the recipe (Composer's; ours are built from their own sections)."""
-    return [CALLBACKS[name].cls()(**(kwargs or {})) for name, kwargs in cfg.callbacks.items()]
+    """The ``callbacks:`` of the recipe (Composer's, or classes by import path; ours are built from their own
+    sections)."""
+    return [part_of("callbacks", CALLBACKS, name)[0].cls()(**(kwargs or {})) for name, kwargs in cfg.callbacks.items()]
+
+
+def build_algorithms(cfg) -> list:
+    """The ``algorithms:`` of the recipe named by import path (``gradient_clipping`` is our clipper, a callback)."""
+    return [part_of("algorithms", {}, name)[0].cls()(**(kwargs or {})) for name, kwargs in cfg.algorithms.items()
+            if name != "gradient_clipping"]

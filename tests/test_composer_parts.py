@@ -32,11 +32,14 @@ def run(tmp_path_factory):
         checkpoint={"save_interval": "256tok"},  # 2 batches of 4 x 32 tokens
         loggers={"tensorboard": {}, "wandb": {"init_kwargs": {"mode": "offline"}}, "mlflow": {}, "file": None},
         callbacks={"speed_monitor": {"window_size": 2, "gpu_flops_available": PEAK}, "lr_monitor": {},
-                   "memory_monitor": {}, "runtime_estimator": {}, "optimizer_monitor": {"batch_log_interval": 1}},
+                   "memory_monitor": {}, "runtime_estimator": {}, "optimizer_monitor": {"batch_log_interval": 1},
+                   "user_parts.MarkFitEnd": {"path": str(tmp / "fit_end.txt")},  # classes by import path
+                   "composer.callbacks.EarlyStopper": {"monitor": "LanguageCrossEntropy", "dataloader_label": "eval",
+                                                       "patience": "100ba"}},
         algorithms={"gradient_clipping": {"clipping_type": "norm", "clipping_threshold": THRESHOLD}})
     assert train.main([str(recipe)]) == 0
     folder = tmp / "run"
-    return {"folder": folder, "rows": read_metrics(folder / "metrics.jsonl")}
+    return {"folder": folder, "rows": read_metrics(folder / "metrics.jsonl"), "tmp": tmp}
 
 
 def test_duration_strings_set_the_length_and_the_intervals(run):
@@ -100,12 +103,22 @@ def problems_of(path, overrides=(), **kwargs) -> list[str]:
 
 @pytest.mark.parametrize(("sections", "expected"), [
     ({"loggers": {"tensorboard": {"logdir": "x"}}},
-     "loggers.tensorboard.logdir: unknown argument of Composer's TensorboardLogger (known: log_dir,"),
-    ({"loggers": {"comet": {}}}, "loggers.comet: unknown (known: tensorboard, wandb, mlflow, file)"),
+     "loggers.tensorboard.logdir: unknown argument of TensorboardLogger (known: log_dir,"),
+    ({"loggers": {"comet": {}}}, "loggers.comet: unknown (known: tensorboard, wandb, mlflow, file; or a class by "
+                                 "import path, my_pkg.my_module.MyClass)"),
+    ({"callbacks": {"user_parts.MarkFitEnd": {"file": "x"}}},
+     "callbacks.user_parts.MarkFitEnd.file: unknown argument of MarkFitEnd (known: path)"),
+    ({"callbacks": {"user_parts.MarkFitEnd": {}}}, "callbacks.user_parts.MarkFitEnd.path: missing (required by"),
+    ({"callbacks": {"user_parts.Nope": {}}}, "callbacks.user_parts.Nope: user_parts has no class Nope"),
+    ({"callbacks": {"no_such_package.Thing": {}}}, "callbacks.no_such_package.Thing: cannot import no_such_package"),
+    ({"callbacks": {"user_parts.NotAPart": {}}},
+     "callbacks.user_parts.NotAPart: not a subclass of Composer's Callback"),
+    ({"loggers": {"user_parts.MarkFitEnd": {"path": "x"}}}, "not a subclass of Composer's LoggerDestination"),
     ({"callbacks": {"speed_monitor": {"window": 5}}}, "callbacks.speed_monitor.window: unknown argument"),
     ({"callbacks": {"speed_monitor": 5}}, "callbacks.speed_monitor: expected a mapping of keyword arguments"),
     ({"callbacks": {"nan_monitor": {}}}, "callbacks.nan_monitor: unknown (known: speed_monitor"),
-    ({"algorithms": {"low_precision_layernorm": {}}}, "algorithms.low_precision_layernorm: unknown"),
+    ({"algorithms": {"low_precision_layernorm": {}}},
+     "algorithms.low_precision_layernorm: unknown (known: gradient_clipping; or a class by import path"),
     ({"algorithms": {"gradient_clipping": {"clipping_type": "adaptive", "clipping_threshold": 0.1}}},
      "algorithms.gradient_clipping.clipping_type='adaptive': only 'norm' is supported"),
     ({"algorithms": {"gradient_clipping": {"clipping_type": "norm"}}},
@@ -270,3 +283,11 @@ def test_auto_micro_batches_memory_and_mfu_on_a_gpu(tmp_path):
     assert "memory/peak_allocated_mem" in keys and "trainer/device_train_microbatch_size" in keys
     if any(name in torch.cuda.get_device_name().lower() for name in ("a100", "h100", "h200")):
         assert "throughput/device/mfu" in keys
+
+
+def test_parts_by_import_path_run_and_come_from_the_command_line(run, tmp_path, data):
+    assert (run["tmp"] / "fit_end.txt").read_text() == "4"  # our user's callback ran, beside Composer's EarlyStopper
+    cfg = load(tiny_recipe(tmp_path, data), ["callbacks={user_parts.MarkFitEnd: {path: out.txt}}",
+                                             "algorithms={composer.algorithms.EMA: {half_life: 10ba}}"])
+    assert cfg.callbacks == {"user_parts.MarkFitEnd": {"path": "out.txt"}}
+    assert cfg.algorithms == {"composer.algorithms.EMA": {"half_life": "10ba"}}
