@@ -365,3 +365,30 @@ def test_documents_naming_their_set_are_routed_by_it(tmp_path, tiny_tokenizer, c
         prepare(tmp_path / "slim", tiny_tokenizer, tmp_path / "out2", seq_len=16, eval_seqs=1, layout="redpajama",
                 domains=["c4"])
 
+
+
+# --- paths that escape ----------------------------------------------------------------------------------------------
+
+def test_links_that_lead_nowhere_are_refused_by_name(tmp_path, tiny_tokenizer):  # noqa: F811
+    write_corpus(tmp_path / "in", {"alpha": 20, "beta": 20})
+    (tmp_path / "in" / "gamma").symlink_to(tmp_path / "moved-away")  # a domain folder that was moved
+    with pytest.raises(FileNotFoundError, match=r"in/gamma is a link to .*moved-away, which does not exist"):
+        prepare(tmp_path / "in", tiny_tokenizer, tmp_path / "out", seq_len=16, eval_seqs=1, progress=False)
+    (tmp_path / "in" / "gamma").unlink()
+    (tmp_path / "in" / "beta" / "loop.jsonl").symlink_to(tmp_path / "in" / "beta" / "loop.jsonl")
+    with pytest.raises(FileNotFoundError, match=r"beta/loop.jsonl is a link to .*, which does not exist \(or loops\)"):
+        prepare(tmp_path / "in", tiny_tokenizer, tmp_path / "out", seq_len=16, eval_seqs=1, progress=False)
+    (tmp_path / "in" / "beta" / "loop.jsonl").unlink()
+    (tmp_path / "in" / "gamma").symlink_to(tmp_path / "in" / "alpha")  # a link that resolves is followed
+    summary = prepare(tmp_path / "in", tiny_tokenizer, tmp_path / "out", seq_len=16, eval_seqs=1, progress=False)
+    assert set(summary["domains"]) == {"alpha", "beta", "gamma"}
+    with pytest.raises(ValueError, match=r"--domains '../in/alpha': a domain is a plain folder name"):
+        prepare(tmp_path / "in", tiny_tokenizer, tmp_path / "out2", seq_len=16, eval_seqs=1, progress=False,
+                domains=["alpha", "../in/alpha"])
+
+
+def test_a_domain_that_is_a_path_is_a_config_error(tmp_path):
+    data = write_mds(tmp_path / "data", DOMAINS, SEQ)
+    with pytest.raises(ConfigError) as err:
+        load(tiny_recipe(tmp_path, data), ["data.domains=[alpha,beta,../eval/gamma]"])
+    assert any("data.domains: '../eval/gamma' is not a plain name" in p for p in err.value.problems)

@@ -23,6 +23,7 @@ from llmshear.datasets.dynamic import open_train_parts
 from llmshear.datasets.mds import open_domains
 from llmshear.datasets.proportions import bounds_errors, proportion_errors, reference_loss_errors
 from llmshear.datasets.vocab import vocab_problems
+from llmshear.files import PLAIN_NAME
 from llmshear.models.hf import check_weights, load_config
 from llmshear.models.l0 import TargetShape
 from llmshear.remote import RemoteError, remote_checkpoints, uri_problem
@@ -146,6 +147,9 @@ def check_proportions(cfg: RunConfig, resolved: frozenset[str] = frozenset()) ->
     problems = []
     if len(set(d.domains)) != len(d.domains) or not d.domains:
         problems.append(f"data.domains={d.domains}: must be a non-empty list of distinct names")
+    problems += [f"data.domains: {domain!r} is not a plain name (letters, digits, '.', '_', '-'): a domain is a "
+                 f"folder directly under data.path/<split>/" for domain in d.domains
+                 if not PLAIN_NAME.fullmatch(str(domain))]
     for key in ("proportions", "reference_losses"):
         if getattr(d, key) is not None and getattr(d, f"{key}_from") is not None and key not in resolved:
             problems.append(f"data.{key} / data.{key}_from: set one of them, not both")

@@ -11,10 +11,13 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from llmshear.files import PLAIN_NAME
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 MAX_EXAMPLES = 3
@@ -47,6 +50,14 @@ def is_input_file(path: Path) -> bool:
     return path.is_file() and path.name.endswith(SUFFIXES)
 
 
+def _refuse_broken_links(paths) -> None:
+    """A link that leads nowhere (its target missing, or a loop) would drop a domain or a file without a word."""
+    for path in paths:
+        if path.is_symlink() and not path.exists():
+            raise FileNotFoundError(f"{path} is a link to {os.readlink(path)}, which does not exist (or loops): "
+                                    "fix or remove the link")
+
+
 def find_domains(root: str | Path, only: list[str] | None = None) -> dict[str, list[Path]]:
     """The input files of each domain, ``{domain: sorted files}``, domains sorted by name.
 
@@ -55,12 +66,20 @@ def find_domains(root: str | Path, only: list[str] | None = None) -> dict[str, l
         only: keep these domains (in this order) instead of every sub-directory.
 
     Raises:
-        FileNotFoundError: ``root`` or a requested domain is missing, or a domain has no input file.
+        FileNotFoundError: ``root`` or a requested domain is missing, a domain has no input file, or a domain
+            folder or input file is a link that leads nowhere.
+        ValueError: a requested domain is not a plain name.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--input {root}: no such directory")
-    names = only if only else sorted(p.name for p in root.iterdir() if p.is_dir())
+    for name in only or []:
+        if not PLAIN_NAME.fullmatch(name):
+            raise ValueError(f"--domains {name!r}: a domain is a plain folder name under --input (letters, digits, "
+                             "'.', '_', '-'), not a path")
+    entries = sorted(root.iterdir())
+    _refuse_broken_links(p for p in entries if only is None or p.name in only)
+    names = only if only else [p.name for p in entries if p.is_dir()]
     if not names:
         raise FileNotFoundError(f"--input {root}: no domain sub-directories (expected {root}/<domain>/*.jsonl)")
     domains = {}
@@ -68,7 +87,9 @@ def find_domains(root: str | Path, only: list[str] | None = None) -> dict[str, l
         directory = root / name
         if not directory.is_dir():
             raise FileNotFoundError(f"domain {name!r}: {directory} is not a directory")
-        files = sorted(p for p in directory.iterdir() if is_input_file(p))
+        listed = sorted(directory.iterdir())
+        _refuse_broken_links(p for p in listed if p.name.endswith(SUFFIXES))
+        files = [p for p in listed if is_input_file(p)]
         if not files:
             raise FileNotFoundError(f"domain {name!r}: no {'/'.join(SUFFIXES)} files in {directory}")
         domains[name] = files
