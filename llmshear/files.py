@@ -6,10 +6,13 @@
 - :func:`new_directory`: the rule every command that writes a directory follows: claim the target (a
   :class:`Lock` beside it), build it in a staging folder beside it named after it, and move it into place at the
   end, refusing a target that appeared meanwhile unless overwriting was asked for.
+- :func:`disk_failure`: a full disk, a quota or a read-only filesystem as one :class:`DiskError` naming the
+  folder and its free space, whichever layer failed (an ``OSError``, or torch's writer).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,6 +27,34 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # a folder name that cannot leave its parent (a domain)
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+TORCH_WRITE_FAILED = ("PytorchStreamWriter failed writing", "file write failed", "unexpected pos")
+
+
+class DiskError(OSError):
+    """Writing into a folder failed for lack of space (or a read-only filesystem); the message says where and
+    what to do."""
+
+
+def free_space(folder: Path) -> str:
+    """The free space of the filesystem holding ``folder`` (or its nearest existing parent), for messages."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    return f"{shutil.disk_usage(existing).free / 1e9:.2f} GB free there now"
+
+
+def disk_failure(err: BaseException, folder: str | os.PathLike, what: str, then: str) -> DiskError | None:
+    """``err`` as a :class:`DiskError` when it is a full disk, a quota or a read-only filesystem (an ``OSError``
+    with that errno, or torch's ``PytorchStreamWriter`` failing to write), else None; ``then``: what to do."""
+    folder = Path(folder)
+    code = getattr(err, "errno", None)
+    if isinstance(err, OSError) and code in DISK_ERRNOS:
+        reason = os.strerror(code)
+    elif isinstance(err, RuntimeError) and any(text in str(err) for text in TORCH_WRITE_FAILED):
+        reason = "torch could not write the file (a full disk or quota, most often)"
+        code = errno.ENOSPC
+    else:
+        return None
+    return DiskError(code, f"{folder}: writing {what} failed: {reason}; {free_space(folder)}. {then}")
 
 
 def replace_json(path: str | os.PathLike, content, indent: int | None = None) -> None:
@@ -169,8 +200,12 @@ def new_directory(out: str | os.PathLike, overwrite: bool = False, what: str = "
         staging.mkdir()
         try:
             yield staging
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(staging, ignore_errors=True)
+            failure = disk_failure(err, out.parent, what, f"Nothing was written to {out} or replaced; free space "
+                                   "(or make the folder writable) and run the command again")
+            if failure is not None:
+                raise failure from err
             raise
         if occupied():
             if not overwrite:

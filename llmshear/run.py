@@ -19,6 +19,7 @@ from llmshear.callbacks.preemption import Preempted
 from llmshear.checkpoints import CheckpointError, open_run_folder
 from llmshear.config import ConfigError, RunConfig, load
 from llmshear.datasets.mds import ShardError
+from llmshear.files import DiskError, disk_failure
 from llmshear.remote import fetch_run, mirror_run
 from llmshear.slurm import PREEMPTED_STATUS
 
@@ -53,6 +54,14 @@ def run(cfg: RunConfig) -> None:
             except Preempted:
                 mirror(cfg)
                 raise
+            except (OSError, RuntimeError) as err:
+                failure = disk_failure(err, c.save_folder, "the run folder (a checkpoint, metrics or masks)",
+                                       "Nothing complete was deleted: free space and run the same command with "
+                                       "checkpoint.autoresume=true; it resumes from the last complete checkpoint "
+                                       "(a partial one is set aside)")
+                if failure is None:
+                    raise
+                raise failure from err
             trainer.close()
         mirror(cfg)
     finally:
@@ -68,16 +77,16 @@ def mirror(cfg: RunConfig) -> None:
 
 
 def main(args: list[str]) -> int:
-    """``RECIPE.yaml [key=value ...]``; returns the exit status (2 for an invalid config or damaged data, 3 for a
-    run stopped by a non-finite loss, :data:`~llmshear.slurm.PREEMPTED_STATUS` for one stopped by
-    SIGTERM / SIGUSR1 with a checkpoint)."""
+    """``RECIPE.yaml [key=value ...]``; returns the exit status: 2 for an invalid config, damaged data or a full
+    disk, 3 for a run stopped by a non-finite loss, :data:`~llmshear.slurm.PREEMPTED_STATUS` for one stopped by
+    SIGTERM / SIGUSR1 with a checkpoint."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{dist.get_global_rank()} %(name)s: %(message)s")
     if not args or args[0] in ("-h", "--help") or "=" in args[0]:
         log.error(USAGE)
         return 2
     try:
         run(load(args[0], args[1:]))
-    except (ConfigError, CheckpointError, ShardError) as err:  # a ShardError: data damaged after the checks
+    except (ConfigError, CheckpointError, ShardError, DiskError) as err:  # ShardError: data damaged after the checks
         log.error("%s", err)
         return 2
     except NonFiniteLossError as err:

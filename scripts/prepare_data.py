@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = prepare(args.input, args.tokenizer, args.out, seq_len=args.seq_len, eval_seqs=args.eval_seqs,
                           workers=args.workers, strict=args.strict, overwrite=args.overwrite, domains=domains,
                           layout=args.layout)
-    except (BadLineError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (BadLineError, OSError, ValueError) as err:  # OSError: a missing, existing or unwritable path; a full disk
         log.error("%s", err)
         return 2
     result = {"out": args.out, "dtype": summary["dtype"], "bad_lines": summary["bad_lines"],

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -230,3 +231,30 @@ def test_distill_on_meta_and_sharded_without_fsdp2_are_config_errors(straight, t
                                                 "fsdp.state_dict_type=sharded"])
     assert any("is a full checkpoint, but this run reads sharded ones" in p for p in problems), problems
     assert not (tmp_path / "fresh").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_the_resume_is_exact(straight, tmp_path, caplog,
+                                                                                     monkeypatch):
+    from composer.utils import checkpoint as composer_checkpoint
+
+    write = composer_checkpoint._write_checkpoint_file
+
+    def full_at_batch_4(state_dict, filename):
+        if "ba4" not in filename:
+            return write(state_dict, filename)
+        Path(filename).write_bytes(b"PK\x03\x04 half a zip")  # what torch leaves when the disk fills mid-file
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/12: file write failed")
+
+    recipe = tiny_recipe(tmp_path, straight["data"], run="full", **SETTINGS)
+    monkeypatch.setattr(composer_checkpoint, "_write_checkpoint_file", full_at_batch_4)
+    status, text = run_main(caplog, recipe)
+    assert status == 2 and "Traceback" not in text
+    assert re.search(rf"{tmp_path / 'full'}: writing the run folder \(a checkpoint, metrics or masks\) failed: torch "
+                     r"could not write the file \(a full disk or quota, most often\); [\d.]+ GB free there now\. "
+                     r"Nothing complete was deleted", text), text
+    assert (tmp_path / "full" / "ep0-ba2-rank0.pt").is_file() and not (tmp_path / "full" / LOCK_FILE).exists()
+    monkeypatch.setattr(composer_checkpoint, "_write_checkpoint_file", write)  # space freed
+    status, text = run_main(caplog, recipe, "checkpoint.autoresume=true")
+    assert status == 0, text
+    assert_same_state(final_state(straight["folder"]), final_state(tmp_path / "full"))

@@ -3,6 +3,7 @@ two job steps: the directory rule and the lock of llmshear.files, and the comman
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -10,8 +11,8 @@ import sys
 import pytest
 from data_fixtures import tiny_tokenizer, write_corpus  # noqa: F401 (tiny_tokenizer: fixture)
 
-from llmshear.datasets.mds import prepare
-from llmshear.files import Lock, LockedError, claim_file, new_directory, staging_dir
+from llmshear.datasets.mds import DomainPacker, prepare
+from llmshear.files import DiskError, Lock, LockedError, claim_file, new_directory, staging_dir
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import save_pretrained
 
@@ -125,3 +126,21 @@ def test_a_domain_without_documents_says_why(tmp_path, tiny_tokenizer, content, 
     with pytest.raises(ValueError, match=rf"domain 'empty': no document was read \({why}\)"):
         prepare(tmp_path / "in", tiny_tokenizer, tmp_path / "data", seq_len=16, eval_seqs=1, progress=False)
     assert not (tmp_path / "data").exists() and not staging_dir(tmp_path / "data").exists()
+
+
+def test_a_full_disk_while_preparing_is_one_error_naming_the_folder_and_nothing_is_lost(
+        tmp_path, tiny_tokenizer, monkeypatch):  # noqa: F811
+    write_corpus(tmp_path / "in", {"alpha": 20, "beta": 20})
+    out = tmp_path / "data"
+    prepare(tmp_path / "in", tiny_tokenizer, out, seq_len=16, eval_seqs=1, progress=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(DomainPacker, "close", full)
+    with pytest.raises(DiskError, match=rf"{tmp_path}: writing the data failed: No space left on device; [\d.]+ GB "
+                                        rf"free there now\. Nothing was written to {out} or replaced"):
+        prepare(tmp_path / "in", tiny_tokenizer, out, seq_len=16, eval_seqs=1, progress=False, overwrite=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # the finished output is untouched
+    assert not staging_dir(out).exists() and not claim_file(out).exists()
