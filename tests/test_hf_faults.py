@@ -14,6 +14,7 @@ import pytest
 import torch
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 from safetensors.torch import load_file
+from script_modules import script
 
 from llmshear.config import ConfigError, load
 from llmshear.models.build import PRESETS, build_model
@@ -104,14 +105,25 @@ def test_broken_source_is_named_at_config_time_and_by_the_loader(tmp_path, data,
     assert _hashes(model) == before
 
 
-def test_a_directory_with_only_config_json_passes_the_config_check(tmp_path):
-    """Config-only shapes (the paper recipes' tests) are checked when their weights are needed, not before."""
+def test_a_directory_with_only_config_json_plans_but_does_not_run(tmp_path, data, capsys):
+    """A config-only shape serves the planner; a run, or generation, names what is missing before any work."""
     model = _sharded(tmp_path / "model")
     for path in model.glob("model*"):
         path.unlink()
     check_weights(model)
     with pytest.raises(FileNotFoundError, match="has no weights"):
         load_model(model)
+    with pytest.raises(ConfigError) as caught:
+        load(tiny_recipe(tmp_path, data, prune=False, model={"pretrained": str(model)}))
+    assert caught.value.problems[0].endswith(f"{model} has a config.json but no weights (none of "
+                                             "model.safetensors.index.json, pytorch_model.bin.index.json, "
+                                             "model.safetensors, pytorch_model.bin): a run needs them; a config-only "
+                                             "directory serves scripts/plan.py")
+    load(tiny_recipe(tmp_path, data, prune=False, model={"pretrained": str(model)}), files=False)  # planning
+    with pytest.raises(ConfigError, match="'llama2-7b' is a preset of a public shape without weights"):
+        load(tiny_recipe(tmp_path, data, prune=False, model={"pretrained": "llama2-7b"}))
+    assert script("generate").main(["--model", str(model), "--prompt", "hi"]) == 2
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_py_with_a_truncated_source_exits_2_without_traceback(repo_root, tmp_path, data):
@@ -139,3 +151,18 @@ def test_a_truncated_pytorch_bin_file_is_named_by_the_loader(tmp_path):
     with pytest.raises(WeightFileError, match=r"pytorch_model\.bin: not a readable PyTorch weight file"):
         load_model(model)
     assert _hashes(model) == before
+
+
+@pytest.mark.parametrize(("key", "value"), [("num_attention_heads", 0), ("num_hidden_layers", 0),
+                                            ("intermediate_size", -1)])
+def test_a_source_with_a_size_of_zero_is_named_by_the_planner_and_the_run(repo_root, tmp_path, data, caplog, key,
+                                                                          value):
+    model = _sharded(tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, key: value}))
+    ours = {"num_attention_heads": "n_heads", "num_hidden_layers": "n_layers"}.get(key, key)
+    recipe = str(repo_root / "yaml" / "demo" / "prune.yaml")
+    assert script("plan").main([recipe, "--source", str(model), "--gpus", "1"]) == 2
+    assert f"{ours}={value}: every size of a model must be a positive integer" in caplog.text
+    with pytest.raises(ConfigError, match=f"{ours}={value}: every size of a model must be a positive integer"):
+        load(tiny_recipe(tmp_path, data, model={"pretrained": str(model)}))

@@ -110,12 +110,13 @@ def source_config(name: str):
     return _CONFIGS[name]
 
 
-def check_model(cfg: RunConfig) -> list[str]:
-    """The source (and teacher) configs and weight-file headers load, and the pruning target fits in the source."""
+def check_model(cfg: RunConfig, files: bool = True) -> list[str]:
+    """The source (and teacher) configs and weight-file headers load, and the pruning target fits in the source;
+    ``files``: a run, whose source and teacher need weights (a plan reads only their shape)."""
     problems = []
     try:
         source = source_config(cfg.model.pretrained)
-        check_weights(cfg.model.pretrained)
+        check_weights(cfg.model.pretrained, required=files)
     except (OSError, ValueError) as err:
         return [f"model.pretrained={cfg.model.pretrained!r}: {err}"]
     if cfg.pruning is not None:
@@ -126,7 +127,7 @@ def check_model(cfg: RunConfig) -> list[str]:
     if cfg.distill is not None:
         try:
             teacher = load_config(cfg.distill.teacher)
-            check_weights(cfg.distill.teacher)
+            check_weights(cfg.distill.teacher, required=files)
         except (OSError, ValueError) as err:
             problems.append(f"distill.teacher={cfg.distill.teacher!r}: {err}")
         else:
@@ -338,7 +339,7 @@ def check_run(cfg: RunConfig, world_size: int, cuda: bool, files: bool = True,
     ``files=False`` leaves out the checks of the data and the checkpoints.
     """
     file_checks = [check_data, check_checkpoint] if files else []
-    checks = [check_numbers, lambda c: check_batches(c, world_size), check_model,
+    checks = [check_numbers, lambda c: check_batches(c, world_size), lambda c: check_model(c, files),
               lambda c: check_proportions(c, resolved), *file_checks, check_local_paths,
               lambda c: check_remote(c, files),
               lambda c: check_runtime(c, cuda), lambda c: check_parts(c, world_size, cuda)]

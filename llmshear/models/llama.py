@@ -28,6 +28,7 @@ every weight still receives a gradient, zero where its units were skipped, so th
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -67,6 +68,14 @@ class LlamaConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for key in SHAPE_KEYS:
+            value = getattr(self, key)
+            try:
+                size = operator.index(value)
+            except TypeError:
+                size = 0
+            if isinstance(value, bool) or size < 1:
+                raise ValueError(f"{key}={value!r}: every size of a model must be a positive integer")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
