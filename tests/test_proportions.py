@@ -158,3 +158,20 @@ def test_scaling_law_fit_is_robust_to_noise_and_flat_data():
 def test_scaling_law_fit_rejects_too_few_sizes():
     with pytest.raises(ValueError, match="three or more distinct sizes"):
         fit_scaling_law([1e8, 1e8, 1e9], [3.0, 3.0, 2.0])
+
+
+@pytest.mark.parametrize(("weights", "floor", "cap"), [
+    ([0.70, 0.12, 0.08, 0.06, 0.04], 0.05, 0.5),  # one capped, one floored, three inside keep their ratios
+    ([0.01, 0.30, 0.45, 0.24], 0.1, 1.0),  # only the floor binds
+    ([0.80, 0.10, 0.06, 0.04], 0.0, 0.6),  # only the cap binds
+])
+def test_clipped_weights_inside_the_bounds_keep_their_ratios(weights, floor, cap):
+    """docs/data.md: a bound moves only the weights it binds; the others are scaled together, not made uniform."""
+    weights = np.array(weights)
+    out = clip_proportions(weights, floor, cap)
+    inside = (out > floor + 1e-9) & (out < cap - 1e-9)
+    assert inside.sum() >= 2
+    ratios = out[inside] / weights[inside]
+    np.testing.assert_allclose(ratios, ratios[0], rtol=1e-6)
+    assert all(math.isclose(x, floor, abs_tol=1e-9) or math.isclose(x, cap, abs_tol=1e-9) for x in out[~inside])
+    assert not np.allclose(out[inside], out[inside][0])  # not uniform
