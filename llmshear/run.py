@@ -18,6 +18,7 @@ from llmshear.callbacks.nonfinite import NonFiniteLossError
 from llmshear.callbacks.preemption import Preempted
 from llmshear.checkpoints import CheckpointError, open_run_folder
 from llmshear.config import ConfigError, RunConfig, load
+from llmshear.config.preflight import weight_problems
 from llmshear.datasets.mds import ShardError
 from llmshear.files import DiskError, disk_failure
 from llmshear.remote import fetch_run, mirror_run
@@ -85,7 +86,11 @@ def main(args: list[str]) -> int:
         log.error(USAGE)
         return 2
     try:
-        run(load(args[0], args[1:]))
+        cfg = load(args[0], args[1:])
+        problems = weight_problems(cfg)
+        if problems:
+            raise ConfigError(problems, args[0])
+        run(cfg)
     except (ConfigError, CheckpointError, ShardError, DiskError) as err:  # ShardError: data damaged after the checks
         log.error("%s", err)
         return 2

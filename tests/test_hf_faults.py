@@ -16,6 +16,7 @@ from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 from safetensors.torch import load_file
 from script_modules import script
 
+from llmshear import run as train
 from llmshear.config import ConfigError, load
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import check_weights, load_model, save_pretrained
@@ -105,23 +106,23 @@ def test_broken_source_is_named_at_config_time_and_by_the_loader(tmp_path, data,
     assert _hashes(model) == before
 
 
-def test_a_directory_with_only_config_json_plans_but_does_not_run(tmp_path, data, capsys):
-    """A config-only shape serves the planner; a run, or generation, names what is missing before any work."""
+def test_a_directory_with_only_config_json_is_checked_and_planned_but_does_not_run(tmp_path, data, caplog):
+    """A config-only shape passes the config check (the shipped recipes are tested with them) and the planner; a
+    run, or generation, names what is missing before any work."""
     model = _sharded(tmp_path / "model")
     for path in model.glob("model*"):
         path.unlink()
     check_weights(model)
     with pytest.raises(FileNotFoundError, match="has no weights"):
         load_model(model)
-    with pytest.raises(ConfigError) as caught:
-        load(tiny_recipe(tmp_path, data, prune=False, model={"pretrained": str(model)}))
-    assert caught.value.problems[0].endswith(f"{model} has a config.json but no weights (none of "
-                                             "model.safetensors.index.json, pytorch_model.bin.index.json, "
-                                             "model.safetensors, pytorch_model.bin): a run needs them; a config-only "
-                                             "directory serves scripts/plan.py")
-    load(tiny_recipe(tmp_path, data, prune=False, model={"pretrained": str(model)}), files=False)  # planning
-    with pytest.raises(ConfigError, match="'llama2-7b' is a preset of a public shape without weights"):
-        load(tiny_recipe(tmp_path, data, prune=False, model={"pretrained": "llama2-7b"}))
+    recipe = tiny_recipe(tmp_path, data, prune=False, model={"pretrained": str(model)})
+    load(recipe)
+    assert train.main([str(recipe)]) == 2
+    assert (f"model.pretrained='{model}': {model} has a config.json but no weights (none of "
+            "model.safetensors.index.json, pytorch_model.bin.index.json, model.safetensors, pytorch_model.bin): a "
+            "run needs them; a config-only directory serves scripts/plan.py") in caplog.text
+    assert train.main([str(tiny_recipe(tmp_path, data, prune=False, model={"pretrained": "llama2-7b"}))]) == 2
+    assert "'llama2-7b' is a preset of a public shape without weights" in caplog.text
     assert script("generate").main(["--model", str(model), "--prompt", "hi"]) == 2
     assert not (tmp_path / "run").exists()
 

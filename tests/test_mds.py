@@ -20,10 +20,17 @@ from llmshear.datasets.mds import MDSDomain, prepare, token_dtype
 SEQ, K = 16, 3
 
 
-def _sequences(out: Path, domain: str) -> np.ndarray:
-    """Eval then train sequences of a domain, i.e. the packed token stream (without the dropped tail)."""
-    rows = [MDSDomain(out / split / domain) for split in ("eval", "train")]
-    return np.concatenate([np.stack([d[i] for i in range(len(d))]) for d in rows]).reshape(-1)
+def _sequences(out: Path, domain: str, split: str) -> np.ndarray:
+    """A split's sequences of a domain, concatenated: its packed token stream."""
+    rows = MDSDomain(out / split / domain)
+    return np.stack([rows[i] for i in range(len(rows))]).reshape(-1)
+
+
+def _documents(stream: np.ndarray, eos: int) -> tuple[list[list[int]], list[int]]:
+    """The whole documents of a stream (each ended by EOS, EOS left out) and the tokens after the last EOS."""
+    ends = np.flatnonzero(stream == eos)
+    pieces = np.split(stream, ends + 1)[: len(ends)]
+    return [p[:-1].tolist() for p in pieces], stream[ends[-1] + 1 if len(ends) else 0:].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -40,25 +47,30 @@ def prepared(corpus, tiny_tokenizer):  # noqa: F811
     return root / "out", summary
 
 
-def test_round_trip_every_token_reaches_the_shards(corpus, prepared, tiny_tokenizer):  # noqa: F811
+def test_round_trip_every_token_reaches_the_shards_and_no_document_spans_both_splits(corpus, prepared,
+                                                                                    tiny_tokenizer):  # noqa: F811
     from transformers import AutoTokenizer
 
     _, texts = corpus
     out, summary = prepared
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    eos = tok.convert_tokens_to_ids(EOS)
     for domain, docs in texts.items():
-        stream = _sequences(out, domain)
-        assert len(stream) == summary["domains"][domain]["tokens"] - summary["domains"][domain]["dropped_tokens"]
-        ends = np.flatnonzero(stream == tok.convert_tokens_to_ids(EOS))
-        pieces = np.split(stream, ends + 1)[: len(ends)]
-        decoded = [tok.decode(p[:-1].tolist(), clean_up_tokenization_spaces=False) for p in pieces]
-        assert decoded == docs[: len(decoded)]
-        # a document cut by the end of the last sequence: its written tokens are its first tokens
-        tail = stream[ends[-1] + 1:].tolist()
-        cut = int(bool(tail))
-        if tail:
-            assert tok(docs[len(decoded)], add_special_tokens=False)["input_ids"][: len(tail)] == tail
-        assert len(docs) == len(decoded) + cut + summary["domains"][domain]["dropped_documents"]
+        info = summary["domains"][domain]
+        ids = [tok(doc, add_special_tokens=False)["input_ids"] for doc in docs]
+        eval_docs, cut = _documents(_sequences(out, domain, "eval"), eos)
+        assert [tok.decode(d, clean_up_tokenization_spaces=False) for d in eval_docs] == docs[: len(eval_docs)]
+        straddling = len(eval_docs)  # the document the last eval sequence cuts: its head ends the eval split
+        assert ids[straddling][: len(cut)] == cut and info["boundary_tokens"] == len(ids[straddling]) + 1 - len(cut)
+        assert not info["shared_document"]
+        train = _sequences(out, domain, "train")
+        first = straddling + 1  # the train split starts with the next document, whole
+        train_docs, tail = _documents(train, eos)
+        assert train_docs == ids[first: first + len(train_docs)]
+        if tail:  # a document cut by the end of the last sequence: its written tokens are its first tokens
+            assert ids[first + len(train_docs)][: len(tail)] == tail
+        assert K * SEQ + len(train) == info["tokens"] - info["dropped_tokens"]
+        assert len(docs) == first + len(train_docs) + int(bool(tail)) + info["dropped_documents"]
 
 
 def test_layout_summary_and_dtype(prepared):
@@ -134,8 +146,9 @@ def test_large_vocabulary_is_stored_as_uint32(tmp_path):
     (tmp_path / "in" / "d" / "a.jsonl").write_text(json.dumps({"text": words}) + "\n")
     summary = prepare(tmp_path / "in", tmp_path / "tok", tmp_path / "out", seq_len=8, eval_seqs=1, progress=False)
     assert summary["dtype"] == "uint32" and token_dtype(128_256) == "uint32" and token_dtype(65_536) == "uint16"
-    stream = _sequences(tmp_path / "out", "d")
+    stream = np.concatenate([_sequences(tmp_path / "out", "d", split) for split in ("eval", "train")])
     assert stream.dtype == np.uint32 and stream.tolist() == list(range(65_530, 65_560))[: len(stream)]
+    assert summary["domains"]["d"]["shared_document"]  # one document: its tail trains, with a warning
 
 
 def _bad_corpus(root: Path) -> Path:

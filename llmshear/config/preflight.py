@@ -28,7 +28,7 @@ from llmshear.models.hf import check_weights, load_config
 from llmshear.models.l0 import TargetShape
 from llmshear.remote import RemoteError, remote_checkpoints, uri_problem
 
-__all__ = ["check_run"]
+__all__ = ["check_run", "weight_problems"]
 
 
 def check_numbers(cfg: RunConfig) -> list[str]:
@@ -110,13 +110,12 @@ def source_config(name: str):
     return _CONFIGS[name]
 
 
-def check_model(cfg: RunConfig, files: bool = True) -> list[str]:
-    """The source (and teacher) configs and weight-file headers load, and the pruning target fits in the source;
-    ``files``: a run, whose source and teacher need weights (a plan reads only their shape)."""
+def check_model(cfg: RunConfig) -> list[str]:
+    """The source (and teacher) configs and weight-file headers load, and the pruning target fits in the source."""
     problems = []
     try:
         source = source_config(cfg.model.pretrained)
-        check_weights(cfg.model.pretrained, required=files)
+        check_weights(cfg.model.pretrained)
     except (OSError, ValueError) as err:
         return [f"model.pretrained={cfg.model.pretrained!r}: {err}"]
     if cfg.pruning is not None:
@@ -127,7 +126,7 @@ def check_model(cfg: RunConfig, files: bool = True) -> list[str]:
     if cfg.distill is not None:
         try:
             teacher = load_config(cfg.distill.teacher)
-            check_weights(cfg.distill.teacher, required=files)
+            check_weights(cfg.distill.teacher)
         except (OSError, ValueError) as err:
             problems.append(f"distill.teacher={cfg.distill.teacher!r}: {err}")
         else:
@@ -258,6 +257,21 @@ def check_checkpoint(cfg: RunConfig) -> list[str]:
     return problems
 
 
+def weight_problems(cfg: RunConfig) -> list[str]:
+    """What a run needs beyond a valid config: the weights of its source and teacher (a config-only directory or
+    preset passes :func:`check_run`, which recipes are checked with, and the planner; a run cannot use one)."""
+    problems = []
+    for key, source in (("model.pretrained", cfg.model.pretrained),
+                        ("distill.teacher", cfg.distill.teacher if cfg.distill is not None else None)):
+        if source is None:
+            continue
+        try:
+            check_weights(source, required=True)
+        except (OSError, ValueError) as err:
+            problems.append(f"{key}={source!r}: {err}")
+    return problems
+
+
 def check_runtime(cfg: RunConfig, cuda: bool) -> list[str]:
     """Settings the machine or the chosen parallelism cannot honour."""
     problems = []
@@ -339,7 +353,7 @@ def check_run(cfg: RunConfig, world_size: int, cuda: bool, files: bool = True,
     ``files=False`` leaves out the checks of the data and the checkpoints.
     """
     file_checks = [check_data, check_checkpoint] if files else []
-    checks = [check_numbers, lambda c: check_batches(c, world_size), lambda c: check_model(c, files),
+    checks = [check_numbers, lambda c: check_batches(c, world_size), check_model,
               lambda c: check_proportions(c, resolved), *file_checks, check_local_paths,
               lambda c: check_remote(c, files),
               lambda c: check_runtime(c, cuda), lambda c: check_parts(c, world_size, cuda)]

@@ -172,6 +172,11 @@ def file_tasks(files: dict[str, list[Path]]) -> list[FileTask]:
 class DomainPacker:
     """Cuts one domain's token stream into sequences: the first ``eval_seqs`` to eval, the rest to train.
 
+    The train split starts at a document boundary: the tail of the document that the last eval sequence cuts is
+    dropped (counted in ``boundary_tokens``), so no document has tokens in both splits. When that document is the
+    domain's last (a domain of one long document), its tail goes to train instead, with a warning, and the
+    summary says ``shared_document``.
+
     Args:
         domain: its name (directories ``<root>/eval/<domain>`` and ``<root>/train/<domain>``).
         root: the output directory.
@@ -194,6 +199,10 @@ class DomainPacker:
         self.documents = {"eval": 0, "train": 0}
         self.total_documents = 0
         self.max_token_id = -1
+        self.boundary_tokens = 0  # the tail of the document cut by the eval/train boundary, dropped
+        self.skipping = False  # still inside that document (it went on past the tokens seen so far)
+        self.held: list[np.ndarray] = []  # its tail so far: dropped once a later document starts
+        self.shared_document = False
 
     def add(self, result: FileTokens) -> None:
         """Append one file's tokens of this domain and write every sequence that is now complete."""
@@ -201,6 +210,30 @@ class DomainPacker:
         starts = np.concatenate([self.leftover_starts, len(self.leftover) + np.asarray(offsets, dtype=np.int64)])
         stream = np.concatenate([self.leftover, result.tokens])
         self.total_documents += len(result.doc_lengths)
+        if self.skipping:
+            stream, starts = self._skip_to_document(stream, starts, 0)
+        if self.written < self.eval_seqs:
+            room = (self.eval_seqs - self.written) * self.seq_len
+            if len(stream) < room:
+                self._write(stream, starts)
+                return
+            self._write(stream[:room], starts[starts < room])
+            stream, starts = self._skip_to_document(stream, starts, room)
+        self._write(stream, starts)
+
+    def _skip_to_document(self, stream: np.ndarray, starts: np.ndarray, at: int) -> tuple[np.ndarray, np.ndarray]:
+        """Drop ``stream[at:]`` up to the next document start (all of it when none starts there)."""
+        later = starts[starts >= at]
+        cut = int(later[0]) if len(later) else len(stream)
+        self.held.append(stream[at:cut])
+        self.skipping = not len(later)
+        if not self.skipping:
+            self.boundary_tokens += sum(len(piece) for piece in self.held)
+            self.held = []
+        return stream[cut:], later - cut
+
+    def _write(self, stream: np.ndarray, starts: np.ndarray) -> None:
+        """Write the complete sequences of ``stream`` (document starts ``starts``); keep the rest for later."""
         complete = len(stream) // self.seq_len
         sequence_of_start = self.written + starts[starts < complete * self.seq_len] // self.seq_len
         self.documents["eval"] += int(np.sum(sequence_of_start < self.eval_seqs))
@@ -220,6 +253,12 @@ class DomainPacker:
         Raises:
             ValueError: fewer than ``eval_seqs + 1`` sequences (the domain is named).
         """
+        if self.skipping:
+            log.warning("domain %r: the document cut by the eval/train boundary is its last one; its remaining "
+                        "tokens go to train, so that document has tokens in both splits", self.domain)
+            self.shared_document, self.skipping = True, False
+            self._write(np.concatenate(self.held), np.zeros(0, np.int64))
+            self.held = []
         for writer in self.writers.values():
             writer.finish()
         if self.written < self.eval_seqs + 1:
@@ -228,6 +267,9 @@ class DomainPacker:
         counts = {"eval": self.eval_seqs, "train": self.written - self.eval_seqs}
         split_summary = {split: {"documents": self.documents[split], "sequences": counts[split],
                                  "tokens": counts[split] * self.seq_len} for split in counts}
-        return {"documents": self.total_documents, "tokens": self.written * self.seq_len + len(self.leftover),
-                "dropped_tokens": len(self.leftover), "dropped_documents": len(self.leftover_starts),
+        dropped = len(self.leftover) + self.boundary_tokens
+        return {"documents": self.total_documents, "tokens": self.written * self.seq_len + dropped,
+                "dropped_tokens": dropped, "boundary_tokens": self.boundary_tokens,
+                "shared_document": self.shared_document,
+                "dropped_documents": len(self.leftover_starts),
                 "max_token_id": self.max_token_id, **split_summary}
