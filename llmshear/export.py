@@ -70,6 +70,10 @@ def _save(model: LlamaLM, out_dir: Path, stage, tokenizer, dtype: str | None, co
     """Write ``model`` with its tokenizer, summary and card (the perplexity from ``run_folder/metrics.jsonl``);
     returns the summary."""
     tokenizer, tokenizer_name = tokenizer
+    if tokenizer is not None and len(tokenizer) > model.cfg.vocab_size:
+        raise ValueError(f"--tokenizer {tokenizer_name}: {len(tokenizer)} tokens, more than the model's "
+                         f"{model.cfg.vocab_size} embedding rows: text that uses the extra ids would fail in the "
+                         "exported model; name the source's tokenizer (or 'none'); nothing was written")
     if dtype is not None:
         model = model.to(DTYPES[dtype])
     summary = {

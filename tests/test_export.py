@@ -89,6 +89,18 @@ def test_export_without_a_tokenizer_and_from_a_named_one(run, caplog):
     assert AutoTokenizer.from_pretrained(run / "named").eos_token == load_tokenizer("smollm2").eos_token
 
 
+def test_a_tokenizer_larger_than_the_embedding_is_refused_before_writing(run, caplog):
+    larger = load_tokenizer("smollm2")
+    larger.add_tokens([f"<extra_{i}>" for i in range(3)])  # ids past the model's embedding rows
+    larger.save_pretrained(run / "larger_tokenizer")
+    checkpoint = str(run / "continue" / "latest-rank0.pt")
+    out = run / "with_larger"
+    assert script("export_hf").main(["--checkpoint", checkpoint, "--out", str(out), "--tokenizer",
+                                     str(run / "larger_tokenizer")]) == 2
+    assert f"{len(larger)} tokens, more than the model's {len(larger) - 3} embedding rows" in caplog.text
+    assert not out.exists()
+
+
 def test_a_tokenizer_directory_without_tokenizer_files_is_refused_before_writing(run, caplog):
     no_tokenizer = run / "no_tokenizer"
     no_tokenizer.mkdir()
