@@ -73,6 +73,12 @@ def test_ddp_and_fsdp_wrap_as_configured_and_train_alike(runs):
             assert ddp["l0"]["usage_batches"].item() > 0 and (per_batch > 0.05).float().mean() < 0.05, name
         else:
             assert torch.equal(fsdp["l0"][name], value), name
+    weights = [torch.load(runs / kind / "latest-rank0.pt", weights_only=False)["state"]["model"]
+               for kind in ("ddp", "fsdp")]
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():  # the same weights to float rounding (measured: 1e-7 relative)
+        if name.startswith("model.") and value.is_floating_point():
+            torch.testing.assert_close(weights[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_fsdp_checkpoint_is_a_full_state_dict_that_cuts(runs):
