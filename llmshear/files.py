@@ -212,6 +212,7 @@ def new_directory(out: str | os.PathLike, overwrite: bool = False, what: str = "
                 raise FileExistsError(f"{out} appeared while this command wrote {what}; it is left as it is, and "
                                       f"what this command wrote is in {staging}")
             replace(staging, out)
+            shutil.rmtree(staging, ignore_errors=True)  # what a merging `replace` leaves: an emptied folder
         else:
             if _is_empty_directory(out):
                 out.rmdir()

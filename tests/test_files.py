@@ -49,6 +49,13 @@ def test_an_output_finished_meanwhile_is_never_replaced_without_overwrite(tmp_pa
     assert [p.name for p in out.iterdir()] == ["third"] and not staging_dir(out).exists()
 
 
+def test_a_save_over_an_existing_model_leaves_no_staging_folder(tmp_path):
+    model = build_model(PRESETS["tiny-gqa"](), seed=0)
+    save_pretrained(model, tmp_path / "out")
+    save_pretrained(model, tmp_path / "out", overwrite=True)  # merged into the existing directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_an_existing_output_is_refused_before_anything_and_an_empty_one_is_filled(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
