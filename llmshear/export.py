@@ -21,8 +21,9 @@ import torch
 from llmshear.builders import run_calibration_batches
 from llmshear.checkpoints import load_pruning_checkpoint, model_from_checkpoint
 from llmshear.config import RunConfig
+from llmshear.files import require_new_directory
 from llmshear.model_card import CARD_FILE, SUMMARY_FILE, Stage, domain_perplexity, lineage, read_stage, render_card
-from llmshear.models.hf import load_model, require_new_directory, save_pretrained
+from llmshear.models.hf import load_model, save_pretrained
 from llmshear.models.importance import importance_masks
 from llmshear.models.l0 import TARGET_KEYS, TargetShape
 from llmshear.models.llama import DTYPES, LlamaLM

@@ -164,6 +164,23 @@ def _is_empty_directory(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
+def occupied(path: Path) -> bool:
+    """Whether ``path`` holds something: a file, a link, or a directory that is not empty."""
+    return (path.exists() or path.is_symlink()) and not _is_empty_directory(path)
+
+
+def require_new_directory(out_dir: str | os.PathLike, hint: str = "nothing was written") -> Path:
+    """``out_dir`` as a Path when it is absent or an empty directory: where a command may write.
+
+    Raises:
+        FileExistsError: it is a file, a link or a non-empty directory; the message ends with ``hint``.
+    """
+    out_dir = Path(out_dir)
+    if occupied(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not an empty directory; {hint}")
+    return out_dir
+
+
 @contextmanager
 def new_directory(out: str | os.PathLike, overwrite: bool = False, what: str = "the output",
                   replace: Callable[[Path, Path], None] = replace_directory) -> Iterator[Path]:
@@ -180,13 +197,7 @@ def new_directory(out: str | os.PathLike, overwrite: bool = False, what: str = "
         FileExistsError: ``out`` is not empty and ``overwrite`` is false (checked at the start and at the end),
             or another live writer holds the claim.
     """
-    out = Path(out)
-
-    def occupied() -> bool:
-        return (out.exists() or out.is_symlink()) and not _is_empty_directory(out)
-
-    if occupied() and not overwrite:
-        raise FileExistsError(f"{out} exists and is not an empty directory; nothing was written")
+    out = require_new_directory(out) if not overwrite else Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     claim = Lock(claim_file(out))
     try:
@@ -207,7 +218,7 @@ def new_directory(out: str | os.PathLike, overwrite: bool = False, what: str = "
             if failure is not None:
                 raise failure from err
             raise
-        if occupied():
+        if occupied(out):
             if not overwrite:
                 raise FileExistsError(f"{out} appeared while this command wrote {what}; it is left as it is, and "
                                       f"what this command wrote is in {staging}")

@@ -18,7 +18,7 @@ import transformers
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
-from llmshear.files import new_directory
+from llmshear.files import new_directory, require_new_directory
 from llmshear.models.build import CONFIG_ONLY, PRESETS, build_model, empty_model, reset_rotary
 from llmshear.models.llama import LlamaConfig, LlamaLM
 from llmshear.models.weights import (
@@ -285,18 +285,6 @@ def _move_into(staging: Path, out_dir: Path) -> None:
     for path in out_dir.iterdir():
         if path.name not in written and STALE_WEIGHTS.fullmatch(path.name):
             path.unlink()
-
-
-def require_new_directory(out_dir: str | os.PathLike, hint: str = "nothing was written") -> Path:
-    """``out_dir`` as a Path when it is absent or an empty directory: where an export may write.
-
-    Raises:
-        FileExistsError: it is a file or a non-empty directory; the message ends with ``hint``.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not an empty directory; {hint}")
-    return out_dir
 
 
 def save_pretrained(model: LlamaLM, out_dir: str | os.PathLike, tokenizer=None, extra_files: dict | None = None,
