@@ -24,7 +24,7 @@ from llmshear.datasets.mds import open_domains
 from llmshear.datasets.proportions import bounds_errors, proportion_errors, reference_loss_errors
 from llmshear.datasets.vocab import vocab_problems
 from llmshear.files import PLAIN_NAME
-from llmshear.models.hf import check_weights, load_config
+from llmshear.models.hf import check_weights, load_config, require_weights
 from llmshear.models.l0 import TargetShape
 from llmshear.remote import RemoteError, remote_checkpoints, uri_problem
 
@@ -266,7 +266,7 @@ def weight_problems(cfg: RunConfig) -> list[str]:
         if source is None:
             continue
         try:
-            check_weights(source, required=True)
+            require_weights(source)
         except (OSError, ValueError) as err:
             problems.append(f"{key}={source!r}: {err}")
     return problems

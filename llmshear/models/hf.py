@@ -178,38 +178,45 @@ def load_config(source: str | os.PathLike) -> LlamaConfig:
     return config_from_hf(transformers.AutoConfig.from_pretrained(location.directory), origin=str(path))
 
 
-def check_weights(source: str | os.PathLike, required: bool = False) -> None:
+def check_weights(source: str | os.PathLike) -> None:
     """Check an HF directory's weight files without reading a tensor (what a config check can afford).
 
     The index is readable and every shard it names exists; every safetensors header reads (a truncated file or a
     corrupt header fails here) and records the keys and shapes that ``config.json`` implies. ``pytorch_model*.bin``
     files are only checked to exist. Presets, GGUF files and a directory without any weights (a config-only
-    shape) pass, unless ``required`` (a run, which loads the weights) refuses the last two.
+    shape) pass: :func:`require_weights` refuses the last when a run needs them.
 
     Raises:
         FileNotFoundError / ValueError: see :func:`load_config`; :class:`~llmshear.models.weights.WeightFileError`
             or :class:`~llmshear.models.weights.CheckpointMismatchError` naming the file and tensor.
     """
-    if str(source) in PRESETS and not required:
+    if str(source) in PRESETS:
         return
+    location = resolve_source(source)
+    if location.gguf_file is not None or not has_weights(location.directory):
+        return
+    model = empty_model(load_config(source), device="meta")
+    files, _ = weight_files(location.directory)
+    if all(path.suffix == ".safetensors" for path in files):
+        check_shapes(model, read_hf_weights(location.directory), str(location.directory))
+
+
+def require_weights(source: str | os.PathLike) -> None:
+    """What a run needs beyond :func:`check_weights`: weights at all (no file is read).
+
+    Raises:
+        FileNotFoundError: ``source`` is a preset of a public shape only, or an HF directory without weight files.
+    """
     if str(source) in CONFIG_ONLY:
         raise FileNotFoundError(f"{source!r} is a preset of a public shape without weights (for scripts/plan.py); "
                                 "a run needs the model's directory")
     if str(source) in PRESETS:
         return
     location = resolve_source(source)
-    if location.gguf_file is not None:
-        return
-    if not has_weights(location.directory):
-        if required:
-            raise FileNotFoundError(f"{location.directory} has a config.json but no weights (none of "
-                                    f"{', '.join(WEIGHT_INDEXES + WEIGHT_FILES)}): a run needs them; a config-only "
-                                    "directory serves scripts/plan.py")
-        return
-    model = empty_model(load_config(source), device="meta")
-    files, _ = weight_files(location.directory)
-    if all(path.suffix == ".safetensors" for path in files):
-        check_shapes(model, read_hf_weights(location.directory), str(location.directory))
+    if location.gguf_file is None and not has_weights(location.directory):
+        raise FileNotFoundError(f"{location.directory} has a config.json but no weights (none of "
+                                f"{', '.join(WEIGHT_INDEXES + WEIGHT_FILES)}): a run needs them; a config-only "
+                                "directory serves scripts/plan.py")
 
 
 def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32,
