@@ -78,7 +78,7 @@ def find_domains(root: str | Path, only: list[str] | None = None) -> dict[str, l
             raise ValueError(f"--domains {name!r}: a domain is a plain folder name under --input (letters, digits, "
                              "'.', '_', '-'), not a path")
     entries = sorted(root.iterdir())
-    _refuse_broken_links(p for p in entries if only is None or p.name in only)
+    _refuse_broken_links(p for p in entries if not only or p.name in only)
     names = only if only else [p.name for p in entries if p.is_dir()]
     if not names:
         raise FileNotFoundError(f"--input {root}: no domain sub-directories (expected {root}/<domain>/*.jsonl)")
