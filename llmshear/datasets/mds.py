@@ -4,7 +4,8 @@ Layout written by :func:`prepare`::
 
     OUT/train/<domain>/index.json + shard.*.mds     sequences K+1 … of the domain
     OUT/eval/<domain>/index.json + shard.*.mds      the first K sequences of the domain (held out)
-    OUT/summary.json                                documents / tokens / sequences per domain and split
+    OUT/summary.json                                documents / tokens / sequences per domain and split, the
+                                                    files read (``read_files``), the token budget if any
 
 Every document is tokenized without special tokens and followed by EOS; a domain's documents (files in name
 order, lines in file order) form one token stream cut into sequences of exactly ``seq_len`` tokens (the last
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from llmshear.datasets.jsonl import find_domains
-from llmshear.datasets.packing import DomainPacker, FileResult, FileTask, file_tasks, tokenize_all
+from llmshear.datasets.packing import DomainPacker, FileResult, FileTask, TokenBudget, file_tasks, tokenize_all
 from llmshear.datasets.redpajama import find_files
 from llmshear.datasets.vocab import SUMMARY, read_summary, vocab_fingerprint
 from llmshear.files import new_directory
@@ -99,6 +100,27 @@ def input_tasks(input_dir: str | Path, layout: str, domains: list[str] | None) -
     return file_tasks(files), list(files)
 
 
+def read_files(prepared: str | Path) -> set[str]:
+    """The input files (resolved paths) that a prepared output took documents from (its ``read_files``).
+
+    Raises:
+        ValueError: ``prepared`` has no ``summary.json`` that records them (named).
+    """
+    found = read_summary(prepared)
+    files = found[1].get("read_files") if found else None
+    if not isinstance(files, dict):
+        raise ValueError(f"--exclude-read {prepared}: no summary.json with 'read_files' there (an output of this "
+                         "version of scripts/prepare_data.py is needed)")
+    return set(files)
+
+
+def excluding(tasks: list[FileTask], prepared: list[str | Path]) -> tuple[list[FileTask], int]:
+    """``tasks`` without the files any of ``prepared`` took documents from, and how many were left out."""
+    seen = set().union(*(read_files(path) for path in prepared)) if prepared else set()
+    kept = [task for task in tasks if str(Path(task.path).resolve()) not in seen]
+    return kept, len(tasks) - len(kept)
+
+
 def unread(tasks: list[FileTask], summary: dict, domain: str) -> str:
     """Why ``domain`` has no document, for the error: its files skipped or with bad lines (the warnings say which),
     files without a document, or none of its documents in the input."""
@@ -127,7 +149,8 @@ def _record(result: FileResult, summary: dict) -> None:
 
 def prepare(input_dir: str | Path, tokenizer: str | Path, out: str | Path, seq_len: int, eval_seqs: int,
             workers: int = 1, strict: bool = False, overwrite: bool = False, domains: list[str] | None = None,
-            progress: bool | None = None, layout: str = "domains") -> dict:
+            progress: bool | None = None, layout: str = "domains", max_tokens: int | dict[str, int] | None = None,
+            exclude_read: list[str | Path] | None = None) -> dict:
     """Tokenize, pack and write every domain of ``input_dir`` as MDS under ``out`` (see the module docstring).
 
     The output is built in a staging folder beside it and moved into place only when complete
@@ -147,6 +170,11 @@ def prepare(input_dir: str | Path, tokenizer: str | Path, out: str | Path, seq_l
         domains: only these domains, in this order (default: every domain found, sorted).
         progress: report progress over files (None: a bar on a terminal, else log lines; True: a bar; False: none).
         layout: ``domains`` or ``redpajama``.
+        max_tokens: train tokens to take per domain (an int: every domain; a dict: those domains, the others
+            unlimited); the reading of a domain stops once it has them (:class:`~llmshear.datasets.packing.
+            TokenBudget`), files it no longer needs are not opened.
+        exclude_read: outputs of earlier ``prepare`` calls whose read files (``read_files`` in their summary)
+            are left out, so that two sets drawn from one corpus share no file.
 
     Returns:
         The summary, also written to ``out/summary.json``.
@@ -158,17 +186,24 @@ def prepare(input_dir: str | Path, tokenizer: str | Path, out: str | Path, seq_l
     """
     out = Path(out)
     check_arguments(Path(input_dir), out, seq_len, eval_seqs, workers, overwrite, layout)
+    check_budget(max_tokens)
     tasks, order = input_tasks(input_dir, layout, domains)
+    tasks, excluded = excluding(tasks, exclude_read or [])
     tokenizer_json, eos_id, vocab = fast_tokenizer(tokenizer)
     dtype = token_dtype(vocab)
+    per_domain = max_tokens if isinstance(max_tokens, dict) else {}
+    budget = TokenBudget(per_domain, None if isinstance(max_tokens, dict) else max_tokens, eval_seqs * seq_len)
     with new_directory(out, overwrite, what="the data") as staging:
         summary = {"tokenizer": str(tokenizer), "vocab_size": vocab, "tokenizer_fingerprint":
                    vocab_fingerprint(tokenizer_json), "dtype": dtype, "seq_len": seq_len, "eval_seqs": eval_seqs,
-                   "layout": layout, "bad_lines": 0, "bad_line_files": {}, "skipped_files": {},
-                   "unselected_documents": {}, "domains": {}}
+                   "layout": layout, "max_tokens": max_tokens,
+                   "exclude_read": {str(path): None for path in exclude_read or []}, "excluded_files": excluded,
+                   "bad_lines": 0, "bad_line_files": {}, "skipped_files": {}, "unselected_documents": {},
+                   "domains": {}}
         packers: dict[str, DomainPacker] = {}
-        for result in tokenize_all(tasks, tokenizer_json, eos_id, workers, strict, progress):
+        for result in tokenize_all(tasks, tokenizer_json, eos_id, workers, strict, progress, budget.wanted):
             _record(result, summary)
+            result = budget.take(result)
             for domain, part in result.parts.items():
                 if domain not in packers:
                     packers[domain] = DomainPacker(domain, staging, seq_len, eval_seqs, dtype, TOKENS)
@@ -177,8 +212,31 @@ def prepare(input_dir: str | Path, tokenizer: str | Path, out: str | Path, seq_l
             if domain not in packers:
                 raise ValueError(f"domain {domain!r}: no document was read ({unread(tasks, summary, domain)})")
             summary["domains"][domain] = packers[domain].close()
+            _note_budget(summary["domains"][domain], domain, budget)
+        summary["read_files"] = {str(Path(path).resolve()): use for path, use in budget.files.items()}
         (staging / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def check_budget(max_tokens: int | dict[str, int] | None) -> None:
+    """Reject a token budget below one token, before any work.
+
+    Raises:
+        ValueError: names ``--max-tokens`` (and the domain).
+    """
+    counts = max_tokens.items() if isinstance(max_tokens, dict) else [("every domain", max_tokens)]
+    for domain, count in counts:
+        if count is not None and (not isinstance(count, int) or count < 1):
+            raise ValueError(f"--max-tokens: {count!r} train tokens for {domain}; must be a whole number >= 1")
+
+
+def _note_budget(info: dict, domain: str, budget: TokenBudget) -> None:
+    """Add the domain's budget to its summary ``info`` (``budget_met`` false: the input ran out first, warned)."""
+    limit = budget.limit(domain)
+    info["max_tokens"], info["budget_met"] = limit, None if limit is None else budget.met(domain)
+    if info["budget_met"] is False:
+        log.warning("domain %r: the input held %d train tokens, fewer than its --max-tokens %d", domain,
+                    info["train"]["tokens"], limit)
 
 
 def recorded_max_token_id(directory: Path) -> int | None:

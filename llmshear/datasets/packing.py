@@ -7,7 +7,8 @@ import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,8 @@ class FileResult:
     """One input file: its tokens per domain, its bad lines, and why it was skipped (None: it was not).
 
     ``documents`` counts the good documents read (before the fault, for a skipped file); ``unselected``
-    the documents of domains left out by ``--domains``.
+    the documents of domains left out by ``--domains``; ``complete`` is false when a token budget stopped the
+    reading before the end of the file (or before its start: nothing was wanted from it any more).
     """
 
     path: str
@@ -45,6 +47,7 @@ class FileResult:
     documents: int = 0
     skipped: str | None = None
     unselected: dict[str, int] = field(default_factory=dict)
+    complete: bool = True
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,94 @@ class FileTask:
     domain: str | None
     routed: bool = False
     selected: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """Stream tokens still wanted per domain when a file is handed to a worker (a domain not named, or named
+    with None: no limit). A worker stops reading a file once each domain it can feed has what is wanted."""
+
+    tokens: dict[str, int | None] = field(default_factory=dict)
+
+    def of(self, domain: str) -> int | None:
+        return self.tokens.get(domain)
+
+
+class TokenBudget:
+    """How many train tokens to take of each domain (``--max-tokens``), and what was used of each file.
+
+    A domain's stream (its documents, each followed by EOS, in file order) gives its first ``eval_tokens`` to
+    the eval split, drops the tail of the document that boundary cuts (as :class:`DomainPacker` does), and is
+    then cut after the first document that brings the train part to the domain's limit: the train split gets
+    at least the limit less one partial sequence, at most one document more. The cut depends only on the
+    stream, never on how far workers read ahead, so the output is the same for every ``workers``.
+
+    Args:
+        limits: train tokens per domain (a domain not named gets ``default``).
+        default: train tokens of a domain not in ``limits`` (None: unlimited).
+        eval_tokens: the tokens of a domain's eval split (``eval_seqs * seq_len``).
+    """
+
+    def __init__(self, limits: dict[str, int], default: int | None, eval_tokens: int):
+        self.limits, self.default, self.eval_tokens = dict(limits), default, eval_tokens
+        self.used: dict[str, int] = {}  # stream tokens taken
+        self.tails: dict[str, int] = {}  # the boundary document's dropped tail, once its end was seen
+        self.files: dict[str, dict] = {}  # path of a file documents were taken from -> {"documents": how many,
+        #                                   "complete": all of them}
+
+    def limit(self, domain: str) -> int | None:
+        return self.limits.get(domain, self.default)
+
+    def left(self, domain: str) -> int | None:
+        """Stream tokens still to take from ``domain`` (None: no limit, or not known before the eval/train
+        boundary's document has ended)."""
+        limit = self.limit(domain)
+        if limit is None or domain not in self.tails:
+            return None
+        return max(0, self.eval_tokens + self.tails[domain] + limit - self.used.get(domain, 0))
+
+    def met(self, domain: str) -> bool:
+        return self.left(domain) == 0
+
+    def wanted(self, task: FileTask) -> Wanted | None:
+        """What ``task``'s worker should read (None: nothing, every domain it can feed has its tokens). Asked
+        ahead of the results before it, the answer can only be larger than the need, never smaller."""
+        if task.routed:
+            if task.selected is not None and all(self.met(domain) for domain in task.selected):
+                return None
+            return Wanted({domain: self.left(domain) for domain in set(self.limits) | set(self.used)})
+        return None if self.met(task.domain) else Wanted({task.domain: self.left(task.domain)})
+
+    def _keep(self, domain: str, lengths: np.ndarray) -> int:
+        """How many of ``lengths`` (the next documents of ``domain``) the budget takes; learns the tail."""
+        if self.limit(domain) is None:
+            return len(lengths)
+        ends = self.used.get(domain, 0) + np.cumsum(lengths)
+        if domain not in self.tails:
+            past = np.flatnonzero(ends >= self.eval_tokens)
+            if not len(past):
+                return len(lengths)
+            self.tails[domain] = int(ends[past[0]]) - self.eval_tokens
+        stop = self.eval_tokens + self.tails[domain] + self.limit(domain)
+        if self.used.get(domain, 0) >= stop:
+            return 0
+        return min(int(np.searchsorted(ends, stop)) + 1, len(lengths))
+
+    def take(self, result: FileResult) -> FileResult:
+        """``result`` cut to what the budget takes from it, in stream order; records the file's use."""
+        parts, used_documents, complete = {}, 0, result.complete
+        for domain, part in result.parts.items():
+            keep = self._keep(domain, part.doc_lengths)
+            complete = complete and keep == len(part.doc_lengths)
+            if keep:
+                tokens = int(np.sum(part.doc_lengths[:keep]))
+                parts[domain] = FileTokens(part.tokens[:tokens], part.doc_lengths[:keep])
+                self.used[domain] = self.used.get(domain, 0) + tokens
+                used_documents += keep
+        if used_documents:
+            self.files[result.path] = {"documents": used_documents, "complete": complete}
+        return FileResult(result.path, parts, result.bad, result.documents, result.skipped, result.unselected,
+                          complete)
 
 
 def _init_worker(tokenizer_json: str) -> None:
@@ -108,25 +199,42 @@ def _domain_texts(task: FileTask, bad: BadLines, strict: bool, unselected: dict[
             yield domain, obj["text"]
 
 
-def _tokenize_file(job: tuple[FileTask, int, bool]) -> FileResult:
-    """Tokenize one file (``(task, eos id, strict)``); runs in a worker or in the main process.
+def _tokenize_file(job: tuple[FileTask, int, bool, Wanted | None]) -> FileResult:
+    """Tokenize one file (``(task, eos id, strict, wanted)``); runs in a worker or in the main process.
 
     A truncated or corrupt file raises in strict mode; otherwise it is skipped whole (none of its documents
-    are used) and the result says why.
+    are used) and the result says why. With ``wanted``, documents of a domain that has its tokens are left
+    untokenized, and the reading stops once every domain the file can feed has them (``complete`` false).
     """
-    task, eos_id, strict = job
+    task, eos_id, strict, wanted = job
     bad, unselected = BadLines(), {}
     pieces: dict[str, list[np.ndarray]] = {}
     chunks: dict[str, list[str]] = {}
-    documents = 0
+    produced: dict[str, int] = {}
+    documents, complete = 0, True
 
     def flush(domain: str) -> None:
         for encoding in _TOKENIZER.encode_batch(chunks[domain], add_special_tokens=False):
             pieces.setdefault(domain, []).append(np.asarray(encoding.ids + [eos_id], dtype=np.uint32))
+            produced[domain] = produced.get(domain, 0) + len(encoding.ids) + 1
         chunks[domain].clear()
+
+    def has_enough(domain: str) -> bool:
+        limit = wanted.of(domain)
+        return limit is not None and produced.get(domain, 0) >= limit
+
+    def all_fed() -> bool:
+        if not task.routed:
+            return has_enough(task.domain)
+        return task.selected is not None and all(has_enough(domain) for domain in task.selected)
 
     try:
         for domain, text in _domain_texts(task, bad, strict, unselected):
+            if wanted is not None and has_enough(domain):
+                complete = False
+                if all_fed():
+                    break
+                continue
             documents += 1
             chunks.setdefault(domain, []).append(text)
             if len(chunks[domain]) == CHUNK_DOCS:
@@ -139,11 +247,12 @@ def _tokenize_file(job: tuple[FileTask, int, bool]) -> FileResult:
         flush(domain)
     parts = {domain: FileTokens(np.concatenate(p), np.asarray([len(x) for x in p], dtype=np.int64))
              for domain, p in sorted(pieces.items())}
-    return FileResult(task.path, parts, bad, documents, unselected=unselected)
+    return FileResult(task.path, parts, bad, documents, unselected=unselected, complete=complete)
 
 
 def tokenize_all(tasks: list[FileTask], tokenizer_json: str, eos_id: int, workers: int = 1, strict: bool = False,
-                 progress: bool | None = None) -> Iterator[FileResult]:
+                 progress: bool | None = None,
+                 wanted: Callable[[FileTask], Wanted | None] | None = None) -> Iterator[FileResult]:
     """Yield a :class:`FileResult` for every task, in task order, whatever ``workers``.
 
     Args:
@@ -153,15 +262,48 @@ def tokenize_all(tasks: list[FileTask], tokenizer_json: str, eos_id: int, worker
         workers: processes; 1 tokenizes in this process.
         strict: raise at the first bad line or unreadable file.
         progress: over files: None: a bar on a terminal, else log lines at an interval; True: a bar; False: none.
+        wanted: asked when a file is handed out, after every earlier result was consumed but those still being
+            read ahead (at most ``2 * workers``): what to read of it (None: unlimited; see
+            :meth:`TokenBudget.wanted`). A file from which nothing is wanted is not opened; its result is
+            empty and not ``complete``. Without it every file is read whole.
     """
-    jobs = [(task, eos_id, strict) for task in tasks]
+    def job(task: FileTask) -> tuple[FileTask, int, bool, Wanted | None] | None:
+        if wanted is None:
+            return task, eos_id, strict, None
+        need = wanted(task)
+        return None if need is None else (task, eos_id, strict, need)
+
+    def unread(task: FileTask) -> FileResult:
+        return FileResult(task.path, {}, BadLines(), complete=False)
+
+    def in_process() -> Iterator[FileResult]:
+        for task in tasks:
+            spec = job(task)
+            yield unread(task) if spec is None else _tokenize_file(spec)
+
     if workers == 1:
         with _single_threaded(tokenizer_json):
-            yield from report(map(_tokenize_file, jobs), len(jobs), "tokenize", "file", enabled=progress)
+            yield from report(in_process(), len(tasks), "tokenize", "file", enabled=progress)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch / Rust threads
     with context.Pool(workers, initializer=_start_pool_worker, initargs=(tokenizer_json,)) as pool:
-        yield from report(pool.imap(_tokenize_file, jobs), len(jobs), "tokenize", "file", enabled=progress)
+        def read_ahead() -> Iterator[FileResult]:
+            pending: deque = deque()
+            upcoming = iter(tasks)
+            for task in upcoming:
+                spec = job(task)
+                pending.append((task, None if spec is None else pool.apply_async(_tokenize_file, (spec,))))
+                if len(pending) >= 2 * workers:
+                    break
+            while pending:
+                task, running = pending.popleft()
+                yield unread(task) if running is None else running.get()
+                nxt = next(upcoming, None)
+                if nxt is not None:
+                    spec = job(nxt)
+                    pending.append((nxt, None if spec is None else pool.apply_async(_tokenize_file, (spec,))))
+
+        yield from report(read_ahead(), len(tasks), "tokenize", "file", enabled=progress)
 
 
 def file_tasks(files: dict[str, list[Path]]) -> list[FileTask]:
