@@ -94,13 +94,14 @@ def build_composer_model(cfg: RunConfig, device: str | None = None) -> ComposerL
                          compact=cfg.pruning is not None and cfg.pruning.compact)
 
 
-def run_calibration_batches(cfg: RunConfig) -> list[torch.Tensor]:
+def run_calibration_batches(cfg: RunConfig, vocab_size: int | None = None) -> list[torch.Tensor]:
     """The run's calibration data (:func:`~llmshear.datasets.dynamic.calibration_batches`): ``pruning.init_batches``
     batches of ``train.micro_batch_size`` sequences (``train.eval_batch_size`` when that is ``auto``) from this
-    run's part of the train split, drawn with the run's proportions and seed. The eval split stays unseen."""
+    run's part of the train split, drawn with the run's proportions and seed (token ids checked against
+    ``vocab_size`` where the data records none). The eval split stays unseen."""
     d = cfg.data
     parts = open_train_parts([Path(d.path) / d.train_split / domain for domain in d.domains], d.seq_len,
-                             d.train_range)
+                             d.train_range, vocab_size)
     size = cfg.train.eval_batch_size if cfg.train.micro_batch_size == "auto" else cfg.train.micro_batch_size
     return calibration_batches(parts, d.domains, d.proportions, size, cfg.pruning.init_batches, cfg.seed)
 
@@ -131,7 +132,7 @@ def init_gates(cfg: RunConfig, model: ComposerLlama) -> None:
     use_gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
     lm = model.model.to("cuda") if use_gpu else model.model
     try:
-        init_l0_from_importance(model.l0, lm, run_calibration_batches(cfg))
+        init_l0_from_importance(model.l0, lm, run_calibration_batches(cfg, lm.cfg.vocab_size))
     finally:
         lm.to("cpu")
     log.info("pruning.init=importance: gate logits set from %d calibration batches", cfg.pruning.init_batches)
@@ -142,21 +143,23 @@ def _init_device(cfg: RunConfig) -> str:
     return "meta" if cfg.model.init_device == "meta" and dist.get_global_rank() != 0 else "cpu"
 
 
-def build_train_loader(cfg: RunConfig, world_size: int):
-    """The train dataloader (dynamic domain proportions)."""
+def build_train_loader(cfg: RunConfig, world_size: int, vocab_size: int | None = None):
+    """The train dataloader (dynamic domain proportions; token ids checked against the model's ``vocab_size``
+    where the data records none)."""
     d = cfg.data
     return build_train_dataloader(
         [Path(d.path) / d.train_split / domain for domain in d.domains], d.domains, d.proportions,
         batch_size=cfg.train.global_batch_size // world_size, seq_len=d.seq_len, seed=cfg.seed,
-        num_workers=d.num_workers, train_range=d.train_range)
+        num_workers=d.num_workers, train_range=d.train_range, vocab_size=vocab_size)
 
 
-def build_eval_loader(cfg: RunConfig):
-    """The eval dataloader (every domain's eval split once)."""
+def build_eval_loader(cfg: RunConfig, vocab_size: int | None = None):
+    """The eval dataloader (every domain's eval split once; token ids checked as for the train loader)."""
     d = cfg.data
     return build_eval_dataloader(
         [Path(d.path) / d.eval_split / domain for domain in d.domains], d.domains,
-        batch_size=cfg.train.eval_batch_size or cfg.train.micro_batch_size, seq_len=d.seq_len)
+        batch_size=cfg.train.eval_batch_size or cfg.train.micro_batch_size, seq_len=d.seq_len,
+        vocab_size=vocab_size)
 
 
 def build_callbacks(cfg: RunConfig) -> list:
@@ -178,11 +181,11 @@ def build_callbacks(cfg: RunConfig) -> list:
     return callbacks + build_composer_callbacks(cfg)
 
 
-def build_evaluators(cfg: RunConfig) -> list[Evaluator]:
+def build_evaluators(cfg: RunConfig, vocab_size: int | None = None) -> list[Evaluator]:
     """The evaluation every run has (dynamic loading reads it) and, when pruning with ``pruning.eval_target``,
     a second pass over the same data through the target-shape cut (see :class:`PruningCallback`)."""
     labels = [EVAL_LABEL] + ([TARGET_EVAL_LABEL] if cfg.pruning is not None and cfg.pruning.eval_target else [])
-    return [Evaluator(label=label, dataloader=build_eval_loader(cfg)) for label in labels]
+    return [Evaluator(label=label, dataloader=build_eval_loader(cfg, vocab_size)) for label in labels]
 
 
 def parallelism_config(cfg: RunConfig) -> dict | None:
@@ -220,13 +223,14 @@ def build_trainer(cfg: RunConfig, world_size: int | None = None) -> Trainer:
     o = cfg.optimizer
     optimizer = build_optimizer(model, lr=o.lr, lag_lr=o.lag_lr, betas=o.betas, eps=o.eps,
                                 weight_decay=o.weight_decay)
-    train_loader = build_train_loader(cfg, world_size)
+    vocab_size = model.model.cfg.vocab_size
+    train_loader = build_train_loader(cfg, world_size, vocab_size)
     log.info("model: %s parameters; %d batches of %d x %d tokens", f"{model.model.num_params():,}",
              t.max_batches, t.global_batch_size, cfg.data.seq_len)
     trainer = Trainer(
         model=model,
         train_dataloader=train_loader,
-        eval_dataloader=build_evaluators(cfg),
+        eval_dataloader=build_evaluators(cfg, vocab_size),
         eval_interval=f"{t.eval_interval}ba",
         eval_subset_num_batches=t.eval_batches,
         max_duration=f"{t.max_batches}ba",

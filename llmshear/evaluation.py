@@ -40,7 +40,8 @@ def mean_domain_losses(model, data: str | Path, domains: Sequence[str], batch_si
     Of the source model, these are the "source reference" losses (``scripts/reference_loss.py``).
 
     Args:
-        model: maps ``input_ids`` ``(B, T)`` to logits ``(B, T, V)``.
+        model: a :class:`~llmshear.models.llama.LlamaLM` (``input_ids`` ``(B, T)`` to logits ``(B, T, V)``); token
+            ids above its vocabulary are refused, naming the shard, where the data records no bound.
         data: the eval split directory (``OUT/eval``).
         domains: which domains, in output order.
         batch_size: sequences per forward pass.
@@ -55,7 +56,7 @@ def mean_domain_losses(model, data: str | Path, domains: Sequence[str], batch_si
     Raises:
         ValueError: a domain without any evaluated token.
     """
-    sources = open_domains([Path(data) / d for d in domains])
+    sources = open_domains([Path(data) / d for d in domains], vocab_size=model.cfg.vocab_size)
     if max_seqs is not None:
         sources = [Subset(s, range(min(max_seqs, len(s)))) for s in sources]
     loader = DataLoader(DomainEvalDataset(sources, domains, rank=0, world_size=1), batch_size=batch_size)

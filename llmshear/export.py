@@ -154,7 +154,7 @@ def prune_one_shot(cfg: RunConfig, out_dir: str | os.PathLike, tokenizer=None, d
     tokenizer = resolve_tokenizer(tokenizer, source)
     model = load_model(source)
     target = TargetShape.from_dict(cfg.pruning.target, model.cfg)
-    batches = run_calibration_batches(cfg)
+    batches = run_calibration_batches(cfg, model.cfg.vocab_size)
     stage = Stage("one-shot pruning", source, "(none: activation importance, no training)", 0,
                   sum(b.numel() for b in batches))
     masks = importance_masks(model, target, batches)

@@ -90,6 +90,7 @@ class Lock:
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": job,
                        "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0") if job else None,
                        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.created: list[Path] = []  # the folders acquire() made, innermost first
 
     def acquire(self) -> None:
         """Take the lock (or a stale one).
@@ -97,7 +98,9 @@ class Lock:
         Raises:
             LockedError: a live holder has it.
         """
+        missing = [folder for folder in [self.path.parent, *self.path.parent.parents] if not folder.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = missing
         try:
             with open(self.path, "x", encoding="utf-8") as handle:
                 json.dump(self.holder, handle)
@@ -111,9 +114,16 @@ class Lock:
         replace_json(self.path, self.holder)
 
     def release(self) -> None:
-        """Remove the lock if it is still this process's."""
+        """Remove the lock if it is still this process's, and the folders :meth:`acquire` made for it that are
+        left empty (a run that failed before writing anything leaves no trace)."""
         if self.read() == self.holder:
             self.path.unlink(missing_ok=True)
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or already gone): it holds what the run wrote
+                break
+        self.created = []
 
     def read(self) -> dict:
         try:

@@ -244,6 +244,33 @@ def test_garbage_token_bytes_are_named_when_read(tmp_path, prepared):
         damaged[2]
 
 
+def _garble_first_samples(split: Path) -> None:
+    """Overwrite the token bytes of every domain's first sample in ``split`` with 0xFF (header intact)."""
+    for shard in split.rglob("shard.*.mds"):
+        raw = bytearray(shard.read_bytes())
+        begin, end = np.frombuffer(bytes(raw[4:12]), np.uint32).tolist()  # sample 0's start and end
+        raw[begin:end] = b"\xff" * (end - begin)
+        shard.write_bytes(bytes(raw))
+
+
+def test_garbage_token_bytes_without_a_summary_are_named_and_leave_no_run_folder(tmp_path, caplog):
+    data = write_mds(tmp_path / "data", DOMAINS, 32, n_train=16, n_eval=2)
+    assert not (data / "summary.json").exists()  # nothing records the largest token id: the model's vocab bounds it
+    _garble_first_samples(data / "train")
+    (tmp_path / "runs").mkdir()
+    recipe = tiny_recipe(tmp_path / "runs", data, checkpoint={"save_folder": str(tmp_path / "runs" / "a" / "b")})
+    with caplog.at_level(logging.ERROR):
+        assert train.main([str(recipe)]) == 2
+    vocab = load_config("tiny-gqa").vocab_size
+    assert re.search(rf"domain '\w+': shard \S+/train/\w+/shard\.00000\.mds: sample 0 \(sample 0 of the domain\) "
+                     rf"cannot be read: token id 65535 above the largest, {vocab - 1}, that the model's vocabulary of "
+                     rf"{vocab} holds", caplog.text), caplog.text
+    assert [p.name for p in (tmp_path / "runs").rglob("*")] == ["run.yaml"]  # the folders the run made: gone
+    with pytest.raises(ShardError, match="token id 65535 above the largest, 9"):
+        MDSDomain(data / "train" / "alpha", vocab_size=10)[0]
+    assert MDSDomain(data / "train" / "alpha")[0].max() == 65535  # no bound known: read as it is
+
+
 def test_damaged_sample_mid_run_stops_train_with_its_name(tmp_path, caplog):
     data = write_mds(tmp_path / "data", DOMAINS, SEQ, n_train=16, n_eval=2)
     for name in DOMAINS:

@@ -81,14 +81,15 @@ class DomainPart(Sequence):
 
 
 def open_train_parts(directories: Sequence[str | Path], seq_len: int | None,
-                     train_range: Sequence[float] = (0.0, 1.0)) -> list[DomainPart]:
-    """Each domain's MDS train split, cut to ``train_range`` (see the module docstring).
+                     train_range: Sequence[float] = (0.0, 1.0), vocab_size: int | None = None) -> list[DomainPart]:
+    """Each domain's MDS train split, cut to ``train_range`` (see the module docstring); token ids checked
+    against ``vocab_size`` where no summary records them (:class:`~llmshear.datasets.mds.MDSDomain`).
 
     Raises:
         ValueError: a domain of which the range selects no sample (named), and what :func:`open_domains` raises.
     """
     parts = []
-    for directory, domain in zip(directories, open_domains(directories, seq_len), strict=True):
+    for directory, domain in zip(directories, open_domains(directories, seq_len, vocab_size), strict=True):
         part = DomainPart(domain, *part_bounds(len(domain), train_range))
         if len(part) == 0:
             raise ValueError(f"data.train_range={list(train_range)} selects no sample of domain "
@@ -293,7 +294,7 @@ def calibration_batches(parts: Sequence[DomainPart], domains: Sequence[str], pro
 def build_train_dataloader(directories: Sequence[str | Path], domains: Sequence[str], proportions: Sequence[float],
                            batch_size: int, seq_len: int | None = None, seed: int = 17, num_workers: int = 0,
                            rank: int | None = None, world_size: int | None = None,
-                           train_range: Sequence[float] = (0.0, 1.0)) -> DataLoader:
+                           train_range: Sequence[float] = (0.0, 1.0), vocab_size: int | None = None) -> DataLoader:
     """The training ``DataLoader`` over one MDS directory per domain (what Composer gets as ``train_dataloader``).
 
     Args:
@@ -306,6 +307,7 @@ def build_train_dataloader(directories: Sequence[str | Path], domains: Sequence[
         num_workers: ``data.num_workers``; must be 0 (see the module docstring).
         rank, world_size: default from ``composer.utils.dist``.
         train_range: ``data.train_range``, the part of each domain this run reads.
+        vocab_size: the model's vocabulary: token ids are checked against it where no summary records them.
 
     Raises:
         ValueError: ``num_workers > 0``, bad proportions, a sequence length mismatch, an empty domain or part.
@@ -316,15 +318,15 @@ def build_train_dataloader(directories: Sequence[str | Path], domains: Sequence[
                          "so proportion updates would reach them late and resumption would not be exact; loading in "
                          "the main process is far faster than training consumes (scripts/bench_data.py)")
     rank, world_size = _world(rank, world_size)
-    dataset = DynamicDomainDataset(open_train_parts(directories, seq_len, train_range), domains, proportions,
-                                   global_batch_size=batch_size * world_size, seed=seed, rank=rank,
-                                   world_size=world_size)
+    parts = open_train_parts(directories, seq_len, train_range, vocab_size)
+    dataset = DynamicDomainDataset(parts, domains, proportions, global_batch_size=batch_size * world_size,
+                                   seed=seed, rank=rank, world_size=world_size)
     return DataLoader(dataset, batch_size=batch_size, num_workers=0)
 
 
 def build_eval_dataloader(directories: Sequence[str | Path], domains: Sequence[str], batch_size: int,
                           seq_len: int | None = None, rank: int | None = None,
-                          world_size: int | None = None) -> DataLoader:
+                          world_size: int | None = None, vocab_size: int | None = None) -> DataLoader:
     """The evaluation ``DataLoader``: every domain's eval split once (see :class:`DomainEvalDataset`).
 
     Args:
@@ -333,6 +335,8 @@ def build_eval_dataloader(directories: Sequence[str | Path], domains: Sequence[s
         batch_size: samples per rank per eval batch (``train.eval_batch_size`` or the micro batch size).
         seq_len: ``data.seq_len`` (None: not checked).
         rank, world_size: default from ``composer.utils.dist``.
+        vocab_size: as for :func:`build_train_dataloader`.
     """
-    dataset = DomainEvalDataset(open_domains(directories, seq_len), domains, rank=rank, world_size=world_size)
+    dataset = DomainEvalDataset(open_domains(directories, seq_len, vocab_size), domains, rank=rank,
+                                world_size=world_size)
     return DataLoader(dataset, batch_size=batch_size, num_workers=0)

@@ -260,10 +260,12 @@ class MDSDomain:
     shared memory, no file handle per read and no worker process. Opening checks every shard against the
     index (its size, its sample count and first and last offsets: a few bytes per shard), and every read
     checks its sample's offsets and that no token id exceeds the largest one ``summary.json`` records for the
-    domain, so a damaged shard is named instead of failing deep inside a batch (or the embedding).
+    domain (without one, the largest the model's vocabulary holds, when ``vocab_size`` is given), so a
+    damaged shard is named instead of failing deep inside a batch (or the embedding).
 
     Args:
         directory: the directory holding ``index.json`` (``<data>/<split>/<domain>``).
+        vocab_size: the model's vocabulary, the bound on token ids when ``summary.json`` records none.
 
     Raises:
         FileNotFoundError: no ``index.json``, or a shard file is missing (compressed-only shards included).
@@ -271,7 +273,7 @@ class MDSDomain:
         ValueError: not MDS, or no ``tokens`` column.
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, vocab_size: int | None = None):
         from streaming.base.format import reader_from_json
 
         self.directory = Path(directory)
@@ -287,6 +289,10 @@ class MDSDomain:
             self._check_shard(shard)
         self.starts = np.cumsum([0] + [shard.samples for shard in self.shards]).tolist()
         self.max_token_id = recorded_max_token_id(self.directory)
+        self.bound = "that prepare_data wrote for this domain (summary.json)"
+        if self.max_token_id is None and vocab_size is not None:
+            self.max_token_id = vocab_size - 1
+            self.bound = f"that the model's vocabulary of {vocab_size} holds (the data has no summary.json to check)"
         self._maps: dict[int, np.ndarray] = {}
         self.seq_len = len(self[0]) if len(self) else 0
 
@@ -337,8 +343,7 @@ class MDSDomain:
                 raise ValueError(f"offsets {begin}..{end} outside the file's {len(data)} bytes")
             tokens = reader.decode_sample(data[begin:end].tobytes())[TOKENS]
             if self.max_token_id is not None and len(tokens) and int(tokens.max()) > self.max_token_id:
-                raise ValueError(f"token id {int(tokens.max())} above the largest, {self.max_token_id}, that "
-                                 "prepare_data wrote for this domain (summary.json)")
+                raise ValueError(f"token id {int(tokens.max())} above the largest, {self.max_token_id}, {self.bound}")
             return tokens
         except (ValueError, TypeError) as err:
             raise ShardError(f"{self._where(reader)}: sample {local} (sample {index} of the domain) cannot be "
@@ -366,15 +371,17 @@ class MDSDomain:
         return {**self.__dict__, "_maps": {}}
 
 
-def open_domains(directories: list[str | Path], seq_len: int | None = None) -> list[MDSDomain]:
-    """Open one :class:`MDSDomain` per directory, checking every one is non-empty and ``seq_len`` long.
+def open_domains(directories: list[str | Path], seq_len: int | None = None,
+                 vocab_size: int | None = None) -> list[MDSDomain]:
+    """Open one :class:`MDSDomain` per directory (token ids bound by ``vocab_size`` where no summary records
+    them), checking every one is non-empty and ``seq_len`` long.
 
     Raises:
         ValueError: an empty domain, or sequences of another length (names ``data.seq_len``).
     """
     opened = []
     for directory in directories:
-        domain = MDSDomain(directory)
+        domain = MDSDomain(directory, vocab_size)
         if len(domain) == 0:
             raise ValueError(f"{directory}: holds no sequences")
         if seq_len is not None and domain.seq_len != seq_len:
