@@ -9,8 +9,6 @@ runs out starts a new pass of its own).
 
 from __future__ import annotations
 
-from composer.core import Time, TimeUnit
-
 # (dotted key, section attribute holding it, attribute the batches go to)
 DURATION_KEYS = (
     ("train.max_duration", "train", "max_duration", "max_batches"),
@@ -27,6 +25,8 @@ def to_batches(text: str, key: str, global_batch_size: int, seq_len: int) -> int
     Raises:
         ValueError: naming ``key``: not a duration, in epochs or ``dur``, or not a whole number of batches.
     """
+    from composer.core import Time, TimeUnit  # Composer's own parser, loaded only for a recipe that writes one
+
     try:
         time = Time.from_timestring(text.strip())
     except (ValueError, TypeError) as err:

@@ -38,7 +38,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-GATE_SCHEDULES = ("constant", "shared")
+from llmshear.choices import GATE_SCHEDULES
+
 GATE_PREFIX = "l0.log_alpha."
 LAMBDA_PREFIX = "l0.lagrangian."
 

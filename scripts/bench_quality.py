@@ -81,11 +81,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llmshear.callbacks.dynamic_loading import PROPORTIONS_FILE
 from llmshear.checkpoints import LATEST_CHECKPOINT, checkpoints_in, load_pruning_checkpoint
 from llmshear.config.schema import PruningSection
 from llmshear.datasets.dynamic import calibration_batches, open_train_parts
 from llmshear.datasets.mds import SUMMARY, TOKENS, MDSDomain, open_domains, prepare
+from llmshear.datasets.proportions import PROPORTIONS_FILE
 from llmshear.datasets.reference import eval_domains
 from llmshear.datasets.vocab import check_vocab
 from llmshear.demo import make_demo_corpus

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_fixtures import REPO
 from omegaconf import OmegaConf
 from recipe_fixtures import DOMAINS, tiny_recipe, write_config_dir, write_mds, write_proportions
 
@@ -329,3 +331,19 @@ def test_every_foreign_key_is_in_the_docs_table_and_points_to_a_section_of_ours(
     for key, (whose, ours) in FOREIGN_KEYS.items():
         assert f"| `{key}` | {whose} |" in docs, key
         assert ours.startswith("nothing") or ours.split(" ")[0].split(".")[0] in sections, key
+
+
+def test_reading_a_recipe_loads_no_runtime(tmp_path):
+    """``llmshear.config`` is a leaf: parsing a recipe (its types and choices) imports neither torch, Composer,
+    transformers, botocore nor streaming; only :func:`load`'s checks of models, data and checkpoints do."""
+    code = ("import sys\nimport llmshear.config\nfrom llmshear.config.schema import parse\n"
+            "from llmshear.config.types import load_raw\n"
+            f"raw, problems = load_raw({str(REPO / 'yaml/prune_1.3b.yaml')!r}, ['train.max_batches=10'])\n"
+            "cfg, more = parse(raw)\nassert cfg is not None and not problems + more, problems + more\n"
+            "heavy = ('torch', 'composer', 'transformers', 'botocore', 'streaming')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "DATA_DIR": str(tmp_path), "RUN_DIR": str(tmp_path), "LLAMA2_7B": "x",
+                               "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -18,10 +18,10 @@ from composer.loggers import InMemoryLogger
 from data_fixtures import REPO, TinyLM, random_shards
 from torch.utils.data import DataLoader
 
-from llmshear.callbacks.dynamic_loading import PROPORTIONS_FILE, DynamicLoadingCallback, read_domain_values
+from llmshear.callbacks.dynamic_loading import DynamicLoadingCallback
 from llmshear.datasets.dynamic import DomainEvalDataset, build_eval_dataloader, build_train_dataloader
 from llmshear.datasets.mds import open_domains
-from llmshear.datasets.proportions import update_proportions
+from llmshear.datasets.proportions import PROPORTIONS_FILE, read_domain_values, update_proportions
 
 DOMAINS = ["a", "b", "c"]
 REFERENCE = [3.0, 2.0, 1.0]

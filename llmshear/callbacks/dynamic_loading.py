@@ -1,7 +1,8 @@
 """Dynamic batch loading: after each evaluation, re-weight the training domains by their loss gap.
 
-A run's final proportions go to ``<save_folder>/proportions.json`` (:func:`write_domain_values`), which
-``data.proportions_from`` of a later run reads back (:func:`read_domain_values`).
+A run's final proportions go to ``<save_folder>/proportions.json``
+(:func:`~llmshear.datasets.proportions.write_domain_values`), which ``data.proportions_from`` of a later run
+reads back (:func:`~llmshear.datasets.proportions.read_domain_values`).
 """
 
 from __future__ import annotations
@@ -15,38 +16,17 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from llmshear.datasets.proportions import RULES, bounds_errors, reference_loss_errors, update_proportions
-from llmshear.files import replace_json
+from llmshear.datasets.proportions import (
+    PROPORTIONS_FILE,
+    RULES,
+    bounds_errors,
+    reference_loss_errors,
+    update_proportions,
+    write_domain_values,
+)
 from llmshear.metrics import DomainCrossEntropy
 
 log = logging.getLogger(__name__)
-
-PROPORTIONS_FILE = "proportions.json"
-
-
-def write_domain_values(path: str | Path, domains: Sequence[str], key: str, values: Sequence[float]) -> None:
-    """``{"domains": [...], key: [...]}`` as indented JSON at ``path``, replacing it only once complete."""
-    replace_json(path, {"domains": list(domains), key: [float(v) for v in values]}, indent=2)
-
-
-def read_domain_values(path: str | Path, domains: Sequence[str], key: str) -> list[float]:
-    """``content[key]`` of a JSON file ``{"domains": [...], key: [...]}``, reordered to ``domains``.
-
-    Reads the ``proportions.json`` a run writes into its folder at the end (``key="proportions"``) and the JSON
-    line of ``scripts/reference_loss.py`` (``key="reference_losses"``).
-
-    Raises:
-        ValueError: unreadable file, or its domains are not the same set as ``domains``.
-    """
-    try:
-        content = json.loads(Path(path).read_text())
-        mapping = dict(zip(content["domains"], content[key], strict=True))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"cannot read {key} from {path}: {err!r}") from err
-    if set(mapping) != set(domains):
-        raise ValueError(f"{path} has domains {sorted(mapping)}, the config has {sorted(domains)}")
-    return [float(mapping[d]) for d in domains]
-
 
 class DynamicLoadingCallback(Callback):
     """At ``eval_end``: per-domain eval losses → new proportions (``rule``) → the training dataset.

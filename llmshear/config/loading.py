@@ -14,12 +14,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
-from llmshear.callbacks.dynamic_loading import read_domain_values
-from llmshear.config.preflight import check_run
 from llmshear.config.schema import RunConfig, parse
 from llmshear.config.types import ConfigError, annotate, load_raw
+from llmshear.datasets.proportions import read_domain_values
 from llmshear.durations import resolve_durations
 
 FROM_FILES = ("proportions", "reference_losses")  # data.<key> may come from data.<key>_from
@@ -61,8 +58,13 @@ def load(path: str | Path, overrides: list[str] = (), world_size: int | None = N
     Raises:
         ConfigError: listing every problem, each naming its key (with ``file:line`` where it is in the file).
     """
+    from llmshear.config.preflight import check_run  # the checks read models, data and checkpoints: the runtime
+
     world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = cuda if cuda is not None else torch.cuda.is_available()
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
     raw, problems = load_raw(path, overrides)
     cfg, schema_problems = parse(raw)
     problems += schema_problems

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmshear.choices import CONSTRAINTS, DTYPE_NAMES, EVAL_MASKS, GATE_SCHEDULES, HARDEN_BY, STRUCTURES
 from llmshear.config.types import build_section
 from llmshear.datasets.proportions import RULES
-from llmshear.models.l0 import CONSTRAINTS, EVAL_MASKS, HARDEN_BY, STRUCTURES
-from llmshear.models.llama import DTYPES
-from llmshear.optim import GATE_SCHEDULES
 
 
 @dataclass
@@ -211,7 +209,7 @@ CHOICES = {
     "fsdp.version": (1, 2),
     "fsdp.state_dict_type": ("full", "sharded"),
     "fsdp.mixed_precision": ("DEFAULT", "PURE", "FULL"),
-    "distill.dtype": tuple(DTYPES),
+    "distill.dtype": DTYPE_NAMES,
 }
 
 

@@ -1,4 +1,5 @@
-"""Domain proportions: validation, update rules keyed by name, and floor / cap.
+"""Domain proportions: validation, update rules keyed by name, floor / cap, and the ``proportions.json`` a run
+writes at its end (and a later run's ``data.proportions_from`` reads).
 
 Everything here is a pure function of its arguments (numpy float64 in, float64 out), so every rank that feeds
 it the same all-reduced losses computes the same proportions.
@@ -10,13 +11,42 @@ naming the config key, for the config validator to collect; :func:`validate_prop
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
+from llmshear.files import replace_json
+
 TOLERANCE = 1e-4
+PROPORTIONS_FILE = "proportions.json"
+
+
+def write_domain_values(path: str | Path, domains: Sequence[str], key: str, values: Sequence[float]) -> None:
+    """``{"domains": [...], key: [...]}`` as indented JSON at ``path``, replacing it only once complete."""
+    replace_json(path, {"domains": list(domains), key: [float(v) for v in values]}, indent=2)
+
+
+def read_domain_values(path: str | Path, domains: Sequence[str], key: str) -> list[float]:
+    """``content[key]`` of a JSON file ``{"domains": [...], key: [...]}``, reordered to ``domains``.
+
+    Reads the ``proportions.json`` a run writes into its folder at the end (``key="proportions"``) and the JSON
+    line of ``scripts/reference_loss.py`` (``key="reference_losses"``).
+
+    Raises:
+        ValueError: unreadable file, or its domains are not the same set as ``domains``.
+    """
+    try:
+        content = json.loads(Path(path).read_text())
+        mapping = dict(zip(content["domains"], content[key], strict=True))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read {key} from {path}: {err!r}") from err
+    if set(mapping) != set(domains):
+        raise ValueError(f"{path} has domains {sorted(mapping)}, the config has {sorted(domains)}")
+    return [float(mapping[d]) for d in domains]
 
 
 def _is_number(value) -> bool:

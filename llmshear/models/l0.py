@@ -41,19 +41,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmshear.choices import CONSTRAINTS, EVAL_MASKS, HARDEN_BY, STRUCTURES
 from llmshear.models.llama import LlamaConfig, Masks
 
 logger = logging.getLogger(__name__)
 
-STRUCTURES = ("layer", "kv_group", "head", "intermediate", "hidden")
 TARGET_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "intermediate_size")
 FIXED_KEYS = ("head_dim", "vocab_size")  # accepted in a target only when equal to the source's
 LIMITS = (-0.1, 1.1)  # stretch of the concrete distribution, so that exact 0 and 1 have nonzero probability
 TEMPERATURE = 2 / 3
 EPS = 1e-6
-CONSTRAINTS = ("exact", "row", "paper", "overall")
-EVAL_MASKS = ("current", "target")
-HARDEN_BY = ("usage", "logits")
 DECIDED = 0.95  # a gate with P(z != 0) >= DECIDED is decided open, <= 1 - DECIDED decided shut
 
 

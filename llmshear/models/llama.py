@@ -35,9 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmshear.choices import DTYPE_NAMES
+
 Masks = dict[str, torch.Tensor]
 Index = torch.Tensor | None  # indices of the units a compact forward computes; None: all of them
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # weights' dtypes
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # weights' dtypes
 # The fields of LlamaConfig that give the shape (the rest are numerics and conventions).
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size")
 
