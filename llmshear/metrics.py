@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from llmshear.datasets.dynamic import IGNORE_INDEX
+from llmshear.batch import IGNORE_INDEX
 
 PREFIX = "DomainCrossEntropy"
 

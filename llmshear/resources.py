@@ -17,8 +17,10 @@ Activations are in the compute dtype (bf16 when FSDP's mixed precision casts the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from llmshear.models.llama import ActiveShape, LlamaConfig
+if TYPE_CHECKING:  # shapes are read by attribute: the arithmetic needs no model code (nor torch)
+    from llmshear.models.llama import ActiveShape, LlamaConfig
 
 FP32 = 4
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32

@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from llmshear.batch import IGNORE_INDEX
 from llmshear.datasets.mds import open_domains
 from llmshear.datasets.proportions import validate_proportions
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # the label of padding: the losses and metrics leave it out
 _DRAW, _WALK = 0, 1  # stream tags that keep the domain-draw and permutation generators independent
 STATE_VERSION = 1
 

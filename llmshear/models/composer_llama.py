@@ -8,7 +8,7 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 from torch import nn
 
-from llmshear.datasets.dynamic import IGNORE_INDEX
+from llmshear.batch import IGNORE_INDEX
 from llmshear.metrics import DomainMetric, build_domain_metrics
 from llmshear.models.llama import SHAPE_KEYS, DecoderLayer, LlamaConfig, LlamaLM
 from llmshear.resources import active_forward_flops_per_token, forward_flops_per_token, train_flops_per_token
