@@ -22,7 +22,8 @@ from llmshear.callbacks.nonfinite import NonFiniteLossGuard
 from llmshear.callbacks.preemption import PreemptionStop, save_schedule
 from llmshear.callbacks.pruning import PruningCallback
 from llmshear.callbacks.resume_rng import ResumeRNG
-from llmshear.checkpoints import LATEST_CHECKPOINT, KeepAcrossResumes
+from llmshear.callbacks.run_folder import KeepAcrossResumes, MirrorRunFolder
+from llmshear.checkpoints import LATEST_CHECKPOINT
 from llmshear.composer_parts import build_algorithms, build_composer_callbacks, build_loggers, clip_threshold
 from llmshear.config import RunConfig
 from llmshear.datasets.dynamic import (
@@ -38,7 +39,6 @@ from llmshear.models.importance import init_l0_from_importance
 from llmshear.models.l0 import L0Module, TargetShape
 from llmshear.models.llama import DTYPES
 from llmshear.optim import build_optimizer, build_scheduler
-from llmshear.remote import MirrorRunFolder
 from llmshear.sources import source_record
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def checkpoint_kwargs(cfg: RunConfig, stop: PreemptionStop) -> dict:
 
 def build_trainer(cfg: RunConfig, world_size: int | None = None) -> Trainer:
     """Everything the run needs, assembled into a Composer :class:`Trainer` (not yet fitted); after the checkpoint
-    saver, with ``checkpoint.remote`` the :class:`~llmshear.remote.MirrorRunFolder` callback, then the
+    saver, with ``checkpoint.remote`` the :class:`~llmshear.callbacks.run_folder.MirrorRunFolder` callback, then the
     :class:`~llmshear.callbacks.preemption.PreemptionStop` that ends the run on a signal once both are done."""
     world_size = world_size or dist.get_world_size()
     t = cfg.train

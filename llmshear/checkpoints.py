@@ -1,45 +1,31 @@
-"""Everything about the Composer checkpoint files of a run folder: names, kinds, cheap validation, reading (the
-model state, or the model itself), recovery after a kill, and the lock that keeps two runs out of one folder.
+"""The Composer checkpoint files of a run folder: names, kinds, cheap validation and reading (the model state,
+the metadata a resume needs). The care of the folder itself (recovery after a kill, the lock) is in
+:mod:`llmshear.run_folder`; reading a model out of a checkpoint in :mod:`llmshear.export`.
 
 A run folder (``checkpoint.save_folder``) holds one entry per checkpoint: a *full* checkpoint is one file
 ``ep<E>-ba<N>-rank0.pt`` (a torch zip archive written by rank 0), a *sharded* one (``fsdp.state_dict_type:
 sharded``) a directory ``ep<E>-ba<N>/`` with one ``__<rank>_0.distcp`` file per rank and a ``.metadata`` file
 (torch.distributed.checkpoint), written last. ``latest-rank0.pt`` is a symbolic link Composer moves to each new
 checkpoint once it is written. A kill can leave a partial newest checkpoint (a zip without its directory, a
-directory without ``.metadata``) or a link to an older one; :func:`recover` makes such a folder resumable again
-without deleting anything. The checkpoint *kind* is ``pruning`` (the model state has the L0 module, ``l0.*``)
-or ``continued``.
+directory without ``.metadata``) or a link to an older one; :func:`llmshear.run_folder.recover` makes such a
+folder resumable again without deleting anything. The checkpoint *kind* is ``pruning`` (the model state has the
+L0 module, ``l0.*``) or ``continued``.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from composer.callbacks import CheckpointSaver
-from composer.core import Callback, State
-from composer.loggers import Logger
-from composer.utils import dist
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from llmshear.files import Lock, LockedError
-from llmshear.models.l0 import L0Module, l0_from_state_dict
-from llmshear.models.llama import LlamaConfig, LlamaLM
-from llmshear.models.prune import model_from_state
-
-log = logging.getLogger(__name__)
-
 LATEST_CHECKPOINT = "latest-rank0.pt"
-SET_ASIDE_DIR = "incomplete"
-LOCK_FILE = "run.lock"
 KINDS = ("pruning", "continued")
 METADATA_FILE = ".metadata"
 _NAME = re.compile(r"ep(\d+)-ba(\d+)(-rank0\.pt)?")
@@ -158,45 +144,6 @@ def kind_of(state: dict) -> str:
     return "pruning" if any(key.startswith("l0.") for key in state) else "continued"
 
 
-def model_from_checkpoint(path: str | os.PathLike) -> LlamaLM:
-    """The :class:`LlamaLM` of a continued-pre-training checkpoint, rebuilt strictly from its stored config.
-
-    Raises:
-        ValueError: see :func:`read_model_state`; a checkpoint without the model config; a
-            pruning checkpoint (those are cut by ``scripts/prune.py``); weights that do not match the config.
-    """
-    state = read_model_state(path)
-    if kind_of(state) != "continued":
-        raise CheckpointError(f"{path} is a pruning checkpoint (it has L0 masks): cut it with scripts/prune.py "
-                              "instead")
-    extra = state.get("_extra_state")
-    if not isinstance(extra, dict) or "model_config" not in extra:
-        raise ValueError(f"{path} carries no model config (_extra_state): not a checkpoint of llmshear's train.py")
-    weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
-    return model_from_state(LlamaConfig(**extra["model_config"]), weights)
-
-
-def load_pruning_checkpoint(path: str | os.PathLike) -> tuple[LlamaLM, L0Module]:
-    """The model and L0 module of a Composer checkpoint of a pruning run (full or sharded).
-
-    ``state['model']`` holds ``model.<LlamaLM keys>`` and ``l0.<L0Module keys>``; ``l0._extra_state`` carries
-    the source config and the target, so nothing else is needed. The checkpoint is unpickled: load only
-    checkpoints your own runs wrote.
-
-    Raises:
-        ValueError: see :func:`read_model_state` (missing, truncated, corrupt, not a Composer checkpoint); no L0
-            module in it; weights that do not match the stored config.
-    """
-    state = read_model_state(path)
-    l0_state = {k.removeprefix("l0."): v for k, v in state.items() if k.startswith("l0.")}
-    if "_extra_state" not in l0_state:
-        raise CheckpointError(f"{path} is a continued checkpoint (it has no L0 module, l0._extra_state), not a "
-                              "checkpoint of a pruning run: export it with scripts/export_hf.py instead")
-    l0 = l0_from_state_dict(l0_state)
-    model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    return model_from_state(l0.source, model_state), l0
-
-
 @dataclass
 class CheckpointInfo:
     """What a run needs to know about a checkpoint before resuming from it."""
@@ -243,133 +190,3 @@ def checkpoints_in(folder: str | os.PathLike) -> list[tuple[int, Path]]:
         return []
     found = [(checkpoint_batch(p), p) for p in folder.iterdir() if not p.is_symlink()]
     return sorted((batch, path) for batch, path in found if batch is not None)
-
-
-def set_aside(path: Path, why: str, into: str = SET_ASIDE_DIR) -> Path:
-    """Move ``path`` into ``<its folder>/<into>/`` (a free name), log why, and return where it went."""
-    directory = path.parent / into
-    directory.mkdir(exist_ok=True)
-    target, number = directory / path.name, 0
-    while target.exists():
-        number += 1
-        target = directory / f"{path.name}.{number}"
-    path.rename(target)
-    log.warning("%s set aside as %s: %s", path, target, why)
-    return target
-
-
-def _point_latest(folder: Path, target: Path | None) -> None:
-    """Make ``latest-rank0.pt`` a relative link to ``target`` (replaced atomically), or remove it (None)."""
-    latest = folder / LATEST_CHECKPOINT
-    if target is None:
-        if latest.is_symlink():
-            latest.unlink()
-        return
-    temporary = folder / f".{LATEST_CHECKPOINT}.{os.getpid()}"
-    temporary.unlink(missing_ok=True)
-    temporary.symlink_to(target.name)
-    os.replace(temporary, latest)
-
-
-def recover(folder: str | os.PathLike) -> Path | None:
-    """Make a run folder resumable after a kill at any moment, and return the checkpoint to resume from.
-
-    Checkpoints are checked newest first (:func:`checkpoint_problem`, cheap): each incomplete one is moved into
-    ``incomplete/`` (never deleted), so Composer neither loads it nor refuses to write its batch again; the
-    newest complete one becomes ``latest-rank0.pt`` (a kill between a write and the link update leaves the
-    link on the one before). Returns None when no complete checkpoint is left (the run starts afresh).
-    """
-    folder = Path(folder)
-    latest = folder / LATEST_CHECKPOINT
-    if latest.exists() and not latest.is_symlink():
-        return latest  # not a link Composer wrote (e.g. a downloaded file): left as it is
-    newest = None
-    for _, path in reversed(checkpoints_in(folder)):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            newest = path
-            break
-        set_aside(path, problem)
-    if newest is None and latest.is_symlink():
-        log.warning("%s points to no complete checkpoint: removed (the run starts from batch 0)", latest)
-    elif newest is not None and (not latest.is_symlink() or latest.resolve() != newest.resolve()):
-        log.warning("%s now points to %s, the newest complete checkpoint", latest, newest.name)
-    _point_latest(folder, newest)
-    return newest
-
-
-class KeepAcrossResumes(Callback):
-    """Make ``checkpoint.keep`` count the checkpoints written before a resume too.
-
-    Composer's checkpoint saver rotates only the checkpoints its own process wrote; after each resume the older
-    ones would stay forever. At ``fit_start`` rank 0 (the rank that deletes) hands the saver the checkpoints
-    already in the folder up to the batch the run starts from, oldest first.
-    """
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-
-    def fit_start(self, state: State, logger: Logger) -> None:
-        del logger
-        saver = next((c for c in state.callbacks if isinstance(c, CheckpointSaver)), None)
-        if saver is None or saver.saved_checkpoints or dist.get_global_rank() != 0:
-            return
-        start = int(state.timestamp.batch)
-        # Composer records a sharded checkpoint by this rank's shard file and deletes the directory around it.
-        saver.saved_checkpoints = [str(path / "__0_0.distcp") if path.is_dir() else str(path)
-                                   for batch, path in checkpoints_in(self.folder) if batch <= start]
-
-
-class RunLock(Lock):
-    """``<save_folder>/run.lock``: one run at a time in a folder (a :class:`~llmshear.files.Lock`: a holder that
-    is gone, by pid on this host or as an earlier incarnation of a requeued SLURM job, is taken over)."""
-
-    def __init__(self, folder: str | os.PathLike):
-        super().__init__(Path(folder) / LOCK_FILE)
-
-    def acquire(self) -> None:
-        """Take the lock (or a stale one).
-
-        Raises:
-            CheckpointError: another live run holds it; the message names the lock file and its holder.
-        """
-        try:
-            super().acquire()
-        except LockedError as err:
-            raise CheckpointError(
-                f"{self.path.parent} is in use by another run ({err}); wait for it to end or choose another "
-                f"checkpoint.save_folder. If that process is gone, delete {self.path}") from None
-
-
-def open_run_folder(folder: str | os.PathLike, autoresume: bool, max_batches: int,
-                    prepare: Callable[[], object] | None = None) -> tuple[RunLock, int | None]:
-    """Rank 0 takes the folder's lock, runs ``prepare`` (e.g. the download of a remote run) and, with autoresume,
-    :func:`recover`; every rank gets the outcome (the other ranks wait for rank 0 here).
-
-    Call it on every rank, after the process group is initialised and before the Trainer is built.
-
-    Returns:
-        The lock (held by rank 0: release it at the end), and the batch of the latest checkpoint when that
-        already reached ``max_batches`` (the run is complete), else None.
-
-    Raises:
-        CheckpointError: on every rank, when the folder is locked by a live run or cannot be recovered, or
-            ``prepare`` raised one (or an OSError).
-    """
-    lock = RunLock(folder)
-    outcome: list = [None, None]
-    if dist.get_global_rank() == 0:
-        try:
-            lock.acquire()
-            if prepare is not None:
-                prepare()
-            newest = recover(folder) if autoresume else None
-            batch = checkpoint_batch(newest.resolve()) if newest is not None else None
-            outcome[1] = batch if batch is not None and batch >= max_batches else None
-        except (CheckpointError, OSError) as err:
-            outcome[0] = str(err)
-            lock.release()
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        raise CheckpointError(outcome[0])
-    return lock, outcome[1]

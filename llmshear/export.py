@@ -19,21 +19,60 @@ from pathlib import Path
 import torch
 
 from llmshear.builders import run_calibration_batches
-from llmshear.checkpoints import load_pruning_checkpoint, model_from_checkpoint
+from llmshear.checkpoints import CheckpointError, kind_of, read_model_state
 from llmshear.config import RunConfig
 from llmshear.files import require_new_directory
 from llmshear.model_card import CARD_FILE, SUMMARY_FILE, Stage, domain_perplexity, lineage, read_stage, render_card
 from llmshear.models.hf import load_model, save_pretrained
 from llmshear.models.importance import importance_masks
-from llmshear.models.l0 import TARGET_KEYS, TargetShape
-from llmshear.models.llama import DTYPES, LlamaLM
-from llmshear.models.prune import cut_model, prune_summary
+from llmshear.models.l0 import TARGET_KEYS, L0Module, TargetShape, l0_from_state_dict
+from llmshear.models.llama import DTYPES, LlamaConfig, LlamaLM
+from llmshear.models.prune import cut_model, model_from_state, prune_summary
 from llmshear.remote import local_checkpoint
 from llmshear.sources import has_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 RUN_SOURCE = "<the run's source>"  # ``tokenizer`` value: the source recorded in the checkpoint
+
+
+def model_from_checkpoint(path: str | os.PathLike) -> LlamaLM:
+    """The :class:`LlamaLM` of a continued-pre-training checkpoint, rebuilt strictly from its stored config.
+
+    Raises:
+        ValueError: see :func:`~llmshear.checkpoints.read_model_state`; a checkpoint without the model config; a
+            pruning checkpoint (those are cut by ``scripts/prune.py``); weights that do not match the config.
+    """
+    state = read_model_state(path)
+    if kind_of(state) != "continued":
+        raise CheckpointError(f"{path} is a pruning checkpoint (it has L0 masks): cut it with scripts/prune.py "
+                              "instead")
+    extra = state.get("_extra_state")
+    if not isinstance(extra, dict) or "model_config" not in extra:
+        raise ValueError(f"{path} carries no model config (_extra_state): not a checkpoint of llmshear's train.py")
+    weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
+    return model_from_state(LlamaConfig(**extra["model_config"]), weights)
+
+
+def load_pruning_checkpoint(path: str | os.PathLike) -> tuple[LlamaLM, L0Module]:
+    """The model and L0 module of a Composer checkpoint of a pruning run (full or sharded).
+
+    ``state['model']`` holds ``model.<LlamaLM keys>`` and ``l0.<L0Module keys>``; ``l0._extra_state`` carries
+    the source config and the target, so nothing else is needed. The checkpoint is unpickled: load only
+    checkpoints your own runs wrote.
+
+    Raises:
+        ValueError: see :func:`~llmshear.checkpoints.read_model_state` (missing, truncated, corrupt, not a Composer
+            checkpoint); no L0 module in it; weights that do not match the stored config.
+    """
+    state = read_model_state(path)
+    l0_state = {k.removeprefix("l0."): v for k, v in state.items() if k.startswith("l0.")}
+    if "_extra_state" not in l0_state:
+        raise CheckpointError(f"{path} is a continued checkpoint (it has no L0 module, l0._extra_state), not a "
+                              "checkpoint of a pruning run: export it with scripts/export_hf.py instead")
+    l0 = l0_from_state_dict(l0_state)
+    model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    return model_from_state(l0.source, model_state), l0
 
 
 def resolve_tokenizer(tokenizer, recorded_source: str | None):
@@ -111,7 +150,7 @@ def prune_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     Raises:
         FileExistsError: ``out_dir`` exists and is not empty (checked before anything is read).
         ValueError / FileNotFoundError: a missing, unreadable or foreign checkpoint (see
-            :func:`~llmshear.checkpoints.load_pruning_checkpoint`), a tokenizer that cannot be loaded,
+            :func:`load_pruning_checkpoint`), a tokenizer that cannot be loaded,
             non-finite weights.
     """
     out_dir = require_new_directory(out_dir)
@@ -173,7 +212,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
 
     Raises:
         FileExistsError: ``out_dir`` exists and is not an empty directory; nothing is read or written.
-        ValueError: see :func:`~llmshear.checkpoints.model_from_checkpoint`; a tokenizer that cannot be loaded;
+        ValueError: see :func:`model_from_checkpoint`; a tokenizer that cannot be loaded;
             non-finite weights.
     """
     out_dir = require_new_directory(out_dir)

@@ -27,22 +27,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
-from composer.core import Callback, State
-from composer.loggers import Logger
-from composer.utils import dist, maybe_create_object_store_from_uri, parse_uri
+from composer.utils import maybe_create_object_store_from_uri, parse_uri
 
 from llmshear.checkpoints import (
-    LATEST_CHECKPOINT,
-    LOCK_FILE,
-    SET_ASIDE_DIR,
     CheckpointError,
     checkpoint_batch,
     checkpoint_problem,
     checkpoints_in,
-    set_aside,
 )
 from llmshear.files import replace_json
 from llmshear.loggers import METRICS_FILE
+from llmshear.run_folder import LOCK_FILE, SET_ASIDE_DIR, set_aside
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +224,7 @@ def fetch_run(uri: str, folder: str | os.PathLike) -> Path | None:
 
     Downloads every object except the marker and the other checkpoints, then the newest checkpoint (last, so
     that a complete local checkpoint means the rest is there); a local file the download replaces is first set
-    aside into ``incomplete/``. :func:`llmshear.checkpoints.recover` then points ``latest-rank0.pt`` at it.
+    aside into ``incomplete/``. :func:`llmshear.run_folder.recover` then points ``latest-rank0.pt`` at it.
 
     Returns:
         The downloaded checkpoint, or None (the folder has a complete checkpoint, or the remote none).
@@ -292,60 +287,3 @@ def local_checkpoint(checkpoint: str | os.PathLike, key: str = "--checkpoint") -
         yield scratch / name
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-class MirrorRunFolder(Callback):
-    """Keep ``checkpoint.remote`` a mirror of the run folder during the run (rank 0; see :class:`Mirror`).
-
-    Syncs when ``latest-rank0.pt`` has moved (a new checkpoint), at ``fit_end`` and at (the first) ``close``.
-    Added after Composer's checkpoint saver, so at each event the checkpoint of that event is already written;
-    one written after a sync goes out at the next. A failed upload is logged and retried at the next sync; ``train.py``
-    syncs once more after the Trainer closed and reports a failure there (:func:`mirror_run`).
-
-    Args:
-        folder: the run folder.
-        uri: ``checkpoint.remote``.
-    """
-
-    def __init__(self, folder: str | os.PathLike, uri: str):
-        self.folder, self.uri = Path(folder), uri
-        self._mirror: Mirror | None = None
-        self._latest: str | None = None
-        self._closed = False
-
-    def _sync(self) -> None:
-        if dist.get_global_rank() != 0:
-            return
-        try:
-            self._mirror = self._mirror or Mirror(self.folder, Remote(self.uri))
-            self._mirror.sync()
-        except RemoteError as err:
-            log.warning("%s; retried at the next checkpoint and at the end", err)
-
-    def _latest_target(self) -> str | None:
-        latest = self.folder / LATEST_CHECKPOINT
-        return os.readlink(latest) if latest.is_symlink() else None
-
-    def fit_start(self, state: State, logger: Logger) -> None:
-        del state, logger
-        self._latest = self._latest_target()
-
-    def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        del state, logger
-        target = self._latest_target()
-        if target != self._latest:
-            self._latest = target
-            self._sync()
-
-    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
-        self.batch_checkpoint(state, logger)
-
-    def fit_end(self, state: State, logger: Logger) -> None:
-        del state, logger
-        self._sync()
-
-    def close(self, state: State, logger: Logger) -> None:
-        del state, logger
-        if not self._closed:  # Composer calls close again at the interpreter's exit
-            self._closed = True
-            self._sync()

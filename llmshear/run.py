@@ -16,12 +16,13 @@ from composer.utils import dist, get_device
 from llmshear.builders import build_trainer
 from llmshear.callbacks.nonfinite import NonFiniteLossError
 from llmshear.callbacks.preemption import Preempted
-from llmshear.checkpoints import CheckpointError, open_run_folder
+from llmshear.checkpoints import CheckpointError
 from llmshear.config import ConfigError, RunConfig, load
 from llmshear.config.preflight import weight_problems
 from llmshear.datasets.mds import ShardError
 from llmshear.files import DiskError, disk_failure
 from llmshear.remote import fetch_run, mirror_run
+from llmshear.run_folder import open_run_folder
 from llmshear.slurm import PREEMPTED_STATUS
 
 log = logging.getLogger("train")
@@ -37,7 +38,7 @@ def run(cfg: RunConfig) -> None:
 
     Raises:
         Preempted: a signal stopped the run after a checkpoint (mirrored with ``checkpoint.remote``);
-        CheckpointError: the run folder is in use by another run (see :func:`llmshear.checkpoints.open_run_folder`);
+        CheckpointError: the run folder is in use by another run (see :func:`llmshear.run_folder.open_run_folder`);
             :class:`~llmshear.remote.RemoteError`: ``checkpoint.remote`` cannot be read or written.
     """
     dist.initialize_dist(get_device(cfg.train.device))  # the folder's lock and recovery need the ranks together

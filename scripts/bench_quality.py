@@ -81,7 +81,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llmshear.checkpoints import LATEST_CHECKPOINT, checkpoints_in, load_pruning_checkpoint
+from llmshear.checkpoints import LATEST_CHECKPOINT, checkpoints_in
 from llmshear.config.schema import PruningSection
 from llmshear.datasets.dynamic import calibration_batches, open_train_parts
 from llmshear.datasets.mds import SUMMARY, TOKENS, MDSDomain, open_domains, prepare
@@ -90,7 +90,7 @@ from llmshear.datasets.reference import eval_domains
 from llmshear.datasets.vocab import check_vocab
 from llmshear.demo import make_demo_corpus
 from llmshear.evaluation import evaluate_domains
-from llmshear.export import export_checkpoint, prune_checkpoint
+from llmshear.export import export_checkpoint, load_pruning_checkpoint, prune_checkpoint
 from llmshear.files import replace_json
 from llmshear.loggers import METRICS_FILE, read_metrics
 from llmshear.models.build import PRESETS, build_model

@@ -21,8 +21,9 @@ import torch
 from recipe_fixtures import DOMAINS, assert_same_state, final_state, tiny_recipe, write_mds
 
 from llmshear import run as train
-from llmshear.checkpoints import LOCK_FILE, CheckpointError, RunLock, checkpoint_problem, describe, recover
+from llmshear.checkpoints import CheckpointError, checkpoint_problem, describe
 from llmshear.config import ConfigError, load
+from llmshear.run_folder import LOCK_FILE, RunLock, recover
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"train": {"max_batches": 6, "eval_interval": 2}, "checkpoint": {"save_interval": 2}}

@@ -237,7 +237,7 @@ def test_existing_checkpoints_are_not_overwritten_without_autoresume(tmp_path, d
 
 
 def test_corrupt_latest_checkpoint_is_left_to_the_run_to_set_aside(tmp_path, data):
-    """The checks never mutate: the run's start (llmshear.checkpoints.recover) sets a corrupt checkpoint aside."""
+    """The checks never mutate: the run's start (llmshear.run_folder.recover) sets a corrupt checkpoint aside."""
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "ep0-ba3-rank0.pt").write_bytes(b"PK\x03\x04 not really a zip")

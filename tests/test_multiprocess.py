@@ -10,7 +10,7 @@ import pytest
 import torch
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
-from llmshear.checkpoints import load_pruning_checkpoint
+from llmshear.export import load_pruning_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = {"train": {"max_batches": 4, "eval_interval": 2}, "checkpoint": {"save_interval": 4}}

@@ -19,10 +19,10 @@ from composer.loggers import Logger
 from recipe_fixtures import DOMAINS, assert_same_state, final_state, tiny_recipe, write_mds
 
 from llmshear.callbacks.preemption import Preempted, PreemptionStop, save_schedule
-from llmshear.checkpoints import LOCK_FILE
 from llmshear.models.build import build_model
 from llmshear.models.composer_llama import ComposerLlama
 from llmshear.models.hf import load_config
+from llmshear.run_folder import LOCK_FILE
 from llmshear.slurm import PREEMPTED_STATUS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM
 
 from llmshear.builders import run_calibration_batches
-from llmshear.checkpoints import load_pruning_checkpoint
 from llmshear.config import load
-from llmshear.export import prune_checkpoint
+from llmshear.export import load_pruning_checkpoint, prune_checkpoint
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.importance import importance_masks

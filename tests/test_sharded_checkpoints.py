@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
-from llmshear.checkpoints import METADATA_FILE, describe, load_checkpoint, load_pruning_checkpoint
+from llmshear.checkpoints import METADATA_FILE, describe, load_checkpoint
+from llmshear.export import load_pruning_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"train": {"max_batches": 6, "eval_interval": 2}, "checkpoint": {"save_interval": 2},

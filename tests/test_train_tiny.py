@@ -12,10 +12,9 @@ from script_modules import script
 from transformers import AutoModelForCausalLM
 
 from llmshear import run as train
-from llmshear.checkpoints import model_from_checkpoint
 from llmshear.config import load
 from llmshear.evaluation import evaluate_domains
-from llmshear.export import export_checkpoint, prune_checkpoint
+from llmshear.export import export_checkpoint, model_from_checkpoint, prune_checkpoint
 from llmshear.loggers import read_metrics
 from llmshear.models.hf import load_model
 

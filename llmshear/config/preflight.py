@@ -228,7 +228,7 @@ def resume_problems(cfg: RunConfig, info: CheckpointInfo, key: str) -> list[str]
 def check_checkpoint(cfg: RunConfig) -> list[str]:
     """``load_path`` readable and of this run's kind; the latest checkpoint (autoresume) of this run's kind; no
     foreign checkpoints overwritten. An incomplete latest checkpoint is no problem: the run sets it aside
-    (:func:`llmshear.checkpoints.recover`). Only zip directories and pickled metadata are read, never tensors."""
+    (:func:`llmshear.run_folder.recover`). Only zip directories and pickled metadata are read, never tensors."""
     c = cfg.checkpoint
     problems = []
     candidates = []
