@@ -1,7 +1,7 @@
 """Turn Composer training checkpoints into Hugging Face directories a user can take anywhere.
 
-``prune_checkpoint`` cuts a pruning run's checkpoint to its target shape; ``prune_one_shot`` cuts a recipe's
-source by activation importance, with no training; ``export_checkpoint`` saves a continued run's model. All
+``export_checkpoint`` saves a run's model: a pruning run's cut to its target shape, a continued run's as it is;
+``prune_one_shot`` cuts a recipe's source by activation importance, with no training. Both
 write the weights (in the chosen dtype), config, generation config, the tokenizer, a ``summary.json`` (shape,
 parameters, the stages and tokens that made the model, the run's last per-domain perplexity) and a model card
 ``README.md``; the directory loads with ``transformers`` alone.
@@ -9,7 +9,6 @@ parameters, the stages and tokens that made the model, the run's last per-domain
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import os
@@ -23,11 +22,11 @@ from llmshear.checkpoints import CheckpointError, kind_of, read_model_state
 from llmshear.config import RunConfig
 from llmshear.files import require_new_directory
 from llmshear.model_card import CARD_FILE, SUMMARY_FILE, Stage, domain_perplexity, lineage, read_stage, render_card
+from llmshear.models.cut import cut_model, model_from_state, prune_summary
 from llmshear.models.hf import load_model, save_pretrained
 from llmshear.models.importance import importance_masks
 from llmshear.models.l0 import TARGET_KEYS, L0Module, TargetShape, l0_from_state_dict
 from llmshear.models.llama import DTYPES, LlamaConfig, LlamaLM
-from llmshear.models.prune import cut_model, model_from_state, prune_summary
 from llmshear.remote import local_checkpoint
 from llmshear.sources import has_tokenizer, load_tokenizer
 
@@ -41,17 +40,9 @@ def model_from_checkpoint(path: str | os.PathLike) -> LlamaLM:
 
     Raises:
         ValueError: see :func:`~llmshear.checkpoints.read_model_state`; a checkpoint without the model config; a
-            pruning checkpoint (those are cut by ``scripts/prune.py``); weights that do not match the config.
+            pruning checkpoint (:func:`load_pruning_checkpoint` reads those); weights that do not match the config.
     """
-    state = read_model_state(path)
-    if kind_of(state) != "continued":
-        raise CheckpointError(f"{path} is a pruning checkpoint (it has L0 masks): cut it with scripts/prune.py "
-                              "instead")
-    extra = state.get("_extra_state")
-    if not isinstance(extra, dict) or "model_config" not in extra:
-        raise ValueError(f"{path} carries no model config (_extra_state): not a checkpoint of llmshear's train.py")
-    weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
-    return model_from_state(LlamaConfig(**extra["model_config"]), weights)
+    return _continued_model(read_model_state(path), path)
 
 
 def load_pruning_checkpoint(path: str | os.PathLike) -> tuple[LlamaLM, L0Module]:
@@ -65,11 +56,27 @@ def load_pruning_checkpoint(path: str | os.PathLike) -> tuple[LlamaLM, L0Module]
         ValueError: see :func:`~llmshear.checkpoints.read_model_state` (missing, truncated, corrupt, not a Composer
             checkpoint); no L0 module in it; weights that do not match the stored config.
     """
-    state = read_model_state(path)
+    return _pruning_model(read_model_state(path), path)
+
+
+def _continued_model(state: dict, path: str | os.PathLike) -> LlamaLM:
+    """:func:`model_from_checkpoint` of the model state ``state`` read from ``path``."""
+    if kind_of(state) != "continued":
+        raise CheckpointError(f"{path} is a pruning checkpoint (it has L0 masks): read it with "
+                              "load_pruning_checkpoint, or export (and cut) it with scripts/export_hf.py")
+    extra = state.get("_extra_state")
+    if not isinstance(extra, dict) or "model_config" not in extra:
+        raise ValueError(f"{path} carries no model config (_extra_state): not a checkpoint of llmshear's train.py")
+    weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
+    return model_from_state(LlamaConfig(**extra["model_config"]), weights)
+
+
+def _pruning_model(state: dict, path: str | os.PathLike) -> tuple[LlamaLM, L0Module]:
+    """:func:`load_pruning_checkpoint` of the model state ``state`` read from ``path``."""
     l0_state = {k.removeprefix("l0."): v for k, v in state.items() if k.startswith("l0.")}
     if "_extra_state" not in l0_state:
         raise CheckpointError(f"{path} is a continued checkpoint (it has no L0 module, l0._extra_state), not a "
-                              "checkpoint of a pruning run: export it with scripts/export_hf.py instead")
+                              "checkpoint of a pruning run: read it with model_from_checkpoint")
     l0 = l0_from_state_dict(l0_state)
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     return model_from_state(l0.source, model_state), l0
@@ -132,39 +139,6 @@ def _save(model: LlamaLM, out_dir: Path, stage, tokenizer, dtype: str | None, co
     return summary
 
 
-def prune_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None,
-                     dtype: str | None = None, command: str | None = None) -> dict:
-    """Cut a pruning run's checkpoint with its deterministic masks and save the dense model as an HF directory.
-
-    Writes the HF files plus ``masks.pt`` (the deterministic masks), ``summary.json`` (:func:`prune_summary`
-    and the fields of :func:`_save`) and ``README.md``; the directory appears complete or not at all.
-
-    Args:
-        checkpoint: a local checkpoint, or ``s3://bucket/prefix/ep<E>-ba<N>-rank0.pt`` (``s3://bucket/prefix``: a
-            mirrored run's newest), downloaded with the run's ``metrics.jsonl`` into a temporary directory
-            (:func:`llmshear.remote.local_checkpoint`); the summary names it as given.
-        tokenizer: see :func:`resolve_tokenizer`.
-        dtype: a key of :data:`DTYPES` for the saved weights (default: as trained, float32).
-        command: the command line that made the export, for the model card.
-
-    Raises:
-        FileExistsError: ``out_dir`` exists and is not empty (checked before anything is read).
-        ValueError / FileNotFoundError: a missing, unreadable or foreign checkpoint (see
-            :func:`load_pruning_checkpoint`), a tokenizer that cannot be loaded,
-            non-finite weights.
-    """
-    out_dir = require_new_directory(out_dir)
-    with local_checkpoint(checkpoint) as local:
-        stage = _stage(checkpoint, local)
-        tokenizer = resolve_tokenizer(tokenizer, stage.source)
-        model, l0 = load_pruning_checkpoint(local)
-        masks = l0.deterministic_masks()
-        cut = cut_model(model, masks)
-        if cut.cfg != l0.target.to_config(l0.source):
-            raise ValueError(f"cut config {cut.cfg} differs from the target {l0.target}")
-        return _save_cut(model, masks, cut, out_dir, stage, tokenizer, dtype, command, local.parent)
-
-
 def _save_cut(model: LlamaLM, masks: dict, cut: LlamaLM, out_dir: Path, stage: Stage, tokenizer,
               dtype: str | None, command: str | None, run_folder: Path) -> dict:
     """Save ``cut`` (``model`` cut with ``masks``) with ``masks.pt`` and the cut's summary; returns the summary."""
@@ -182,7 +156,7 @@ def prune_one_shot(cfg: RunConfig, out_dir: str | os.PathLike, tokenizer=None, d
     """One-shot structured pruning (no training): the recipe's source scored by activation importance on the
     calibration batches its run would draw for ``pruning.init: importance`` (``pruning.init_batches`` batches of
     ``train.micro_batch_size`` sequences from the recipe's part of the train split, with its proportions and
-    seed), cut to ``pruning.target`` and saved as :func:`prune_checkpoint` saves a cut.
+    seed), cut to ``pruning.target`` and saved as :func:`export_checkpoint` saves a cut.
 
     Raises:
         FileExistsError: ``out_dir`` exists and is not empty (checked before anything is read).
@@ -202,43 +176,43 @@ def prune_one_shot(cfg: RunConfig, out_dir: str | os.PathLike, tokenizer=None, d
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, tokenizer=None,
                       dtype: str | None = None, command: str | None = None) -> dict:
-    """Save the model of a continued-pre-training checkpoint as an HF directory ``out_dir`` (new or empty).
+    """Save the model of a ``train.py`` checkpoint as an HF directory ``out_dir`` (new or empty), by its kind: a
+    pruning run's is cut to its target with its deterministic masks (``masks.pt`` and the cut's summary,
+    :func:`~llmshear.models.cut.prune_summary`, beside it), a continued run's is saved as it is. The directory
+    appears complete or not at all; the checkpoint is read once.
 
-    Args: as :func:`prune_checkpoint`.
+    Args:
+        checkpoint: a local checkpoint (file or sharded directory), or ``s3://bucket/prefix/ep<E>-ba<N>-rank0.pt``
+            (``s3://bucket/prefix``: a mirrored run's newest), downloaded with the run's ``metrics.jsonl`` into a
+            temporary directory (:func:`llmshear.remote.local_checkpoint`); the summary names it as given.
+        tokenizer: see :func:`resolve_tokenizer`.
+        dtype: a key of :data:`DTYPES` for the saved weights (default: as trained, float32).
+        command: the command line that made the export, for the model card.
 
     Returns:
         The summary (also written as ``summary.json``): output directory, parameters, shape, dtype, tokenizer,
-        stages, the run's last per-domain perplexity, command.
+        stages, the run's last per-domain perplexity, command; for a cut also what it removed.
 
     Raises:
-        FileExistsError: ``out_dir`` exists and is not an empty directory; nothing is read or written.
-        ValueError: see :func:`model_from_checkpoint`; a tokenizer that cannot be loaded;
-            non-finite weights.
+        FileExistsError: ``out_dir`` exists and is not an empty directory (checked before anything is read).
+        ValueError / FileNotFoundError: a missing, truncated, corrupt or foreign checkpoint (see
+            :func:`~llmshear.checkpoints.read_model_state`), a tokenizer that cannot be loaded, non-finite weights.
     """
     out_dir = require_new_directory(out_dir)
     with local_checkpoint(checkpoint) as local:
         stage = _stage(checkpoint, local)
         tokenizer = resolve_tokenizer(tokenizer, stage.source)
-        model = model_from_checkpoint(local)
-        return _save(model, out_dir, stage, tokenizer, dtype, command, {}, {}, local.parent)
-
-
-def export_parser(doc: str, checkpoint_help: str, out_help: str, recipe_help: str | None = None
-                  ) -> argparse.ArgumentParser:
-    """The command line that ``scripts/prune.py`` and ``scripts/export_hf.py`` share; with ``recipe_help``,
-    ``--recipe RECIPE [key=value ...]`` instead of ``--checkpoint``."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help=checkpoint_help)
-    if recipe_help is not None:
-        model.add_argument("--recipe", help=recipe_help)
-        parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of --recipe's keys")
-    parser.add_argument("--out", required=True, help=out_help)
-    parser.add_argument("--tokenizer", help="whose tokenizer to save (HF dir, .gguf, smollm2; 'none': no tokenizer); "
-                        "default: the run's source")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the saved weights (default: float32)")
-    return parser
-
+        state = read_model_state(local)
+        if kind_of(state) == "continued":
+            return _save(_continued_model(state, local), out_dir, stage, tokenizer, dtype, command, {}, {},
+                         local.parent)
+        model, l0 = _pruning_model(state, local)
+        del state
+        masks = l0.deterministic_masks()
+        cut = cut_model(model, masks)
+        if cut.cfg != l0.target.to_config(l0.source):
+            raise ValueError(f"cut config {cut.cfg} differs from the target {l0.target}")
+        return _save_cut(model, masks, cut, out_dir, stage, tokenizer, dtype, command, local.parent)
 
 def tokenizer_argument(value: str | None):
     """``--tokenizer`` as :func:`resolve_tokenizer` takes it: unset → :data:`RUN_SOURCE`, ``none`` → None."""

@@ -90,15 +90,15 @@ from llmshear.datasets.reference import eval_domains
 from llmshear.datasets.vocab import check_vocab
 from llmshear.demo import make_demo_corpus
 from llmshear.evaluation import evaluate_domains
-from llmshear.export import export_checkpoint, load_pruning_checkpoint, prune_checkpoint
+from llmshear.export import export_checkpoint, load_pruning_checkpoint
 from llmshear.files import replace_json
 from llmshear.loggers import METRICS_FILE, read_metrics
 from llmshear.models.build import PRESETS, build_model
+from llmshear.models.cut import cut_model, prune_summary
 from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.importance import importance_masks, random_masks
 from llmshear.models.l0 import TargetShape
 from llmshear.models.llama import LlamaConfig
-from llmshear.models.prune import cut_model, prune_summary
 from llmshear.resources import forward_flops_per_token, train_flops_per_token
 from llmshear.run import main as train_main
 
@@ -609,7 +609,7 @@ def prune_stages(bench: Bench, run: ArmRun, stages: Stages) -> Path:
     recipe = write_recipe(folder / "prune.yaml", PRUNE_RECIPE, f"arm {run.key}, pruning stage", overrides,
                           run.arm.prune_overrides, bench.source)
     stages.run("prune", prune_run / PROPORTIONS_FILE, lambda: train(recipe))
-    stages.run("cut", pruned / "config.json", lambda: prune_checkpoint(prune_run / LATEST_CHECKPOINT, pruned))
+    stages.run("cut", pruned / "config.json", lambda: export_checkpoint(prune_run / LATEST_CHECKPOINT, pruned))
     cached(folder / CUT_REPORT, lambda: load_pruning_checkpoint(prune_run / LATEST_CHECKPOINT)[1].cut_report())
     return pruned
 

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from llmshear.models.cut import cut_model
 from llmshear.models.hf import PRESETS, build_model, load_config, load_model, save_pretrained
 from llmshear.models.l0 import L0Module, TargetShape, params_of_masks
-from llmshear.models.prune import cut_model
 from llmshear.sources import resolve_source
 
 logger = logging.getLogger("check_equivalence")

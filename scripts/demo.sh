@@ -47,7 +47,7 @@ step "prune (L0 masks, exact schedule, 0/1 hardening, dynamic batch loading), ya
 
 step "cut the masked model into a dense HF model -> $DEMO_DIR/pruned"
 if [ -d "$DEMO_DIR/pruned" ]; then skip "$DEMO_DIR/pruned"; else
-    "$PYTHON" scripts/prune.py --checkpoint "$DEMO_DIR/runs/demo_prune/latest-rank0.pt" --out "$DEMO_DIR/pruned" \
+    "$PYTHON" scripts/export_hf.py --checkpoint "$DEMO_DIR/runs/demo_prune/latest-rank0.pt" --out "$DEMO_DIR/pruned" \
         >/dev/null
 fi
 

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                                      ("tokenizer", model_dir.is_dir() and has_tokenizer(model_dir))) if not ok]
     if missing:
         log.error("--model %s: not a model directory to generate with (no %s); export one with "
-                  "scripts/export_hf.py or scripts/prune.py", model_dir, ", no ".join(missing))
+                  "scripts/export_hf.py or scripts/export_hf.py", model_dir, ", no ".join(missing))
         return 2
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()

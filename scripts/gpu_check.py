@@ -10,7 +10,7 @@ Stages, each reported under its name in one JSON line (``ok`` false with the err
 * ``bench_model``: training-step tokens/s, MFU and peak memory of ours / masked / HF on the 1B-class shape;
 * ``bench_train``: ``bench_train.py``'s Composer-vs-bare tokens/s and MFU of both stages;
 * ``prune`` and ``continue``: 20-batch runs of the demo recipes through ``train.py`` (``composer -n 1``) with
-  amp_bf16, FSDP2 and activation checkpointing, the cut by ``prune.py`` between them;
+  amp_bf16, FSDP2 and activation checkpointing, the cut by ``export_hf.py`` between them;
 * ``memory``: the planner's estimate of a masked training step against the measured peak.
 
 ``--cpu`` keeps every stage but CUDA itself: tiny random presets, fp32, a few batches, no FSDP, the runs in this
@@ -140,7 +140,7 @@ def runs(mode: str, work: Path) -> dict:
     seq = [f"data.seq_len={256 if mode == 'gpu' else 32}", "train.global_batch_size=4", "train.micro_batch_size=4",
            "train.eval_batch_size=4"]
     train(mode, str(ROOT / "yaml" / "demo" / "prune.yaml"), run_overrides(mode, work, "prune", sizes["source"]) + seq)
-    cut = last_json(script("prune").main, ["--checkpoint", str(work / "prune" / LATEST_CHECKPOINT),
+    cut = last_json(script("export_hf").main, ["--checkpoint", str(work / "prune" / LATEST_CHECKPOINT),
                                            "--out", str(work / "pruned")])
     train(mode, str(ROOT / "yaml" / "demo" / "continue.yaml"),
           run_overrides(mode, work, "continue", str(work / "pruned")) + seq)

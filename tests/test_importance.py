@@ -11,6 +11,7 @@ from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 from llmshear.builders import build_l0, build_trainer, run_calibration_batches
 from llmshear.config import ConfigError, load
 from llmshear.models.build import build_model
+from llmshear.models.cut import cut_model
 from llmshear.models.hf import load_config
 from llmshear.models.importance import (
     activation_importance,
@@ -19,7 +20,6 @@ from llmshear.models.importance import (
     random_masks,
 )
 from llmshear.models.l0 import TargetShape, deterministic_gates, mask_specs
-from llmshear.models.prune import cut_model
 
 # tiny-gqa: d_model 96, 4 layers, 8 heads in 2 KV groups of 4, intermediate 192. Every structure is pruned.
 TARGET = TargetShape(d_model=64, n_layers=3, n_heads=2, n_kv_heads=1, intermediate_size=96)

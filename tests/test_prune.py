@@ -1,4 +1,4 @@
-"""Cutting masked models into dense ones (llmshear.models.prune) and the prune script, from a checkpoint or one-shot."""
+"""Cutting masked models into dense ones (llmshear.models.cut) and the prune script, from a checkpoint or one-shot."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from transformers import AutoModelForCausalLM
 
 from llmshear.builders import run_calibration_batches
 from llmshear.config import load
-from llmshear.export import load_pruning_checkpoint, prune_checkpoint
+from llmshear.export import export_checkpoint, load_pruning_checkpoint
 from llmshear.models.build import PRESETS, build_model
+from llmshear.models.cut import cut_model, plan_cut, prune_summary
 from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.importance import importance_masks
 from llmshear.models.l0 import L0Module, TargetShape, params_of_masks
 from llmshear.models.llama import LlamaConfig
-from llmshear.models.prune import cut_model, plan_cut, prune_summary
 
 TOL = 1e-4
 # MHA untied, GQA untied (llama3 rope), GQA tied with q/k/v bias (Qwen2), GQA tied with groups of 3 (SmolLM2).
@@ -206,7 +206,7 @@ def test_prune_checkpoint_writes_the_cut_model_masks_and_summary(tmp_path):
     loaded, loaded_l0 = load_pruning_checkpoint(tmp_path / "ep0-ba5-rank0.pt")
     assert loaded.cfg == model.cfg and loaded_l0.step.item() == 5
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    summary = prune_checkpoint(tmp_path / "ep0-ba5-rank0.pt", tmp_path / "out")
+    summary = export_checkpoint(tmp_path / "ep0-ba5-rank0.pt", tmp_path / "out")
     masks = l0.deterministic_masks()
     saved_masks = torch.load(tmp_path / "out" / "masks.pt", weights_only=True)
     assert saved_masks.keys() == masks.keys() and all(torch.equal(saved_masks[k], masks[k]) for k in masks)
@@ -226,18 +226,18 @@ def test_prune_checkpoint_refuses_bad_input_and_writes_nothing(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an empty directory"):
-        prune_checkpoint(checkpoint, out)
+        export_checkpoint(checkpoint, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        prune_checkpoint(truncated, tmp_path / "new")
-    not_pruning = tmp_path / "plain.pt"
-    torch.save({"state": {"model": {"model.lm_head.weight": torch.zeros(1)}}}, not_pruning)
-    with pytest.raises(ValueError, match="not a checkpoint of a pruning run"):
-        prune_checkpoint(not_pruning, tmp_path / "new")
+        export_checkpoint(truncated, tmp_path / "new")
+    not_ours = tmp_path / "plain.pt"
+    torch.save({"state": {"model": {"model.lm_head.weight": torch.zeros(1)}}}, not_ours)
+    with pytest.raises(ValueError, match="carries no model config .*not a checkpoint of llmshear's train.py"):
+        export_checkpoint(not_ours, tmp_path / "new")
     with pytest.raises(FileNotFoundError):
-        prune_checkpoint(tmp_path / "missing.pt", tmp_path / "new")
+        export_checkpoint(tmp_path / "missing.pt", tmp_path / "new")
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "out", "plain.pt", "truncated.pt"]
 
@@ -266,7 +266,7 @@ def test_prune_a_checkpoint_written_by_composers_trainer(tmp_path):
                       optimizers=torch.optim.Adam(model.parameters(), lr=0.05), device="cpu", progress_bar=False)
     trainer.fit()
     trainer.close()
-    summary = prune_checkpoint(tmp_path / "ckpt" / "latest-rank0.pt", tmp_path / "out")
+    summary = export_checkpoint(tmp_path / "ckpt" / "latest-rank0.pt", tmp_path / "out")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     tokens = _tokens(cfg)
     with torch.no_grad():
@@ -309,11 +309,11 @@ def test_the_cut_reaches_the_target_whatever_the_gate_logits(structure, kind):
 
 
 def test_one_shot_pruning_from_a_recipe_cuts_by_the_runs_calibration_batches(tmp_path, capsys):
-    prune_script = script("prune")
+    export_script = script("export_hf")
     data = write_mds(tmp_path / "data", DOMAINS, seq_len=32)
     recipe = tiny_recipe(tmp_path, data, run="one_shot")
     out = tmp_path / "out"
-    assert prune_script.main(["--recipe", str(recipe), "--out", str(out), "pruning.init_batches=3"]) == 0
+    assert export_script.main(["--recipe", str(recipe), "--out", str(out), "pruning.init_batches=3"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     cfg = load(recipe, ["pruning.init_batches=3"])
     model = load_model(cfg.model.pretrained)
@@ -331,17 +331,17 @@ def test_one_shot_pruning_from_a_recipe_cuts_by_the_runs_calibration_batches(tmp
 
 
 def test_one_shot_pruning_refuses_bad_arguments_before_reading_a_weight(tmp_path, capsys, caplog):
-    prune_script = script("prune")
+    export_script = script("export_hf")
     data = write_mds(tmp_path / "data", DOMAINS, seq_len=32)
     plain = tiny_recipe(tmp_path, data, run="plain", prune=False)
-    assert prune_script.main(["--recipe", str(plain), "--out", str(tmp_path / "a")]) == 2
+    assert export_script.main(["--recipe", str(plain), "--out", str(tmp_path / "a")]) == 2
     assert "not a pruning recipe" in caplog.text
     recipe = tiny_recipe(tmp_path, data, run="bad")
-    assert prune_script.main(["--recipe", str(recipe), "--out", str(tmp_path / "b"), "pruning.init_batches=0"]) == 2
+    assert export_script.main(["--recipe", str(recipe), "--out", str(tmp_path / "b"), "pruning.init_batches=0"]) == 2
     assert "pruning.init_batches" in caplog.text
     for argv, message in ((["--checkpoint", "x.pt", "--out", "c", "seed=4"], "apply to --recipe only"),
                           (["--checkpoint", "x.pt", "--recipe", str(recipe), "--out", "c"], "not allowed with")):
         with pytest.raises(SystemExit) as exit_info:
-            prune_script.main(argv)
+            export_script.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))

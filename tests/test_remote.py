@@ -93,10 +93,10 @@ def test_a_mirrored_run_resumes_from_the_bucket_bit_identical(runs, bucket, capl
 
 def test_exports_from_the_bucket_match_the_local_ones(runs, bucket, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the downloads go, to see them removed
-    prune = script("prune").main
+    export = script("export_hf").main
     local, uri = runs["tmp"] / "local" / "ep0-ba4-rank0.pt", "s3://bucket/run/ep0-ba4-rank0.pt"
-    assert prune(["--checkpoint", str(local), "--out", str(tmp_path / "local")]) == 0
-    assert prune(["--checkpoint", uri, "--out", str(tmp_path / "remote")]) == 0
+    assert export(["--checkpoint", str(local), "--out", str(tmp_path / "local")]) == 0
+    assert export(["--checkpoint", uri, "--out", str(tmp_path / "remote")]) == 0
     assert_same_export(tmp_path / "local", tmp_path / "remote", uri)
 
     plain = tiny_recipe(runs["tmp"], runs["data"], run="plain", prune=False, train={"max_batches": 2,
@@ -148,8 +148,8 @@ def test_unusable_remotes_are_config_errors_naming_the_key(runs, bucket, tmp_pat
     assert status == 2 and "checkpoint.remote='s3://missing/run'" in text and "Traceback" not in text
     assert not (tmp_path / "bad").exists()
     out = tmp_path / "out"
-    assert script("prune").main(["--checkpoint", "s3://missing/run", "--out", str(out)]) == 2
-    assert script("prune").main(["--checkpoint", "s3://bucket/run/ep0-ba8-rank0.pt", "--out", str(out)]) == 2
+    assert script("export_hf").main(["--checkpoint", "s3://missing/run", "--out", str(out)]) == 2
+    assert script("export_hf").main(["--checkpoint", "s3://bucket/run/ep0-ba8-rank0.pt", "--out", str(out)]) == 2
     assert "--checkpoint='s3://bucket/run/ep0-ba8-rank0.pt': no such object" in caplog.text
     assert not out.exists() or not any(out.iterdir())
 

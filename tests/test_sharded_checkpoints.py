@@ -1,6 +1,6 @@
 """``composer -n 2`` (gloo, FSDP2) with sharded checkpoints: every rank writes and reads only its own shard; a run
 killed inside a checkpoint write (every shard written, ``.metadata`` not yet) resumes by itself and ends
-bit-identical to an uninterrupted run; ``scripts/prune.py``'s reader cuts the sharded checkpoint; a source
+bit-identical to an uninterrupted run; ``scripts/export_hf.py``'s reader cuts the sharded checkpoint; a source
 initialised on rank 0 only trains exactly like one every rank loads."""
 
 from __future__ import annotations

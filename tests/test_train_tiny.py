@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from llmshear import run as train
 from llmshear.config import load
 from llmshear.evaluation import evaluate_domains
-from llmshear.export import export_checkpoint, model_from_checkpoint, prune_checkpoint
+from llmshear.export import export_checkpoint, model_from_checkpoint
 from llmshear.loggers import read_metrics
 from llmshear.models.hf import load_model
 
@@ -29,7 +29,7 @@ def pipeline(tmp_path_factory):
     data = write_mds(tmp / "data", DOMAINS, 32)
     assert train.main([str(tiny_recipe(tmp, data, run="prune", distill={"teacher": "tiny-gqa"}))]) == 0
     prune_folder = tmp / "prune"
-    prune_checkpoint(prune_folder / "latest-rank0.pt", tmp / "pruned")
+    export_checkpoint(prune_folder / "latest-rank0.pt", tmp / "pruned")
     recipe = tiny_recipe(tmp, data, run="continue", prune=False, model={"pretrained": str(tmp / "pruned")},
                          data={"proportions": None, "proportions_from": str(prune_folder / "proportions.json")},
                          train={"max_batches": 4, "eval_interval": 2}, checkpoint={"save_interval": 2})
@@ -98,14 +98,16 @@ def test_export_loads_in_transformers_with_the_same_logits(pipeline):
     assert set(results["domains"]) == set(DOMAINS) and all(math.isfinite(r["ppl"]) for r in results["domains"].values())
 
 
-def test_export_refuses_to_overwrite_and_refuses_pruning_checkpoints(pipeline):
+def test_export_goes_by_the_checkpoint_kind_and_refuses_to_overwrite(pipeline):
     tmp = pipeline["tmp"]
+    cut = json.loads((tmp / "pruned" / "config.json").read_text())  # a pruning checkpoint: cut to the target
+    assert (cut["hidden_size"], cut["num_hidden_layers"], cut["intermediate_size"]) == \
+        (TARGET["d_model"], TARGET["n_layers"], TARGET["intermediate_size"])
+    assert (tmp / "pruned" / "masks.pt").is_file() and not (tmp / "final" / "masks.pt").exists()
     before = sorted(p.name for p in (tmp / "final").iterdir())
     with pytest.raises(FileExistsError):
         export_checkpoint(tmp / "continue" / "latest-rank0.pt", tmp / "final")
     assert sorted(p.name for p in (tmp / "final").iterdir()) == before
-    with pytest.raises(ValueError, match="scripts/prune.py"):
-        export_checkpoint(tmp / "prune" / "latest-rank0.pt", tmp / "other")
     truncated = tmp / "truncated.pt"
     truncated.write_bytes((tmp / "continue" / "latest-rank0.pt").read_bytes()[:1000])
     with pytest.raises(ValueError, match="truncated or corrupt"):

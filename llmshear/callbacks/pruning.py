@@ -15,8 +15,8 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
+from llmshear.models.cut import plan_cut
 from llmshear.models.l0 import TARGET_KEYS, L0Module, params_of_masks
-from llmshear.models.prune import plan_cut
 from llmshear.run_folder import set_aside
 
 log = logging.getLogger(__name__)

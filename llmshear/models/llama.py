@@ -15,7 +15,7 @@ name               shape                               gates
 ``hidden``         ``(d_model,)``                      one dimension of the residual stream
 =================  ==================================  =====================================================
 
-A zero entry removes its unit exactly: cutting the zeroed units out (``prune.py``) gives the same logits.
+A zero entry removes its unit exactly: cutting the zeroed units out (``models/cut.py``) gives the same logits.
 
 With ``compact=True`` a masked forward computes only the units whose gate is not exactly 0 (:class:`LayerUnits`):
 it gathers their rows and columns of every weight, so its cost follows the units still in play (hard-concrete
