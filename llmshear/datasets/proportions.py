@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,7 @@ def reference_loss_errors(reference_losses: Sequence[float] | None, domains: Seq
                           key: str = "data.reference_losses") -> list[str]:
     """Problems of the reference losses: missing while ``rule`` needs them, wrong length, not finite."""
     if reference_losses is None:
-        return [f"{key}: required by data.update={rule}"] if rule in NEEDS_REFERENCE else []
+        return [f"{key}: required by data.update={rule}"] if rule in RULES and RULES[rule].needs_reference else []
     values = list(reference_losses)
     problems = []
     if len(values) != len(domains):
@@ -131,9 +132,18 @@ def constant(proportions: np.ndarray, losses: np.ndarray, reference_losses: np.n
     return proportions.copy()
 
 
-RULES = {"doremi": doremi, "constant": constant}
-RULE_PARAMS = {"doremi": ("eta", "smoothing"), "constant": ()}
-NEEDS_REFERENCE = frozenset({"doremi"})
+@dataclass(frozen=True)
+class Rule:
+    """A proportion update rule (``data.update``): its function ``(proportions, losses, reference_losses,
+    **params) -> proportions``, the ``data.*`` keys it takes as parameters, whether it needs reference losses.
+    Adding a rule is one entry in :data:`RULES` (and its parameters' keys in the config schema)."""
+
+    update: Callable[..., np.ndarray]
+    params: tuple[str, ...] = ()
+    needs_reference: bool = False
+
+
+RULES = {"doremi": Rule(doremi, ("eta", "smoothing"), needs_reference=True), "constant": Rule(constant)}
 
 
 def clip_proportions(weights: np.ndarray, floor: float = 0.0, cap: float = 1.0) -> np.ndarray:
@@ -189,7 +199,7 @@ def update_proportions(rule: str, proportions: Sequence[float], losses: Sequence
     """
     if rule not in RULES:
         raise ValueError(f"unknown proportion update rule {rule!r}; known rules: {sorted(RULES)}")
-    known = {name for names in RULE_PARAMS.values() for name in names}
+    known = {name for spec in RULES.values() for name in spec.params}
     unknown = sorted(set(params) - known)
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for rule {rule!r}; known: {sorted(known)}")
@@ -206,6 +216,6 @@ def update_proportions(rule: str, proportions: Sequence[float], losses: Sequence
     out = weights.copy()
     if present.any() and mass > 0:
         reference = None if reference_losses is None else np.asarray(reference_losses, np.float64)[present]
-        kwargs = {name: params[name] for name in RULE_PARAMS[rule] if name in params}
-        out[present] = RULES[rule](weights[present] / mass, loss[present], reference, **kwargs) * mass
+        kwargs = {name: params[name] for name in RULES[rule].params if name in params}
+        out[present] = RULES[rule].update(weights[present] / mass, loss[present], reference, **kwargs) * mass
     return clip_proportions(out, floor, cap)
