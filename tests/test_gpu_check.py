@@ -24,7 +24,9 @@ def test_gpu_check_cpu_mode_runs_every_stage(repo_root):
     assert all(rate > 0 for rate in report["bench_model"]["tokens_per_s"].values())
     assert all(report["bench_train"][stage]["tokens_per_s"] > 0 for stage in ("prune", "continue"))
     runs = report["runs"]
-    assert all(math.isfinite(loss) and loss < math.log(256) + 0.5 for loss in runs["final_loss"].values())
+    # uniform random tokens over tiny-smollm2's 256 ids: no model beats log(256) on them unless the labels leak
+    # into the inputs (a shift bug), and a working one stays near it
+    assert all(math.log(256) - 0.25 < loss < math.log(256) + 1.0 for loss in runs["final_loss"].values()), runs
     assert runs["cut"]["pruned"]["d_model"] == 72 and runs["cut"]["pruned"]["n_layers"] == 2
     assert 0.5 < report["memory"]["ratio"] < 2.0 and report["memory"]["measured_bytes"] > 0
 
