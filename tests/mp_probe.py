@@ -28,8 +28,10 @@ def probe(recipe: str) -> None:
     model = trainer.state.model
     wrapper = type(model).__name__
     model = getattr(model, "module", model)
-    with full_parameters(model.l0):
-        l0 = {name: p.detach().clone() for name, p in [*model.l0.named_parameters(), *model.l0.named_buffers()]}
+    l0 = {}
+    if model.l0 is not None:  # a pruning run
+        with full_parameters(model.l0):
+            l0 = {name: p.detach().clone() for name, p in [*model.l0.named_parameters(), *model.l0.named_buffers()]}
     dataset = trainer.state.train_dataloader.dataset
     layer = model.model.model.layers[0]
     inner = getattr(layer, "_checkpoint_wrapped_module", layer)

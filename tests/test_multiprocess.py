@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -10,7 +11,9 @@ import pytest
 import torch
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
+from llmshear import run as train
 from llmshear.export import load_pruning_checkpoint
+from llmshear.loggers import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = {"train": {"max_batches": 4, "eval_interval": 2}, "checkpoint": {"save_interval": 4}}
@@ -20,19 +23,22 @@ TARGET_D_MODEL = 64
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """One launch of 2 processes runs the DDP recipe, then the FSDP2 one (start-up dominates the time); both with
-    the default constraint (exact), hardened at batch 3 of 4, plus a DDP run with per-row multipliers."""
+    the default constraint (exact), hardened at batch 3 of 4, plus a DDP run with per-row multipliers and a DDP
+    run without pruning (``plain``), which one process then runs again (``single``)."""
     tmp = tmp_path_factory.mktemp("mp")
     data = write_mds(tmp / "data", DOMAINS, 32, n_train=16)
     row = {"constraint": "row"}
     recipes = [tiny_recipe(tmp, data, run="ddp", **SHORT),
                tiny_recipe(tmp, data, run="fsdp", fsdp={"enabled": True, "activation_checkpointing": True}, **SHORT),
-               tiny_recipe(tmp, data, run="ddp_row", pruning=row, **SHORT)]
+               tiny_recipe(tmp, data, run="ddp_row", pruning=row, **SHORT),
+               tiny_recipe(tmp, data, run="plain", prune=False, **SHORT)]
     launcher = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "composer"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
     result = subprocess.run([str(launcher), "-n", "2", "--stderr", str(tmp / "rank{rank}.err"),
                              str(REPO / "tests" / "mp_probe.py"), *map(str, recipes)],
                             env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + (tmp / "rank1.err").read_text()
+    assert train.main([str(tiny_recipe(tmp, data, run="single", prune=False, **SHORT))]) == 0  # `plain`, 1 process
     return tmp
 
 
@@ -84,3 +90,19 @@ def test_ddp_and_fsdp_wrap_as_configured_and_train_alike(runs):
 def test_fsdp_checkpoint_is_a_full_state_dict_that_cuts(runs):
     model, l0 = load_pruning_checkpoint(runs / "fsdp" / "latest-rank0.pt")
     assert l0.target.d_model == TARGET_D_MODEL and model.cfg.d_model == 96
+
+
+def test_two_ranks_evaluate_and_reweight_as_one_process_on_the_same_global_batch(runs):
+    """Every rank evaluates its share of the eval split and the losses are summed over ranks before the domains are
+    re-weighted: a loss computed on rank 0's share alone would differ from the one-process run's. Without pruning
+    (whose gate samples differ per rank) the two runs train the same model on the same global batches."""
+    rows = {kind: read_metrics(runs / kind / "metrics.jsonl") for kind in ("plain", "single")}
+    evals = {kind: [{k: v for k, v in r.items() if k.startswith("metrics/eval/")} for r in rows[kind]
+                    if any(k.startswith("metrics/eval/") for k in r)] for kind in rows}
+    assert len(evals["plain"]) == len(evals["single"]) == 2  # batches 2 and 4
+    for two, one in zip(evals["plain"], evals["single"], strict=True):
+        assert two.keys() == one.keys() and sum(any(d in k for d in DOMAINS) for k in one) >= len(DOMAINS)
+        for key, value in one.items():
+            assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    single = json.loads((runs / "single" / "proportions.json").read_text())["proportions"]
+    assert probes(runs / "plain")[0]["proportions"] == pytest.approx(single, rel=1e-5)
