@@ -26,6 +26,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+CREATE_TRIES = 5  # Lock.acquire: attempts to create the lock file in a folder that another process may remove
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # a folder name that cannot leave its parent (a domain)
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 TORCH_WRITE_FAILED = ("PytorchStreamWriter failed writing", "file write failed", "unexpected pos")
@@ -98,15 +99,18 @@ class Lock:
         Raises:
             LockedError: a live holder has it.
         """
-        missing = [folder for folder in [self.path.parent, *self.path.parent.parents] if not folder.exists()]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.created = missing
-        try:
-            with open(self.path, "x", encoding="utf-8") as handle:
-                json.dump(self.holder, handle)
-            return
-        except FileExistsError:
-            pass
+        for _ in range(CREATE_TRIES):  # another process may remove the folder it made between our mkdir and open
+            missing = [folder for folder in [self.path.parent, *self.path.parent.parents] if not folder.exists()]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.created = missing
+            try:
+                with open(self.path, "x", encoding="utf-8") as handle:
+                    json.dump(self.holder, handle)
+                return
+            except FileExistsError:
+                break
+            except FileNotFoundError:
+                continue
         other = self.read()
         if not self.stale(other):
             raise LockedError(self.path, other)

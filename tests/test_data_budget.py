@@ -75,7 +75,8 @@ def test_budget_output_is_the_same_with_workers(corpus, tiny_tokenizer, tmp_path
     assert trained["code"] > LIMIT - SEQ and trained["prose"] > 3 * LIMIT - SEQ
 
 
-def test_exclude_read_draws_a_second_set_from_the_files_the_first_left(corpus, whole, tiny_tokenizer, tmp_path):  # noqa: F811
+def test_exclude_read_draws_a_second_set_from_the_files_the_first_left(corpus, whole, tiny_tokenizer, tmp_path,  # noqa: F811
+                                                                        caplog):
     first = prepare(corpus[0] / "in", tiny_tokenizer, tmp_path / "prune", seq_len=SEQ, eval_seqs=K, progress=False,
                     max_tokens=LIMIT)
     second = prepare(corpus[0] / "in", tiny_tokenizer, tmp_path / "continue", seq_len=SEQ, eval_seqs=K,
@@ -83,6 +84,12 @@ def test_exclude_read_draws_a_second_set_from_the_files_the_first_left(corpus, w
     assert second["excluded_files"] == len(first["read_files"]) > 0
     assert not set(first["read_files"]) & set(second["read_files"])
     assert len(first["read_files"]) + len(second["read_files"]) == len(whole[1]["read_files"])
+    elsewhere = tmp_path / "elsewhere"
+    write_corpus(elsewhere, {"code": 10}, docs_per_file=5)
+    with caplog.at_level(logging.WARNING):
+        other = prepare(elsewhere, tiny_tokenizer, tmp_path / "other", seq_len=SEQ, eval_seqs=K, progress=False,
+                        exclude_read=[tmp_path / "prune"])
+    assert other["excluded_files"] == 0 and "none of this input's files is among the" in caplog.text
     with pytest.raises(ValueError, match=r"--exclude-read .*no summary.json with 'read_files'"):
         prepare(corpus[0] / "in", tiny_tokenizer, tmp_path / "third", seq_len=SEQ, eval_seqs=K,
                 exclude_read=[corpus[0] / "in"])

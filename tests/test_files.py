@@ -7,6 +7,7 @@ import errno
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from data_fixtures import tiny_tokenizer, write_corpus  # noqa: F401 (tiny_tokenizer: fixture)
@@ -105,6 +106,30 @@ def test_one_allocation_two_job_steps_refuse_a_requeue_takes_over(tmp_path, monk
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_lock_removes_the_folders_it_made_and_survives_one_removed_under_it(tmp_path, monkeypatch):
+    (tmp_path / "kept").mkdir()
+    first = Lock(tmp_path / "kept" / "a" / "b" / "run.lock")
+    first.acquire()
+    first.release()  # nothing written beside the lock: the folders it made go, the one that existed stays
+    assert [p.name for p in tmp_path.rglob("*")] == ["kept"]
+    folder, made = tmp_path / "x" / "y", Path.mkdir
+    removed = []
+
+    def mkdir_then_removed(self, *args, **kwargs):  # another process releases its lock and removes the folder
+        made(self, *args, **kwargs)                  # between this one's mkdir and its creating the lock file
+        if self == folder and not removed:
+            removed.append(self)
+            self.rmdir()
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_removed)
+    second = Lock(folder / "run.lock")
+    second.acquire()
+    assert removed and second.read() == second.holder
+    (folder / "checkpoint.pt").write_bytes(b"x")
+    second.release()  # the folder holds what the run wrote: kept
+    assert sorted(p.name for p in (tmp_path / "x").rglob("*")) == ["checkpoint.pt", "y"]
 
 
 def test_prepare_and_save_refuse_an_output_another_writer_holds(tmp_path, tiny_tokenizer):  # noqa: F811

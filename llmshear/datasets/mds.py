@@ -118,6 +118,9 @@ def excluding(tasks: list[FileTask], prepared: list[str | Path]) -> tuple[list[F
     """``tasks`` without the files any of ``prepared`` took documents from, and how many were left out."""
     seen = set().union(*(read_files(path) for path in prepared)) if prepared else set()
     kept = [task for task in tasks if str(Path(task.path).resolve()) not in seen]
+    if seen and len(kept) == len(tasks):
+        log.warning("--exclude-read %s: none of this input's files is among the %d it read (was it prepared from "
+                    "another --input?); nothing is left out", ", ".join(map(str, prepared)), len(seen))
     return kept, len(tasks) - len(kept)
 
 
