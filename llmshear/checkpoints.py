@@ -1,6 +1,6 @@
 """The Composer checkpoint files of a run folder: names, kinds, cheap validation and reading (the model state,
 the metadata a resume needs). The care of the folder itself (recovery after a kill, the lock) is in
-:mod:`llmshear.run_folder`; reading a model out of a checkpoint in :mod:`llmshear.export`.
+:mod:`llmshear.run_folder`; reading a model out of a checkpoint in :mod:`llmshear.tools.export`.
 
 A run folder (``checkpoint.save_folder``) holds one entry per checkpoint: a *full* checkpoint is one file
 ``ep<E>-ba<N>-rank0.pt`` (a torch zip archive written by rank 0), a *sharded* one (``fsdp.state_dict_type:

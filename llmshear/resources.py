@@ -1,6 +1,6 @@
 """What a model shape costs: parameters, training FLOPs per token, and GPU memory of one training step.
 
-Pure arithmetic on a :class:`~llmshear.models.llama.LlamaConfig`; :mod:`llmshear.plan` applies it to a recipe.
+Pure arithmetic on a :class:`~llmshear.models.llama.LlamaConfig`; :mod:`llmshear.tools.plan` applies it to a recipe.
 The memory model counts what our code keeps (see ``models/llama.py``), per token of one micro batch:
 
 * every decoder layer saves, for the backward pass: both RMSNorms' fp32 input and their output; the rotated

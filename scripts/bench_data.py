@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus-chars", type=int, default=600_000, help="characters per demo domain to tokenize")
     parser.add_argument("--samples", type=int, default=4000, help="samples measured per loader at seq 512")
     args = parser.parse_args(argv)
-    from llmshear.demo import make_demo_corpus
+    from llmshear.tools.demo import make_demo_corpus
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = {}

@@ -50,7 +50,7 @@ Without ``--data`` the demo corpus is built as ``scripts/demo.sh`` builds it (``
 held-out sequences per domain: the first 8 form the ``eval`` split (what the recipes'
 evaluations and dynamic loading read), the other 32 the ``test`` split. Every model (the source, the start of
 each arm's continued pre-training: cut, one-shot pruned or initialised, and the final one) is evaluated on the
-test split of every domain (:func:`llmshear.evaluation.evaluate_domains`); with ``--data DIR`` on ``DIR/test``,
+test split of every domain (:func:`llmshear.tools.evaluation.evaluate_domains`); with ``--data DIR`` on ``DIR/test``,
 or on ``DIR/eval`` (with a warning) when there is none. The gap of a domain is its loss minus the source's loss
 there. ``OUT/reference_losses.json`` (dynamic loading's reference) holds the source's losses on the eval split.
 
@@ -88,9 +88,6 @@ from llmshear.datasets.mds import SUMMARY, TOKENS, MDSDomain, open_domains, prep
 from llmshear.datasets.proportions import PROPORTIONS_FILE
 from llmshear.datasets.reference import eval_domains
 from llmshear.datasets.vocab import check_vocab
-from llmshear.demo import make_demo_corpus
-from llmshear.evaluation import evaluate_domains
-from llmshear.export import export_checkpoint, load_pruning_checkpoint
 from llmshear.files import replace_json
 from llmshear.loggers import METRICS_FILE, read_metrics
 from llmshear.models.build import PRESETS, build_model
@@ -101,6 +98,9 @@ from llmshear.models.l0 import TargetShape
 from llmshear.models.llama import LlamaConfig
 from llmshear.resources import forward_flops_per_token, train_flops_per_token
 from llmshear.run import main as train_main
+from llmshear.tools.demo import make_demo_corpus
+from llmshear.tools.evaluation import evaluate_domains
+from llmshear.tools.export import export_checkpoint, load_pruning_checkpoint
 
 log = logging.getLogger("bench_quality")
 

@@ -21,8 +21,8 @@ log = logging.getLogger("eval_downstream")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from llmshear.downstream import PAPER_TASKS, parse_task
     from llmshear.models.llama import DTYPES
+    from llmshear.tools.downstream import PAPER_TASKS, parse_task
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, help="model source (repeatable)")
@@ -48,15 +48,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate every ``--model`` on every task; 2 on a bad argument, model or task."""
-    from llmshear.downstream import all_local, go_offline, is_local_model
+    from llmshear.tools.downstream import all_local, go_offline, is_local_model
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     offline = all_local(args.tasks)
     go_offline(datasets=offline, hub=offline and all(is_local_model(m) for m in args.model))
     # lm-eval, datasets and transformers read the variables above when imported, so they are imported after.
-    from llmshear.downstream import evaluate, format_table, load_lm, task_manager
-    from llmshear.evaluation import check_device
+    from llmshear.tools.downstream import evaluate, format_table, load_lm, task_manager
+    from llmshear.tools.evaluation import check_device
 
     try:
         check_device(args.device)

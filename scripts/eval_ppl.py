@@ -19,9 +19,9 @@ from pathlib import Path
 
 from llmshear.datasets.reference import eval_domains
 from llmshear.datasets.vocab import check_vocab
-from llmshear.evaluation import check_device, evaluate_domains, format_table
 from llmshear.models.hf import load_config, load_model
 from llmshear.models.llama import DTYPES
+from llmshear.tools.evaluation import check_device, evaluate_domains, format_table
 
 log = logging.getLogger("eval_ppl")
 

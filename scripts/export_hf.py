@@ -34,7 +34,7 @@ import sys
 
 from llmshear.choices import DTYPE_NAMES
 from llmshear.config import ConfigError, load
-from llmshear.export import export_checkpoint, prune_one_shot, tokenizer_argument
+from llmshear.tools.export import export_checkpoint, prune_one_shot, tokenizer_argument
 
 log = logging.getLogger("export_hf")
 

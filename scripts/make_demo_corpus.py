@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 
-from llmshear.demo import make_demo_corpus
+from llmshear.tools.demo import make_demo_corpus
 
 log = logging.getLogger("make_demo_corpus")
 

@@ -1,10 +1,10 @@
 """Build the items of the local downstream task ``demo_continuation`` from held-out demo text (no network).
 
-    python scripts/make_downstream_task.py                    # rewrites llmshear/tasks/demo_continuation/items.jsonl
+    python scripts/make_downstream_task.py    # rewrites llmshear/tools/tasks/demo_continuation/items.jsonl
 
 Deterministic for a given ``--seed``, Python and set of installed packages (the demo corpus's sources). Items
 come only from documents that start after ``--skip-chars`` characters of their domain, twice the demo's
-``--max-chars`` by default (see llmshear/tasks/continuation.py). Prints one JSON line (items per domain).
+``--max-chars`` by default (see llmshear/tools/tasks/continuation.py). Prints one JSON line (items per domain).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import logging
 import sys
 from pathlib import Path
 
-from llmshear.demo import DOMAINS
-from llmshear.tasks import TASKS_DIR
-from llmshear.tasks.continuation import build_items, write_items
+from llmshear.tools.demo import DOMAINS
+from llmshear.tools.tasks import TASKS_DIR
+from llmshear.tools.tasks.continuation import build_items, write_items
 
 log = logging.getLogger("make_downstream_task")
 DEMO_MAX_CHARS = 600_000  # scripts/demo.sh's make_demo_corpus.py --max-chars (tests/test_downstream.py checks)

@@ -22,7 +22,7 @@ import sys
 from contextlib import ExitStack
 
 from llmshear.config import ConfigError
-from llmshear.plan import (
+from llmshear.tools.plan import (
     GPUS,
     Machine,
     cut_source,
@@ -33,8 +33,8 @@ from llmshear.plan import (
     placeholder_environment,
     plan,
 )
-from llmshear.plan import table as render_table
-from llmshear.plan import warnings as plan_warnings
+from llmshear.tools.plan import table as render_table
+from llmshear.tools.plan import warnings as plan_warnings
 
 log = logging.getLogger("plan")
 

@@ -15,8 +15,8 @@ import sys
 
 from llmshear.datasets.reference import eval_domains, scaling_reference, yaml_list
 from llmshear.datasets.vocab import check_vocab
-from llmshear.evaluation import check_device, mean_domain_losses
 from llmshear.models.llama import DTYPES
+from llmshear.tools.evaluation import check_device, mean_domain_losses
 
 log = logging.getLogger("reference_loss")
 

@@ -347,3 +347,13 @@ def test_reading_a_recipe_loads_no_runtime(tmp_path):
                                "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_training_path_imports_no_offline_tool():
+    """``train.py``'s modules never import ``llmshear.tools`` (planner, export, evaluation, demo)."""
+    code = ("import sys\nimport llmshear.run, llmshear.builders\n"
+            "print(sorted(m for m in sys.modules if m.startswith('llmshear.tools')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

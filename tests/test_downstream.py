@@ -1,4 +1,5 @@
-"""Downstream evaluation (scripts/eval_downstream.py, llmshear.downstream) and our local task demo_continuation."""
+"""Downstream evaluation (scripts/eval_downstream.py, llmshear.tools.downstream) and our local task demo_continuation.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from pathlib import Path
 import pytest
 from script_modules import script
 
-from llmshear.demo import DOMAINS, make_demo_corpus
-from llmshear.downstream import PAPER_TASKS, TaskSpec, parse_task
-from llmshear.tasks import TASKS_DIR
-from llmshear.tasks.continuation import CHOICES, build_items
+from llmshear.tools.demo import DOMAINS, make_demo_corpus
+from llmshear.tools.downstream import PAPER_TASKS, TaskSpec, parse_task
+from llmshear.tools.tasks import TASKS_DIR
+from llmshear.tools.tasks.continuation import CHOICES, build_items
 
 REPO = Path(__file__).resolve().parents[1]
 ITEMS = TASKS_DIR / "demo_continuation" / "items.jsonl"
@@ -149,7 +150,7 @@ def test_source_model_beats_a_random_init_model_of_its_shape(tmp_path):
 
 
 def test_results_table_and_metric_fallback():
-    from llmshear.downstream import _first_metric, format_table
+    from llmshear.tools.downstream import _first_metric, format_table
 
     row = {"alias": "nq_open", "exact_match,remove_whitespace": 0.5, "exact_match,none": 0.25}
     assert _first_metric(row, "nq_open") == "exact_match"

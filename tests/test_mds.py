@@ -241,7 +241,7 @@ def test_command_line(corpus, tiny_tokenizer, tmp_path):  # noqa: F811
 
 
 def test_demo_corpus_is_real_local_text_and_deterministic(tmp_path):
-    from llmshear.demo import make_demo_corpus
+    from llmshear.tools.demo import make_demo_corpus
 
     summary = make_demo_corpus(tmp_path / "one", max_chars=200_000, docs_per_file=7)
     assert set(summary) == {"code", "docs", "readme"}
@@ -258,7 +258,7 @@ def test_demo_corpus_is_real_local_text_and_deterministic(tmp_path):
 
 
 def test_demo_corpus_default_size_gives_over_a_million_tokens(tmp_path):
-    from llmshear.demo import make_demo_corpus
+    from llmshear.tools.demo import make_demo_corpus
 
     summary = make_demo_corpus(tmp_path / "demo")
     # SmolLM2's tokenizer averages under 4 characters per token on this text (1.30M tokens measured)

@@ -12,8 +12,8 @@ import torch
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
 from llmshear import run as train
-from llmshear.export import load_pruning_checkpoint
 from llmshear.loggers import read_metrics
+from llmshear.tools.export import load_pruning_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = {"train": {"max_batches": 4, "eval_interval": 2}, "checkpoint": {"save_interval": 4}}

@@ -17,8 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from llmshear.config import ConfigError, load
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import load_config
-from llmshear.plan import GPUS, RESERVED, Machine, cut_source, load_recipe, plan, warnings
 from llmshear.resources import non_embedding_params, total_params, train_flops_per_token
+from llmshear.tools.plan import GPUS, RESERVED, Machine, cut_source, load_recipe, plan, warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"LLAMA2_7B": "llama2-7b", "DATA_DIR": "/nonexistent/data", "RUN_DIR": "/nonexistent/runs",

@@ -16,13 +16,13 @@ from transformers import AutoModelForCausalLM
 
 from llmshear.builders import run_calibration_batches
 from llmshear.config import load
-from llmshear.export import export_checkpoint, load_pruning_checkpoint
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.cut import cut_model, plan_cut, prune_summary
 from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.importance import importance_masks
 from llmshear.models.l0 import L0Module, TargetShape, params_of_masks
 from llmshear.models.llama import LlamaConfig
+from llmshear.tools.export import export_checkpoint, load_pruning_checkpoint
 
 TOL = 1e-4
 # MHA untied, GQA untied (llama3 rope), GQA tied with q/k/v bias (Qwen2), GQA tied with groups of 3 (SmolLM2).

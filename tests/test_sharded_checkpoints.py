@@ -17,7 +17,7 @@ import torch
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
 from llmshear.checkpoints import METADATA_FILE, describe, load_checkpoint
-from llmshear.export import load_pruning_checkpoint
+from llmshear.tools.export import load_pruning_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"train": {"max_batches": 6, "eval_interval": 2}, "checkpoint": {"save_interval": 2},

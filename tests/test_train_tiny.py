@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from llmshear import run as train
 from llmshear.config import load
-from llmshear.evaluation import evaluate_domains
-from llmshear.export import export_checkpoint, model_from_checkpoint
 from llmshear.loggers import read_metrics
 from llmshear.models.hf import load_model
+from llmshear.tools.evaluation import evaluate_domains
+from llmshear.tools.export import export_checkpoint, model_from_checkpoint
 
 TARGET = {"d_model": 64, "n_layers": 3, "n_heads": 4, "n_kv_heads": 1, "intermediate_size": 96}
 

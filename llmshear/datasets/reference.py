@@ -2,7 +2,7 @@
 
 Both references give one number per domain, in domain order, for ``data.reference_losses``: the loss the pruned
 model should reach on each domain (Sheared-LLaMA's "scaling reference" here; its "source reference", the source
-model's own eval loss, is :func:`llmshear.evaluation.mean_domain_losses` of the source).
+model's own eval loss, is :func:`llmshear.tools.evaluation.mean_domain_losses` of the source).
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from llmshear.builders import run_calibration_batches
 from llmshear.checkpoints import CheckpointError, kind_of, read_model_state
 from llmshear.config import RunConfig
 from llmshear.files import require_new_directory
-from llmshear.model_card import CARD_FILE, SUMMARY_FILE, Stage, domain_perplexity, lineage, read_stage, render_card
 from llmshear.models.cut import cut_model, model_from_state, prune_summary
 from llmshear.models.hf import load_model, save_pretrained
 from llmshear.models.importance import importance_masks
@@ -29,6 +28,15 @@ from llmshear.models.l0 import TARGET_KEYS, L0Module, TargetShape, l0_from_state
 from llmshear.models.llama import DTYPES, LlamaConfig, LlamaLM
 from llmshear.remote import local_checkpoint
 from llmshear.sources import has_tokenizer, load_tokenizer
+from llmshear.tools.model_card import (
+    CARD_FILE,
+    SUMMARY_FILE,
+    Stage,
+    domain_perplexity,
+    lineage,
+    read_stage,
+    render_card,
+)
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Every item is a passage of a document the demo never trains on, and four continu
 next characters and the continuations of three other items of the same domain. A model that reads the
 passage should prefer its own continuation; a model that ignores it is right a quarter of the time.
 
-Held out means: the demo corpus (:func:`llmshear.demo.make_demo_corpus` with ``scripts/demo.sh``'s
+Held out means: the demo corpus (:func:`llmshear.tools.demo.make_demo_corpus` with ``scripts/demo.sh``'s
 ``--max-chars``) takes each domain's documents in order until ``max_chars`` characters; items are drawn only
 from documents that start after ``skip_chars`` characters (a multiple of the demo's cut, so that a change in
 the set of installed packages, which moves the ``readme`` domain's cut, cannot bring an item's document into
@@ -121,7 +121,7 @@ def build_items(domains: dict[str, Callable[[], Iterable[tuple[str, str]]]], per
     """The task's items, domains interleaved (so the first ``n`` items of ``--limit n`` cover every domain).
 
     Args:
-        domains: ``{domain: callable yielding (source, text)}``, e.g. :data:`llmshear.demo.DOMAINS`.
+        domains: ``{domain: callable yielding (source, text)}``, e.g. :data:`llmshear.tools.demo.DOMAINS`.
         per_domain: items per domain (domains with no held-out document are left out).
         skip_chars: characters of each domain's stream that the items never come from.
         seed: the only source of randomness (passages, distractors, position of the answer).

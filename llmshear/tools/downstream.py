@@ -3,7 +3,7 @@
 A model is evaluated by ``lm_eval.simple_evaluate`` on its ``HFLM`` wrapper: an HF directory (or a hub name)
 is loaded by lm-eval itself; ``smollm2`` and ``.gguf`` files are loaded by our strict loader and handed over as
 a ``transformers`` model with the same weights. Tasks are lm-eval names with an optional shot count
-(``arc_challenge:25``); ours live in :data:`llmshear.tasks.TASKS_DIR` and need no network.
+(``arc_challenge:25``); ours live in :data:`llmshear.tools.tasks.TASKS_DIR` and need no network.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmshear.tasks import LOCAL_TASKS, TASKS_DIR
+from llmshear.tools.tasks import LOCAL_TASKS, TASKS_DIR
 
 log = logging.getLogger(__name__)
 
