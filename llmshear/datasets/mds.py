@@ -194,13 +194,12 @@ def prepare(input_dir: str | Path, tokenizer: str | Path, out: str | Path, seq_l
     tasks, excluded = excluding(tasks, exclude_read or [])
     tokenizer_json, eos_id, vocab = fast_tokenizer(tokenizer)
     dtype = token_dtype(vocab)
-    per_domain = max_tokens if isinstance(max_tokens, dict) else {}
-    budget = TokenBudget(per_domain, None if isinstance(max_tokens, dict) else max_tokens, eval_seqs * seq_len)
+    budget = TokenBudget(max_tokens, eval_seqs * seq_len)
     with new_directory(out, overwrite, what="the data") as staging:
         summary = {"tokenizer": str(tokenizer), "vocab_size": vocab, "tokenizer_fingerprint":
                    vocab_fingerprint(tokenizer_json), "dtype": dtype, "seq_len": seq_len, "eval_seqs": eval_seqs,
                    "layout": layout, "max_tokens": max_tokens,
-                   "exclude_read": {str(path): None for path in exclude_read or []}, "excluded_files": excluded,
+                   "exclude_read": [str(path) for path in exclude_read or []], "excluded_files": excluded,
                    "bad_lines": 0, "bad_line_files": {}, "skipped_files": {}, "unselected_documents": {},
                    "domains": {}}
         packers: dict[str, DomainPacker] = {}

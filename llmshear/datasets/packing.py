@@ -61,15 +61,8 @@ class FileTask:
     selected: tuple[str, ...] | None = None
 
 
-@dataclass(frozen=True)
-class Wanted:
-    """Stream tokens still wanted per domain when a file is handed to a worker (a domain not named, or named
-    with None: no limit). A worker stops reading a file once each domain it can feed has what is wanted."""
-
-    tokens: dict[str, int | None] = field(default_factory=dict)
-
-    def of(self, domain: str) -> int | None:
-        return self.tokens.get(domain)
+Wanted = dict[str, int | None]  # stream tokens still wanted per domain when a file is handed to a worker (a
+# domain not named, or named with None: no limit); the worker stops once each domain it can feed has them
 
 
 class TokenBudget:
@@ -82,13 +75,15 @@ class TokenBudget:
     stream, never on how far workers read ahead, so the output is the same for every ``workers``.
 
     Args:
-        limits: train tokens per domain (a domain not named gets ``default``).
-        default: train tokens of a domain not in ``limits`` (None: unlimited).
+        max_tokens: train tokens of every domain (an int), of the domains named (a dict; the others unlimited),
+            or None (unlimited).
         eval_tokens: the tokens of a domain's eval split (``eval_seqs * seq_len``).
     """
 
-    def __init__(self, limits: dict[str, int], default: int | None, eval_tokens: int):
-        self.limits, self.default, self.eval_tokens = dict(limits), default, eval_tokens
+    def __init__(self, max_tokens: int | dict[str, int] | None, eval_tokens: int):
+        self.limits = dict(max_tokens) if isinstance(max_tokens, dict) else {}
+        self.default = None if isinstance(max_tokens, dict) else max_tokens
+        self.eval_tokens = eval_tokens
         self.used: dict[str, int] = {}  # stream tokens taken
         self.tails: dict[str, int] = {}  # the boundary document's dropped tail, once its end was seen
         self.files: dict[str, dict] = {}  # path of a file documents were taken from -> {"documents": how many,
@@ -114,8 +109,8 @@ class TokenBudget:
         if task.routed:
             if task.selected is not None and all(self.met(domain) for domain in task.selected):
                 return None
-            return Wanted({domain: self.left(domain) for domain in set(self.limits) | set(self.used)})
-        return None if self.met(task.domain) else Wanted({task.domain: self.left(task.domain)})
+            return {domain: self.left(domain) for domain in set(self.limits) | set(self.used)}
+        return None if self.met(task.domain) else {task.domain: self.left(task.domain)}
 
     def _keep(self, domain: str, lengths: np.ndarray) -> int:
         """How many of ``lengths`` (the next documents of ``domain``) the budget takes; learns the tail."""
@@ -220,7 +215,7 @@ def _tokenize_file(job: tuple[FileTask, int, bool, Wanted | None]) -> FileResult
         chunks[domain].clear()
 
     def has_enough(domain: str) -> bool:
-        limit = wanted.of(domain)
+        limit = wanted.get(domain)
         return limit is not None and produced.get(domain, 0) >= limit
 
     def all_fed() -> bool:
@@ -287,21 +282,18 @@ def tokenize_all(tasks: list[FileTask], tokenizer_json: str, eos_id: int, worker
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process that already runs torch / Rust threads
     with context.Pool(workers, initializer=_start_pool_worker, initargs=(tokenizer_json,)) as pool:
-        def read_ahead() -> Iterator[FileResult]:
+        def collect(task: FileTask, running) -> FileResult:
+            return unread(task) if running is None else running.get()
+
+        def read_ahead() -> Iterator[FileResult]:  # a file is handed out once the one 2 * workers before it is used
             pending: deque = deque()
-            upcoming = iter(tasks)
-            for task in upcoming:
+            for task in tasks:
                 spec = job(task)
                 pending.append((task, None if spec is None else pool.apply_async(_tokenize_file, (spec,))))
                 if len(pending) >= 2 * workers:
-                    break
+                    yield collect(*pending.popleft())
             while pending:
-                task, running = pending.popleft()
-                yield unread(task) if running is None else running.get()
-                nxt = next(upcoming, None)
-                if nxt is not None:
-                    spec = job(nxt)
-                    pending.append((nxt, None if spec is None else pool.apply_async(_tokenize_file, (spec,))))
+                yield collect(*pending.popleft())
 
         yield from report(read_ahead(), len(tasks), "tokenize", "file", enabled=progress)
 

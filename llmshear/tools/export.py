@@ -75,8 +75,7 @@ def _continued_model(state: dict, path: str | os.PathLike) -> LlamaLM:
     extra = state.get("_extra_state")
     if not isinstance(extra, dict) or "model_config" not in extra:
         raise ValueError(f"{path} carries no model config (_extra_state): not a checkpoint of llmshear's train.py")
-    weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
-    return model_from_state(LlamaConfig(**extra["model_config"]), weights)
+    return model_from_state(LlamaConfig(**extra["model_config"]), _weights(state))
 
 
 def _pruning_model(state: dict, path: str | os.PathLike) -> tuple[LlamaLM, L0Module]:
@@ -86,8 +85,12 @@ def _pruning_model(state: dict, path: str | os.PathLike) -> tuple[LlamaLM, L0Mod
         raise CheckpointError(f"{path} is a continued checkpoint (it has no L0 module, l0._extra_state), not a "
                               "checkpoint of a pruning run: read it with model_from_checkpoint")
     l0 = l0_from_state_dict(l0_state)
-    model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    return model_from_state(l0.source, model_state), l0
+    return model_from_state(l0.source, _weights(state)), l0
+
+
+def _weights(state: dict) -> dict:
+    """The :class:`LlamaLM` weights of a checkpoint's model state (its ``model.*`` entries, prefix removed)."""
+    return {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
 
 
 def resolve_tokenizer(tokenizer, recorded_source: str | None):
@@ -221,6 +224,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         if cut.cfg != l0.target.to_config(l0.source):
             raise ValueError(f"cut config {cut.cfg} differs from the target {l0.target}")
         return _save_cut(model, masks, cut, out_dir, stage, tokenizer, dtype, command, local.parent)
+
 
 def tokenizer_argument(value: str | None):
     """``--tokenizer`` as :func:`resolve_tokenizer` takes it: unset → :data:`RUN_SOURCE`, ``none`` → None."""
