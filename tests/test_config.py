@@ -333,27 +333,27 @@ def test_every_foreign_key_is_in_the_docs_table_and_points_to_a_section_of_ours(
         assert ours.startswith("nothing") or ours.split(" ")[0].split(".")[0] in sections, key
 
 
+def _loaded_by(code: str, modules: str, **env: str) -> list[str]:
+    """The modules matching the Python expression ``modules`` (over ``m``, a module name) that a fresh interpreter
+    has imported after running ``code``."""
+    program = f"import sys\n{code}\nprint(sorted(m for m in sys.modules if {modules}))"
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, **env, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().replace("'", '"'))
+
+
 def test_reading_a_recipe_loads_no_runtime(tmp_path):
     """``llmshear.config`` is a leaf: parsing a recipe (its types and choices) imports neither torch, Composer,
     transformers, botocore nor streaming; only :func:`load`'s checks of models, data and checkpoints do."""
-    code = ("import sys\nimport llmshear.config\nfrom llmshear.config.schema import parse\n"
+    code = ("import llmshear.config\nfrom llmshear.config.schema import parse\n"
             "from llmshear.config.types import load_raw\n"
             f"raw, problems = load_raw({str(REPO / 'yaml/prune_1.3b.yaml')!r}, ['train.max_batches=10'])\n"
-            "cfg, more = parse(raw)\nassert cfg is not None and not problems + more, problems + more\n"
-            "heavy = ('torch', 'composer', 'transformers', 'botocore', 'streaming')\n"
-            "print(sorted(m for m in heavy if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
-                          env={**os.environ, "DATA_DIR": str(tmp_path), "RUN_DIR": str(tmp_path), "LLAMA2_7B": "x",
-                               "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+            "cfg, more = parse(raw)\nassert cfg is not None and not problems + more, problems + more")
+    heavy = "m in ('torch', 'composer', 'transformers', 'botocore', 'streaming')"
+    assert _loaded_by(code, heavy, DATA_DIR=str(tmp_path), RUN_DIR=str(tmp_path), LLAMA2_7B="x") == []
 
 
 def test_the_training_path_imports_no_offline_tool():
     """``train.py``'s modules never import ``llmshear.tools`` (planner, export, evaluation, demo)."""
-    code = ("import sys\nimport llmshear.run, llmshear.builders\n"
-            "print(sorted(m for m in sys.modules if m.startswith('llmshear.tools')))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert _loaded_by("import llmshear.run, llmshear.builders", "m.startswith('llmshear.tools')") == []
