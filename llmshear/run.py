@@ -21,7 +21,8 @@ from llmshear.config import ConfigError, RunConfig, load
 from llmshear.config.preflight import weight_problems
 from llmshear.datasets.mds import ShardError
 from llmshear.files import DiskError, disk_failure
-from llmshear.remote import fetch_run, mirror_run
+from llmshear.ranks import together
+from llmshear.remote import Mirror, Remote, RemoteError, fetch_part, plan_fetch
 from llmshear.run_folder import open_run_folder
 from llmshear.slurm import PREEMPTED_STATUS
 
@@ -33,8 +34,9 @@ USAGE = "usage: train.py RECIPE.yaml [key=value ...]"
 def run(cfg: RunConfig) -> None:
     """Lock (and, resuming, recover) the run folder, build everything and fit.
 
-    With ``checkpoint.remote``, a resume whose folder holds no complete checkpoint first downloads the run
-    (:func:`llmshear.remote.fetch_run`), and at the end the folder's mirror is brought up to date.
+    With ``checkpoint.remote``, a resume whose folder holds no complete checkpoint first downloads the run (every
+    rank its part: :func:`llmshear.remote.plan_fetch`, :func:`llmshear.remote.fetch_part`), and at the end the
+    folder's mirror is brought up to date (:func:`mirror`).
 
     Raises:
         Preempted: a signal stopped the run after a checkpoint (mirrored with ``checkpoint.remote``);
@@ -43,8 +45,12 @@ def run(cfg: RunConfig) -> None:
     """
     dist.initialize_dist(get_device(cfg.train.device))  # the folder's lock and recovery need the ranks together
     c = cfg.checkpoint
-    fetch = partial(fetch_run, c.remote, c.save_folder) if c.remote is not None and c.autoresume else None
-    lock, done = open_run_folder(c.save_folder, c.autoresume, cfg.train.max_batches, prepare=fetch)
+    plan = fetch = None
+    if c.remote is not None and c.autoresume:
+        plan = partial(plan_fetch, c.remote, c.save_folder)
+        fetch = partial(fetch_part, c.remote, c.save_folder, rank=dist.get_global_rank(),
+                        world_size=dist.get_world_size())
+    lock, done = open_run_folder(c.save_folder, c.autoresume, cfg.train.max_batches, plan, fetch)
     try:
         if done is not None:
             log.info("the run in %s is complete: its latest checkpoint is batch %d of train.max_batches=%d; nothing "
@@ -54,6 +60,7 @@ def run(cfg: RunConfig) -> None:
             try:
                 trainer.fit()
             except Preempted:
+                trainer.close()  # the mirror callback's upload in flight ends first
                 mirror(cfg)
                 raise
             except (OSError, RuntimeError) as err:
@@ -71,11 +78,23 @@ def run(cfg: RunConfig) -> None:
 
 
 def mirror(cfg: RunConfig) -> None:
-    """With ``checkpoint.remote``, bring its mirror up to date (rank 0): what the run's last sync missed; a failure
-    is reported here."""
+    """With ``checkpoint.remote``, bring its mirror up to date: every rank uploads what the run's background
+    uploads missed (its part), the ranks wait for each other without a collective timeout, then rank 0 moves the
+    marker to the newest checkpoint complete in the store. Call it on every rank.
+
+    Raises:
+        RemoteError: on every rank, naming each rank's failed upload.
+    """
     c = cfg.checkpoint
-    if c.remote is not None and dist.get_global_rank() == 0:
-        mirror_run(c.save_folder, c.remote)
+    if c.remote is None:
+        return
+    upload = Mirror(c.save_folder, Remote(c.remote), dist.get_global_rank(), dist.get_world_size())
+    problems = together(upload.sync, f"uploading {c.save_folder} to {c.remote}")
+    if dist.get_global_rank() == 0 and not problems:
+        upload.move_marker()
+        upload.save()
+    if problems:
+        raise RemoteError("; ".join(problems))
 
 
 def main(args: list[str]) -> int:

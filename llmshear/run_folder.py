@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from composer.utils import dist
@@ -20,6 +21,7 @@ from llmshear.checkpoints import (
     checkpoints_in,
 )
 from llmshear.files import Lock, LockedError
+from llmshear.ranks import together
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +104,12 @@ class RunLock(Lock):
 
 
 def open_run_folder(folder: str | os.PathLike, autoresume: bool, max_batches: int,
-                    prepare: Callable[[], object] | None = None) -> tuple[RunLock, int | None]:
-    """Rank 0 takes the folder's lock, runs ``prepare`` (e.g. the download of a remote run) and, with autoresume,
-    :func:`recover`; every rank gets the outcome (the other ranks wait for rank 0 here).
+                    plan: Callable[[], object] | None = None,
+                    fetch: Callable[[object], None] | None = None) -> tuple[RunLock, int | None]:
+    """Rank 0 takes the folder's lock and runs ``plan`` (e.g. which checkpoint of a remote run to download);
+    every rank then runs ``fetch(plan's result)`` (its part of the download), waiting for the others without a
+    collective timeout (:func:`llmshear.ranks.together`); then, with autoresume, rank 0 runs :func:`recover` and
+    every rank gets the outcome (the other ranks wait for rank 0 here).
 
     Call it on every rank, after the process group is initialised and before the Trainer is built.
 
@@ -114,15 +119,29 @@ def open_run_folder(folder: str | os.PathLike, autoresume: bool, max_batches: in
 
     Raises:
         CheckpointError: on every rank, when the folder is locked by a live run or cannot be recovered, or
-            ``prepare`` raised one (or an OSError).
+            ``plan`` or ``fetch`` raised one (or an OSError) on any rank.
     """
     lock = RunLock(folder)
     outcome: list = [None, None]
     if dist.get_global_rank() == 0:
         try:
             lock.acquire()
-            if prepare is not None:
-                prepare()
+            outcome[1] = plan() if plan is not None else None
+        except (CheckpointError, OSError) as err:
+            outcome[0] = str(err)
+            lock.release()
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise CheckpointError(outcome[0])
+    if fetch is not None and outcome[1] is not None:
+        problems = together(partial(fetch, outcome[1]), f"downloading into {folder}")
+        if problems:
+            if dist.get_global_rank() == 0:
+                lock.release()
+            raise CheckpointError("; ".join(problems))
+    outcome = [None, None]
+    if dist.get_global_rank() == 0:
+        try:
             newest = recover(folder) if autoresume else None
             batch = checkpoint_batch(newest.resolve()) if newest is not None else None
             outcome[1] = batch if batch is not None and batch >= max_batches else None

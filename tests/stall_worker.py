@@ -4,8 +4,9 @@
 
 MODE ``empty`` stalls with the file created and empty, ``partial`` with half of it written, ``complete`` with
 all of it written but ``latest-rank0.pt`` not yet moved; ``sharded`` stalls a sharded checkpoint with every
-rank's shard written but not its ``.metadata``. ``MARKER`` is created once the stall begins. Also runs under
-``composer -n 2``.
+rank's shard written but not its ``.metadata``; ``upload`` stalls rank 1's upload of its shard of that batch's
+sharded checkpoint to ``checkpoint.remote`` (the background upload; training goes on). ``MARKER`` is created once
+the stall begins. Also runs under ``composer -n 2``.
 """
 
 from __future__ import annotations
@@ -52,9 +53,27 @@ def stalling_finish(batch: int, marker: Path):
     return stalled
 
 
+def stalling_upload(batch: int, marker: Path):
+    from llmshear import remote
+
+    upload = remote.Remote.upload
+
+    def stalled(self, path: Path, name: str) -> None:
+        if name.startswith(f"ep0-ba{batch}/__1_"):
+            marker.touch()
+            time.sleep(3600)
+        return upload(self, path, name)
+
+    return stalled
+
+
 if __name__ == "__main__":
     batch, mode, marker, *args = sys.argv[1:]
-    if mode == "sharded":
+    if mode == "upload":
+        from llmshear import remote
+
+        remote.Remote.upload = stalling_upload(int(batch), Path(marker))
+    elif mode == "sharded":
         filesystem.FileSystemWriter.finish = stalling_finish(int(batch), Path(marker))
     else:
         composer_checkpoint._write_checkpoint_file = stalling_writer(int(batch), mode, Path(marker))

@@ -1,5 +1,5 @@
-"""``checkpoint.remote``: a run folder mirrored to S3 (moto's in-process mock; every transfer is synchronous and in
-this process), a resume on a machine without the folder, exports from the bucket, and the errors."""
+"""``checkpoint.remote``: a run folder mirrored to S3 (moto's in-process mock), a resume on a machine without the
+folder, exports from the bucket, the background upload, and the errors. Several ranks: test_sharded_checkpoints."""
 
 from __future__ import annotations
 
@@ -7,16 +7,20 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import boto3
 import pytest
+import torch
 from moto import mock_aws
 from recipe_fixtures import DOMAINS, assert_same_state, final_state, tiny_recipe, write_mds
 from script_modules import script
 
 from llmshear import run as train
+from llmshear.callbacks.run_folder import MirrorRunFolder
 from llmshear.config import ConfigError, load
+from llmshear.remote import Remote
 
 SETTINGS = {"train": {"max_batches": 4, "eval_interval": 2}, "checkpoint": {"save_interval": 2},
             "pruning": {"eval_target": False}}  # one evaluator is all these tests need
@@ -138,9 +142,6 @@ def test_unusable_remotes_are_config_errors_naming_the_key(runs, bucket, tmp_pat
                      ("s3://missing/run", "listing bucket 'missing' failed: NoSuchBucket")]:
         problems = problems_of(recipe, f"checkpoint.remote={uri}")
         assert any(f"checkpoint.remote={uri!r}: {why}" in p for p in problems), problems
-    problems = problems_of(recipe, "checkpoint.remote=s3://bucket/x", "fsdp.enabled=true",
-                           "fsdp.state_dict_type=sharded")
-    assert any("checkpoint.remote='s3://bucket/x' with fsdp.state_dict_type='sharded'" in p for p in problems)
     problems = problems_of(recipe, "checkpoint.remote=s3://bucket/run")  # a run's checkpoints, no autoresume
     assert any("checkpoint.remote='s3://bucket/run' already holds checkpoints" in p for p in problems), problems
 
@@ -164,3 +165,41 @@ def test_missing_credentials_are_a_config_error(runs, bucket, tmp_path, monkeypa
     problems = problems_of(recipe, "checkpoint.remote=s3://bucket/other")
     assert any("checkpoint.remote='s3://bucket/other': listing bucket 'bucket' failed: NoCredentialsError" in p
                for p in problems), problems
+
+
+def test_uploads_go_in_the_background_one_at_a_time_and_survive_a_rotation(bucket, tmp_path, monkeypatch):
+    """The training thread hands a checkpoint to the upload thread and goes on; the next checkpoint waits for it;
+    a checkpoint deleted locally (``checkpoint.keep``) during its upload is still uploaded whole (hard link)."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    first, second = folder / "ep0-ba2-rank0.pt", folder / "ep0-ba4-rank0.pt"
+    release, started = threading.Event(), threading.Event()
+    upload = Remote.upload
+
+    def held(self, path, name):
+        if name == first.name:
+            started.set()
+            assert release.wait(30)
+        upload(self, path, name)
+
+    monkeypatch.setattr(Remote, "upload", held)
+    callback = MirrorRunFolder(folder, "s3://bucket/background")
+    callback.fit_start(None, None)
+    torch.save({"state": {"model": {"w": torch.arange(1000.0)}}}, first)
+    content = first.read_bytes()
+    callback.batch_checkpoint(None, None)  # returns while the upload is held
+    assert started.wait(30)
+    first.unlink()  # rotated away while uploading
+    torch.save({"state": {"model": {"w": torch.zeros(3)}}}, second)
+    waiting = threading.Thread(target=callback.batch_checkpoint, args=(None, None))
+    waiting.start()
+    waiting.join(1.0)
+    assert waiting.is_alive()  # the next checkpoint waits for the upload in flight
+    release.set()
+    waiting.join(30)
+    callback.close(None, None)
+    stored = objects(bucket, "background/")
+    assert stored["ep0-ba2-rank0.pt"] == content
+    assert stored["ep0-ba4-rank0.pt"] == second.read_bytes()
+    assert stored["latest"] == b"ep0-ba4-rank0.pt\n"
+    assert not (folder / ".uploading-rank0").exists()

@@ -1,19 +1,26 @@
 """``composer -n 2`` (gloo, FSDP2) with sharded checkpoints: every rank writes and reads only its own shard; a run
 killed inside a checkpoint write (every shard written, ``.metadata`` not yet) resumes by itself and ends
 bit-identical to an uninterrupted run; ``scripts/export_hf.py``'s reader cuts the sharded checkpoint; a source
-initialised on rank 0 only trains exactly like one every rank loads."""
+initialised on rank 0 only trains exactly like one every rank loads; ``checkpoint.remote`` (moto's S3 server):
+every rank uploads its shard in the background, a run killed during an upload resumes from the bucket into an
+empty folder bit-identical; ranks wait for each other's long transfers without a collective timeout."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import boto3
 import numpy as np
+import pytest
 import torch
+from moto.server import ThreadedMotoServer
 from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
 
 from llmshear.checkpoints import METADATA_FILE, describe, load_checkpoint
@@ -25,15 +32,17 @@ SETTINGS = {"train": {"max_batches": 6, "eval_interval": 2}, "checkpoint": {"sav
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
 
 
-def launch(recipe: Path, *args: str, stall: int | None = None) -> subprocess.Popen:
-    """``composer -n 2 train.py recipe args`` in its own process group (a kill takes every rank)."""
+def launch(recipe: Path, *args: str, stall: int | None = None, mode: str = "sharded",
+           env: dict | None = None) -> subprocess.Popen:
+    """``composer -n 2 train.py recipe args`` in its own process group (a kill takes every rank); with ``stall``,
+    through ``tests/stall_worker.py`` (``mode``)."""
     script = [str(REPO / "train.py")] if stall is None else \
-        [str(REPO / "tests" / "stall_worker.py"), str(stall), "sharded", str(recipe.with_suffix(".stalled"))]
+        [str(REPO / "tests" / "stall_worker.py"), str(stall), mode, str(recipe.with_suffix(".stalled"))]
     log = open(recipe.with_suffix(".log"), "a")  # noqa: SIM115 (the child owns it)
     launcher = Path(sys.executable).parent / "composer"
     return subprocess.Popen([str(launcher), "-n", "2", "--stderr", str(recipe.parent / f"{recipe.stem}{{rank}}.err"),
-                             *script, str(recipe), *args], stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=REPO,
-                            start_new_session=True)
+                             *script, str(recipe), *args], stdout=log, stderr=subprocess.STDOUT, env=env or ENV,
+                            cwd=REPO, start_new_session=True)
 
 
 def everything(path: Path) -> dict:
@@ -107,3 +116,78 @@ def test_continued_run_with_the_source_on_rank_0_only_trains_like_every_rank_loa
         assert run.wait(timeout=400) == 0, recipes[device].with_suffix(".log").read_text()[-3000:]
     cpu, meta = (load_checkpoint(tmp_path / device / "ep0-ba2", keys={"state.model"}) for device in ("cpu", "meta"))
     assert_identical(cpu["state"]["model"], meta["state"]["model"])
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """Moto's S3 server (the ranks are processes) with the bucket ``bucket``; the environment for the ranks."""
+    server = ThreadedMotoServer(port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"S3_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"])
+    client.create_bucket(Bucket="bucket")
+    yield client, {**ENV, **env}
+    server.stop()
+
+
+def bucket_names(client, prefix: str) -> dict[str, bytes]:
+    listed = client.list_objects_v2(Bucket="bucket", Prefix=prefix).get("Contents", [])
+    return {o["Key"].removeprefix(prefix): client.get_object(Bucket="bucket", Key=o["Key"])["Body"].read()
+            for o in listed}
+
+
+def test_sharded_run_killed_during_an_upload_resumes_from_the_bucket_bit_identical(tmp_path, s3):
+    client, env = s3
+    data = write_mds(tmp_path / "data", DOMAINS, 32, n_train=8)
+    straight = tiny_recipe(tmp_path, data, run="straight", **SETTINGS)
+    mirrored = tiny_recipe(tmp_path, data, run="mirrored", **{**SETTINGS, "checkpoint": {
+        **SETTINGS["checkpoint"], "remote": "s3://bucket/run"}})
+    reference, victim = launch(straight), launch(mirrored, stall=4, mode="upload", env=env)
+    folder = tmp_path / "mirrored"
+    deadline = time.monotonic() + 400
+    while not (folder / "ep0-ba6" / METADATA_FILE).is_file():  # training goes on while rank 1's upload stalls
+        assert victim.poll() is None, mirrored.with_suffix(".log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the run did not reach its checkpoint at batch 6"
+        time.sleep(0.2)
+    assert mirrored.with_suffix(".stalled").exists()
+    time.sleep(2)  # rank 0's uploads of batch 6 (no upload waits for another rank's)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    stored = bucket_names(client, "run/")
+    assert {"ep0-ba2/__0_0.distcp", "ep0-ba2/__1_0.distcp", "ep0-ba2/.metadata", "ep0-ba4/__0_0.distcp",
+            "ep0-ba4/.metadata", "metrics.jsonl"} <= set(stored)
+    assert "ep0-ba4/__1_0.distcp" not in stored  # stalled when killed
+    assert stored.get("latest", b"ep0-ba2\n") == b"ep0-ba2\n"  # never a checkpoint missing a shard
+    assert not [name for name in stored if name.startswith(".") or "/." in name.replace("/.metadata", "")]
+
+    shutil.rmtree(folder)  # a fresh machine: the run folder is gone
+    resumed = launch(mirrored, "checkpoint.autoresume=true", env=env)
+    assert resumed.wait(timeout=400) == 0, mirrored.with_suffix(".log").read_text()[-3000:]
+    assert reference.wait(timeout=400) == 0, straight.with_suffix(".log").read_text()[-3000:]
+    # each rank downloaded its own shard, rank 0 with .metadata and the other files
+    assert "downloaded s3://bucket/run/ep0-ba2 (2 file(s))" in mirrored.with_suffix(".log").read_text()
+    assert "downloaded s3://bucket/run/ep0-ba2 (1 file(s))" in (tmp_path / "mirrored1.err").read_text()
+    assert_identical(everything(tmp_path / "straight" / "ep0-ba6"), everything(folder / "ep0-ba6"))
+    stored = bucket_names(client, "run/")
+    assert stored["latest"] == b"ep0-ba6\n"
+    for name in ("__0_0.distcp", "__1_0.distcp", METADATA_FILE):
+        assert stored[f"ep0-ba6/{name}"] == (folder / "ep0-ba6" / name).read_bytes(), name
+    assert not list(folder.glob(".uploading-rank*"))
+
+
+def test_ranks_wait_for_a_transfer_longer_than_the_collective_timeout(tmp_path):
+    """Rank 1's work outlasts the process group's 3 s timeout; both ranks return, with the same problems."""
+    launcher = Path(sys.executable).parent / "composer"
+    done = subprocess.run([str(launcher), "-n", "2", str(REPO / "tests" / "together_worker.py"), str(tmp_path)],
+                          env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["slow"] == []
+        assert result["failed"] == ["rank 1: no space left on the store"]
+        assert result["slow_s"] > 4

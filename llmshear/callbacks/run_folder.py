@@ -1,10 +1,12 @@
 """Composer callbacks that care for the run folder during a run: ``checkpoint.keep`` counted across resumes, and
-the ``checkpoint.remote`` mirror kept up to date (:mod:`llmshear.remote`)."""
+the ``checkpoint.remote`` mirror kept up to date in the background (:mod:`llmshear.remote`)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from composer.callbacks import CheckpointSaver
@@ -12,7 +14,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from llmshear.checkpoints import LATEST_CHECKPOINT, checkpoints_in
+from llmshear.checkpoints import CheckpointError, checkpoints_in
 from llmshear.remote import Mirror, Remote, RemoteError
 
 log = logging.getLogger(__name__)
@@ -41,13 +43,17 @@ class KeepAcrossResumes(Callback):
 
 
 class MirrorRunFolder(Callback):
-    """Keep ``checkpoint.remote`` a mirror of the run folder during the run (rank 0; see
-    :class:`~llmshear.remote.Mirror`).
+    """Keep ``checkpoint.remote`` a mirror of the run folder during the run, uploading in the background (every
+    rank its part; see :class:`~llmshear.remote.Mirror`).
 
-    Syncs when ``latest-rank0.pt`` has moved (a new checkpoint), at ``fit_end`` and at (the first) ``close``.
-    Added after Composer's checkpoint saver, so at each event the checkpoint of that event is already written;
-    one written after a sync goes out at the next. A failed upload is logged and retried at the next sync; ``train.py``
-    syncs once more after the Trainer closed and reports a failure there (:func:`~llmshear.remote.mirror_run`).
+    At each checkpoint event after a new checkpoint (Composer's saver runs before this callback), the files to
+    upload are staged (hard links: a rotation cannot delete them under the upload) and handed to one upload
+    thread, so training goes on while they upload. At most one upload is in flight: a new checkpoint whose
+    predecessor is still uploading waits for it first (a slow store delays the run, it never loses a
+    checkpoint). On a file system without hard links the upload runs in the training thread instead. At
+    ``close`` the last upload is waited for; ``train.py`` then syncs once more on every rank, after the Trainer
+    closed, and reports a failure there (:func:`llmshear.run.mirror`). A failed upload is logged and retried at
+    the next checkpoint.
 
     Args:
         folder: the run folder.
@@ -57,42 +63,68 @@ class MirrorRunFolder(Callback):
     def __init__(self, folder: str | os.PathLike, uri: str):
         self.folder, self.uri = Path(folder), uri
         self._mirror: Mirror | None = None
-        self._latest: str | None = None
+        self._newest: Path | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._job: Future | None = None
         self._closed = False
 
-    def _sync(self) -> None:
-        if dist.get_global_rank() != 0:
-            return
+    def mirror(self) -> Mirror:
+        if self._mirror is None:
+            self._mirror = Mirror(self.folder, Remote(self.uri), dist.get_global_rank(), dist.get_world_size())
+        return self._mirror
+
+    def _newest_checkpoint(self) -> Path | None:
+        found = checkpoints_in(self.folder)
+        return found[-1][1] if found else None
+
+    def _upload(self, files) -> None:
         try:
-            self._mirror = self._mirror or Mirror(self.folder, Remote(self.uri))
-            self._mirror.sync()
-        except RemoteError as err:
+            self.mirror().upload(files)
+        except CheckpointError as err:  # a RemoteError, or a checkpoint's .metadata unreadable
             log.warning("%s; retried at the next checkpoint and at the end", err)
 
-    def _latest_target(self) -> str | None:
-        latest = self.folder / LATEST_CHECKPOINT
-        return os.readlink(latest) if latest.is_symlink() else None
+    def wait(self) -> None:
+        """Until the upload in flight (if any) has ended."""
+        if self._job is not None:
+            started = time.monotonic()
+            self._job.result()
+            self._job = None
+            waited = time.monotonic() - started
+            if waited > 1:
+                log.info("waited %.0f s for the previous checkpoint's upload to %s", waited, self.uri)
 
     def fit_start(self, state: State, logger: Logger) -> None:
         del state, logger
-        self._latest = self._latest_target()
+        self._newest = self._newest_checkpoint()
 
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         del state, logger
-        target = self._latest_target()
-        if target != self._latest:
-            self._latest = target
-            self._sync()
+        newest = self._newest_checkpoint()
+        if newest == self._newest:
+            return
+        self._newest = newest
+        self.wait()
+        try:
+            mirror = self.mirror()
+            files = mirror.stage()
+        except RemoteError as err:
+            log.warning("%s; retried at the next checkpoint and at the end", err)
+            return
+        except OSError as err:
+            log.warning("cannot stage %s's new files for a background upload (%s): uploading them in the training "
+                        "thread", self.folder, err)
+            self._upload([(name, self.folder / name, None) for name in mirror.pending()])
+            return
+        self._pool = self._pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmshear-upload")
+        self._job = self._pool.submit(self._upload, files)
 
     def epoch_checkpoint(self, state: State, logger: Logger) -> None:
         self.batch_checkpoint(state, logger)
-
-    def fit_end(self, state: State, logger: Logger) -> None:
-        del state, logger
-        self._sync()
 
     def close(self, state: State, logger: Logger) -> None:
         del state, logger
         if not self._closed:  # Composer calls close again at the interpreter's exit
             self._closed = True
-            self._sync()
+            self.wait()
+            if self._pool is not None:
+                self._pool.shutdown()

@@ -322,7 +322,7 @@ def check_local_paths(cfg: RunConfig) -> list[str]:
 
 
 def check_remote(cfg: RunConfig, files: bool) -> list[str]:
-    """``checkpoint.remote``: an ``s3://`` location, full checkpoints, and (``files``) a bucket that can be listed
+    """``checkpoint.remote``: an ``s3://`` location and (``files``) a bucket that can be listed
     (one listing, nothing downloaded), holding no checkpoints unless the run resumes them."""
     c = cfg.checkpoint
     if c.remote is None:
@@ -330,9 +330,6 @@ def check_remote(cfg: RunConfig, files: bool) -> list[str]:
     problem = uri_problem(c.remote)
     if problem:
         return [f"checkpoint.remote={c.remote!r}: {problem}"]
-    if cfg.fsdp.state_dict_type == "sharded":
-        return [f"checkpoint.remote={c.remote!r} with fsdp.state_dict_type='sharded': the mirror holds full "
-                "checkpoints only; use fsdp.state_dict_type='full' or no checkpoint.remote"]
     if not files:
         return []
     try:
