@@ -268,3 +268,12 @@ def test_paired_differences_are_the_mean_log_ratio_with_a_t_interval():
     assert first["high"] < 0  # ours lower at every seed, by a steady margin
     table = bench.pairs_table(pairs)
     assert table[2].startswith("| ours vs importance | 3 | -0.") and len(table) == 5
+
+
+def test_the_flat_prune_arm_keeps_the_pruning_runs_rate_and_its_derived_warmup(tmp_path):
+    flat = bench.ARM_BY_NAME["flat-prune"]
+    recipe = bench.write_recipe(tmp_path / "prune.yaml", bench.PRUNE_RECIPE, "test", {"scheduler": {"warmup": 3}},
+                                flat.prune_overrides, "smollm2")
+    scheduler = OmegaConf.load(recipe).scheduler
+    assert (scheduler.warmup, scheduler.alpha_f) == (3, 1.0)
+    assert flat.continue_overrides == {} and OmegaConf.load(bench.CONTINUE_RECIPE).scheduler.get("alpha_f") is None
