@@ -1,4 +1,5 @@
-"""Shared fixtures: repository paths, the RedPajama sample (skipped when absent) and the embedded SmolLM2."""
+"""Shared fixtures: repository paths, the RedPajama sample (skipped when absent), the embedded SmolLM2 and an
+S3 server."""
 
 from __future__ import annotations
 
@@ -41,3 +42,24 @@ def smollm2_hf():
     location = resolve_source("smollm2")
     model = AutoModelForCausalLM.from_pretrained(location.directory, gguf_file=location.gguf_file, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """Moto's S3 server (for runs in other processes) with the bucket ``bucket``, set in this process's environment;
+    yields the client and the variables to pass to the processes."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"S3_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"])
+    client.create_bucket(Bucket="bucket")
+    yield client, env
+    server.stop()

@@ -96,3 +96,10 @@ def assert_same_state(a: dict, b: dict) -> None:
                     strict=True):
         assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
     assert torch.equal(a["rng"], b["rng"])
+
+
+def bucket_names(client, prefix: str) -> dict[str, bytes]:
+    """The objects of bucket ``bucket`` under ``prefix`` (names relative to it) and their bytes."""
+    listed = client.list_objects_v2(Bucket="bucket", Prefix=prefix).get("Contents", [])
+    return {o["Key"].removeprefix(prefix): client.get_object(Bucket="bucket", Key=o["Key"])["Body"].read()
+            for o in listed}

@@ -1,10 +1,12 @@
 """SIGTERM / SIGUSR1 in the middle of a run: a checkpoint at the batch reached, exit status 75, and a resume that
-ends bit-identical to an uninterrupted run (one process, and two ranks of which only one gets the signal)."""
+ends bit-identical to an uninterrupted run (one process, and two ranks of which only one gets the signal, mirrored
+to S3 and resumed from there)."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ import pytest
 from composer.core import Event, State
 from composer.devices import DeviceCPU
 from composer.loggers import Logger
-from recipe_fixtures import DOMAINS, assert_same_state, final_state, tiny_recipe, write_mds
+from recipe_fixtures import DOMAINS, assert_same_state, bucket_names, final_state, tiny_recipe, write_mds
 
 from llmshear.callbacks.preemption import Preempted, PreemptionStop, save_schedule
 from llmshear.models.build import build_model
@@ -124,21 +126,29 @@ def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> in
     raise AssertionError(f"rank {rank} did not start")
 
 
-def test_a_signal_on_one_rank_stops_both_at_the_same_batch_and_the_resume_is_exact(tmp_path):
+def test_a_signal_on_one_rank_stops_both_at_the_same_batch_and_the_resume_is_exact(tmp_path, s3):
+    """The stopped run mirrors to ``checkpoint.remote``; the requeued job runs on a machine without its folder."""
+    client, env = s3
     data = write_mds(tmp_path / "data", DOMAINS, 32, n_train=8)
-    recipes = {run: tiny_recipe(tmp_path, data, run=run, **SETTINGS) for run in ("straight", "stopped")}
+    recipes = {"straight": tiny_recipe(tmp_path, data, run="straight", **SETTINGS),
+               "stopped": tiny_recipe(tmp_path, data, run="stopped", **{**SETTINGS, "checkpoint": {
+                   **SETTINGS["checkpoint"], "remote": "s3://bucket/stopped"}})}
 
     def launch(run: str, *overrides: str) -> subprocess.Popen:
         log = open(tmp_path / f"{run}.log", "a")  # noqa: SIM115 (the child owns it)
         return subprocess.Popen([str(LAUNCHER), "-n", "2", "--stderr", str(tmp_path / f"{run}-rank{{rank}}.err"),
-                                 str(REPO / "train.py"), str(recipes[run]), *overrides], env=ENV, cwd=REPO,
-                                stdout=log, stderr=subprocess.STDOUT)
+                                 str(REPO / "train.py"), str(recipes[run]), *overrides], env={**ENV, **env},
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
     reference, victim = launch("straight"), launch("stopped")
     _signal_at(victim, tmp_path / "stopped.log", 3, pid=_rank_pid(victim, 1))
     assert victim.wait(timeout=300) == PREEMPTED_STATUS, (tmp_path / "stopped-rank1.err").read_text()[-3000:]
-    _stopped_batch(tmp_path / "stopped")
+    batch = _stopped_batch(tmp_path / "stopped")
     assert "SIGTERM received" in (tmp_path / "stopped.log").read_text()  # rank 0 heard of it through the flag
+    stored = bucket_names(client, "stopped/")
+    assert stored["latest"] == f"ep0-ba{batch}-rank0.pt\n".encode()  # mirrored before the exit
+    assert stored[f"ep0-ba{batch}-rank0.pt"] == (tmp_path / "stopped" / f"ep0-ba{batch}-rank0.pt").read_bytes()
+    shutil.rmtree(tmp_path / "stopped")  # requeued on another node
     assert launch("stopped", "checkpoint.autoresume=true").wait(timeout=300) == 0, (
         (tmp_path / "stopped-rank1.err").read_text()[-3000:])
     assert reference.wait(timeout=300) == 0, (tmp_path / "straight-rank1.err").read_text()[-3000:]

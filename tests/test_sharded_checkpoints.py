@@ -16,12 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import boto3
 import numpy as np
-import pytest
 import torch
-from moto.server import ThreadedMotoServer
-from recipe_fixtures import DOMAINS, tiny_recipe, write_mds
+from recipe_fixtures import DOMAINS, bucket_names, tiny_recipe, write_mds
 
 from llmshear.checkpoints import METADATA_FILE, describe, load_checkpoint
 from llmshear.tools.export import load_pruning_checkpoint
@@ -118,31 +115,9 @@ def test_continued_run_with_the_source_on_rank_0_only_trains_like_every_rank_loa
     assert_identical(cpu["state"]["model"], meta["state"]["model"])
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """Moto's S3 server (the ranks are processes) with the bucket ``bucket``; the environment for the ranks."""
-    server = ThreadedMotoServer(port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"S3_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    client = boto3.client("s3", endpoint_url=env["S3_ENDPOINT_URL"])
-    client.create_bucket(Bucket="bucket")
-    yield client, {**ENV, **env}
-    server.stop()
-
-
-def bucket_names(client, prefix: str) -> dict[str, bytes]:
-    listed = client.list_objects_v2(Bucket="bucket", Prefix=prefix).get("Contents", [])
-    return {o["Key"].removeprefix(prefix): client.get_object(Bucket="bucket", Key=o["Key"])["Body"].read()
-            for o in listed}
-
-
 def test_sharded_run_killed_during_an_upload_resumes_from_the_bucket_bit_identical(tmp_path, s3):
     client, env = s3
+    env = {**ENV, **env}
     data = write_mds(tmp_path / "data", DOMAINS, 32, n_train=8)
     straight = tiny_recipe(tmp_path, data, run="straight", **SETTINGS)
     mirrored = tiny_recipe(tmp_path, data, run="mirrored", **{**SETTINGS, "checkpoint": {
