@@ -3,8 +3,10 @@ folder, exports from the bucket, the background upload, and the errors. Several 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -13,6 +15,7 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from moto import mock_aws
 from recipe_fixtures import DOMAINS, assert_same_state, final_state, tiny_recipe, write_mds
 from script_modules import script
@@ -20,7 +23,7 @@ from script_modules import script
 from llmshear import run as train
 from llmshear.callbacks.run_folder import MirrorRunFolder
 from llmshear.config import ConfigError, load
-from llmshear.remote import Remote
+from llmshear.remote import Remote, RemoteError, local_checkpoint
 
 SETTINGS = {"train": {"max_batches": 4, "eval_interval": 2}, "checkpoint": {"save_interval": 2},
             "pruning": {"eval_target": False}}  # one evaluator is all these tests need
@@ -203,3 +206,56 @@ def test_uploads_go_in_the_background_one_at_a_time_and_survive_a_rotation(bucke
     assert stored["ep0-ba4-rank0.pt"] == second.read_bytes()
     assert stored["latest"] == b"ep0-ba4-rank0.pt\n"
     assert not (folder / ".uploading-rank0").exists()
+
+
+def _sharded(directory: Path, value: float) -> Path:
+    """A one-shard checkpoint directory (``__0_0.distcp`` + ``.metadata``) as torch.distributed.checkpoint writes."""
+    state = {"state": {"model": {"w": torch.full((4,), value)}}}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory)), no_dist=True)
+    return directory
+
+
+def test_a_marker_naming_a_checkpoint_with_a_missing_shard_is_passed_over(bucket, tmp_path, caplog):
+    """Resume and export take the newest checkpoint whose every shard is in the store, whatever the marker says."""
+    remote = Remote("s3://bucket/partial")
+    for batch, files in ((2, ("__0_0.distcp", ".metadata")), (4, (".metadata",))):  # batch 4: its shard missing
+        directory = _sharded(tmp_path / f"ep0-ba{batch}", float(batch))
+        for name in files:
+            remote.upload(directory / name, f"ep0-ba{batch}/{name}")
+    (tmp_path / "latest").write_text("ep0-ba4\n")
+    remote.upload(tmp_path / "latest", "latest")
+    names = remote.names()
+    assert remote.missing("ep0-ba4", names) == ["ep0-ba4/__0_0.distcp"]
+    with caplog.at_level(logging.WARNING):
+        assert remote.newest_checkpoint(names) == "ep0-ba2"
+    assert "names 'ep0-ba4', which is not complete there" in caplog.text
+    with local_checkpoint("s3://bucket/partial") as path:
+        assert path.name == "ep0-ba2" and (path / "__0_0.distcp").is_file()
+    with pytest.raises(RemoteError, match=r"an incomplete checkpoint \(ep0-ba4/__0_0.distcp is not in the store\)"), \
+            local_checkpoint("s3://bucket/partial/ep0-ba4"):
+        pass
+
+
+def test_without_hard_links_the_upload_runs_in_the_training_thread(bucket, tmp_path, monkeypatch, caplog):
+    """A file system that refuses hard links (some network mounts): no staging, the upload happens at once; a
+    staging folder a killed run left behind is cleared, never uploaded."""
+    folder = tmp_path / "run"
+    (folder / ".uploading-rank0" / "masks").mkdir(parents=True)
+    (folder / ".uploading-rank0" / "masks" / "stale.json").write_text("{}")
+    callback = MirrorRunFolder(folder, "s3://bucket/nolinks")
+    callback.fit_start(None, None)
+    torch.save({"state": {"model": {"w": torch.ones(3)}}}, folder / "ep0-ba2-rank0.pt")
+
+    def refuse(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted", str(target))
+
+    monkeypatch.setattr(os, "link", refuse)
+    with caplog.at_level(logging.WARNING):
+        callback.batch_checkpoint(None, None)
+    assert "uploading them in the training thread" in caplog.text
+    assert callback._job is None  # nothing in the background
+    stored = objects(bucket, "nolinks/")
+    assert stored["ep0-ba2-rank0.pt"] == (folder / "ep0-ba2-rank0.pt").read_bytes()
+    assert stored["latest"] == b"ep0-ba2-rank0.pt\n"
+    assert not (folder / ".uploading-rank0").exists() and not any("stale" in name for name in stored)
+    callback.close(None, None)
