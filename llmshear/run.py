@@ -21,8 +21,9 @@ from llmshear.config import ConfigError, RunConfig, load
 from llmshear.config.preflight import weight_problems
 from llmshear.datasets.mds import ShardError
 from llmshear.files import DiskError, disk_failure
+from llmshear.mirror import Mirror, fetch_part, plan_fetch
 from llmshear.ranks import together
-from llmshear.remote import Mirror, Remote, RemoteError, fetch_part, plan_fetch
+from llmshear.remote import Remote, RemoteError
 from llmshear.run_folder import open_run_folder
 from llmshear.slurm import PREEMPTED_STATUS
 
@@ -35,7 +36,7 @@ def run(cfg: RunConfig) -> None:
     """Lock (and, resuming, recover) the run folder, build everything and fit.
 
     With ``checkpoint.remote``, a resume whose folder holds no complete checkpoint first downloads the run (every
-    rank its part: :func:`llmshear.remote.plan_fetch`, :func:`llmshear.remote.fetch_part`), and at the end the
+    rank its part: :func:`llmshear.mirror.plan_fetch`, :func:`llmshear.mirror.fetch_part`), and at the end the
     folder's mirror is brought up to date (:func:`mirror`).
 
     Raises:

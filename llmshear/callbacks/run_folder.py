@@ -1,5 +1,5 @@
 """Composer callbacks that care for the run folder during a run: ``checkpoint.keep`` counted across resumes, and
-the ``checkpoint.remote`` mirror kept up to date in the background (:mod:`llmshear.remote`)."""
+the ``checkpoint.remote`` mirror kept up to date in the background (:mod:`llmshear.mirror`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from llmshear.checkpoints import CheckpointError, checkpoints_in
-from llmshear.remote import Mirror, Remote, RemoteError
+from llmshear.mirror import Mirror
+from llmshear.remote import Remote, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class KeepAcrossResumes(Callback):
 
 class MirrorRunFolder(Callback):
     """Keep ``checkpoint.remote`` a mirror of the run folder during the run, uploading in the background (every
-    rank its part; see :class:`~llmshear.remote.Mirror`).
+    rank its part; see :class:`~llmshear.mirror.Mirror`).
 
     At each checkpoint event after a new checkpoint (Composer's saver runs before this callback), the files to
     upload are staged (hard links: a rotation cannot delete them under the upload) and handed to one upload
