@@ -194,6 +194,11 @@ def parallelism_config(cfg: RunConfig) -> dict | None:
     if not f.enabled:
         return None
     if f.version == 2:
+        world_size = dist.get_world_size()
+        if world_size > 1 and torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo":
+            log.warning("FSDP2 on gloo (CPU): torch's gloo reduce-scatter sums the ranks' gradients where NCCL "
+                        "averages them, so the gradients and train/grad_norm are %d times a GPU run's and the clipping "
+                        "threshold engages %d times sooner (Adam's steps hardly change)", world_size, world_size)
         return {"fsdp": FSDP2Config(activation_checkpointing=f.activation_checkpointing,
                                     state_dict_type=f.state_dict_type, mixed_precision=f.mixed_precision)}
     return {"fsdp": {"sharding_strategy": "FULL_SHARD", "state_dict_type": "full", "mixed_precision":
