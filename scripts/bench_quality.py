@@ -30,9 +30,9 @@ train on the same number of tokens (``--match tokens``), and are evaluated alike
     paper's code and our releases before compact steps);
 15. ``harden-logits``: as 1 with the masks frozen by the gates' last logits (``pruning.harden_by: logits``, our
     releases before usage-ranked hardening);
-16. ``flat-prune``: as 1 with the pruning run's learning rate constant after its warm-up (``scheduler.alpha_f``
-    1.0) instead of decaying to a tenth: the continued stage warms up again after the cut anyway, and the arms
-    that only continue anneal once.
+16. ``decay-prune``: as 1 with the pruning run's learning rate decaying to a tenth after its warm-up
+    (``scheduler.alpha_f`` 0.1, our default before the pruning recipes kept the rate constant: the continued
+    stage warms up again after the cut and anneals).
 
 ``ours``' schedule prunes for ``prune`` batches and continues for ``continue``; its training FLOPs with every pruning
 step at the source's shape (calibration forwards, pruning steps, continued steps at the target's shape, teachers'
@@ -200,8 +200,8 @@ ARMS = (
         {"pruning": {"compact": False}}),
     Arm("harden-logits", "15. learned gates, masks frozen by the last logits (pruning.harden_by logits)", "l0",
         {"pruning": {"harden_by": "logits"}}),
-    Arm("flat-prune", "16. learned gates, constant learning rate in the pruning run (scheduler.alpha_f 1.0)", "l0",
-        {"scheduler": {"alpha_f": 1.0}}),
+    Arm("decay-prune", "16. learned gates, the pruning run's learning rate decaying to a tenth (alpha_f 0.1)", "l0",
+        {"scheduler": {"alpha_f": 0.1}}),
 )
 ARM_BY_NAME = {arm.name: arm for arm in ARMS}
 

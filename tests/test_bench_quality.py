@@ -270,10 +270,16 @@ def test_paired_differences_are_the_mean_log_ratio_with_a_t_interval():
     assert table[2].startswith("| ours vs importance | 3 | -0.") and len(table) == 5
 
 
-def test_the_flat_prune_arm_keeps_the_pruning_runs_rate_and_its_derived_warmup(tmp_path):
-    flat = bench.ARM_BY_NAME["flat-prune"]
-    recipe = bench.write_recipe(tmp_path / "prune.yaml", bench.PRUNE_RECIPE, "test", {"scheduler": {"warmup": 3}},
-                                flat.prune_overrides, "smollm2")
-    scheduler = OmegaConf.load(recipe).scheduler
-    assert (scheduler.warmup, scheduler.alpha_f) == (3, 1.0)
-    assert flat.continue_overrides == {} and OmegaConf.load(bench.CONTINUE_RECIPE).scheduler.get("alpha_f") is None
+def test_ours_keeps_the_pruning_runs_rate_and_the_decay_arm_decays_it(tmp_path):
+    """The shipped pruning recipes keep the weights' rate after the warm-up (``alpha_f`` 1.0, measured against
+    the ``decay-prune`` arm); the continue recipes anneal it."""
+    for name, alpha_f in (("ours", 1.0), ("decay-prune", 0.1)):
+        arm = bench.ARM_BY_NAME[name]
+        recipe = bench.write_recipe(tmp_path / f"{name}.yaml", bench.PRUNE_RECIPE, "test", {"scheduler": {"warmup": 3}},
+                                    arm.prune_overrides, "smollm2")
+        assert (OmegaConf.load(recipe).scheduler.warmup, OmegaConf.load(recipe).scheduler.alpha_f) == (3, alpha_f)
+        assert arm.continue_overrides == {}
+    assert OmegaConf.load(bench.CONTINUE_RECIPE).scheduler.get("alpha_f", 0.1) == 0.1
+    for recipe in ("prune_1.3b.yaml", "prune_2.7b.yaml", "continue_1.3b.yaml", "continue_2.7b.yaml"):
+        shipped = OmegaConf.load(bench.REPO / "yaml" / recipe).scheduler.alpha_f
+        assert shipped == (1.0 if recipe.startswith("prune") else 0.1), recipe
