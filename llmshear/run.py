@@ -90,10 +90,13 @@ def mirror(cfg: RunConfig) -> None:
     if c.remote is None:
         return
     upload = Mirror(c.save_folder, Remote(c.remote), dist.get_global_rank(), dist.get_world_size())
+    def move_marker() -> None:  # rank 0; the other ranks wait, so that no rank exits first (the launcher would
+        if dist.get_global_rank() == 0:  # stop the others)
+            upload.move_marker()
+            upload.save()
+
     problems = together(upload.sync, f"uploading {c.save_folder} to {c.remote}")
-    if dist.get_global_rank() == 0 and not problems:
-        upload.move_marker()
-        upload.save()
+    problems = problems or together(move_marker, f"moving the marker of {c.remote}")
     if problems:
         raise RemoteError("; ".join(problems))
 
