@@ -122,33 +122,37 @@ def open_run_folder(folder: str | os.PathLike, autoresume: bool, max_batches: in
             ``plan`` or ``fetch`` raised one (or an OSError) on any rank.
     """
     lock = RunLock(folder)
-    outcome: list = [None, None]
-    if dist.get_global_rank() == 0:
-        try:
-            lock.acquire()
-            outcome[1] = plan() if plan is not None else None
-        except (CheckpointError, OSError) as err:
-            outcome[0] = str(err)
-            lock.release()
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        raise CheckpointError(outcome[0])
-    if fetch is not None and outcome[1] is not None:
-        problems = together(partial(fetch, outcome[1]), f"downloading into {folder}")
+
+    def acquire_and_plan() -> object:
+        lock.acquire()
+        return plan() if plan is not None else None
+
+    def recover_and_check() -> int | None:
+        newest = recover(folder) if autoresume else None
+        batch = checkpoint_batch(newest.resolve()) if newest is not None else None
+        return batch if batch is not None and batch >= max_batches else None
+
+    planned = _on_rank_0(acquire_and_plan, lock)
+    if fetch is not None and planned is not None:
+        problems = together(partial(fetch, planned), f"downloading into {folder}")
         if problems:
             if dist.get_global_rank() == 0:
                 lock.release()
             raise CheckpointError("; ".join(problems))
-    outcome = [None, None]
+    return lock, _on_rank_0(recover_and_check, lock)
+
+
+def _on_rank_0(work: Callable[[], object], lock: RunLock) -> object:
+    """``work()`` on rank 0, its result on every rank; a CheckpointError or OSError (the lock released) raised on
+    every rank as a CheckpointError."""
+    outcome: list = [None, None]
     if dist.get_global_rank() == 0:
         try:
-            newest = recover(folder) if autoresume else None
-            batch = checkpoint_batch(newest.resolve()) if newest is not None else None
-            outcome[1] = batch if batch is not None and batch >= max_batches else None
+            outcome[1] = work()
         except (CheckpointError, OSError) as err:
             outcome[0] = str(err)
             lock.release()
     dist.broadcast_object_list(outcome, src=0)
     if outcome[0] is not None:
         raise CheckpointError(outcome[0])
-    return lock, outcome[1]
+    return outcome[1]
