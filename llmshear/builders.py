@@ -18,6 +18,7 @@ from composer.utils.parallelism import FSDP2Config
 
 from llmshear.callbacks.clipping import ClipGradNorm
 from llmshear.callbacks.dynamic_loading import DynamicLoadingCallback
+from llmshear.callbacks.gradient_mean import FSDPGradientMean
 from llmshear.callbacks.nonfinite import NonFiniteLossGuard
 from llmshear.callbacks.preemption import PreemptionStop, save_schedule
 from llmshear.callbacks.pruning import PruningCallback
@@ -164,14 +165,17 @@ def build_eval_loader(cfg: RunConfig, vocab_size: int | None = None):
 
 def build_callbacks(cfg: RunConfig) -> list:
     """The non-finite loss guard, dynamic loading (which writes ``proportions.json`` at the end), RNG restoration
-    on resume, gradient clipping (unless its threshold is 0), the pruning callback (pruning runs), with a bounded
-    ``checkpoint.keep`` its count across resumes, and the recipe's Composer ``callbacks:``."""
+    on resume, FSDP2's gradient mean on backends that sum, gradient clipping (unless its threshold is 0), the pruning
+    callback (pruning runs), with a bounded ``checkpoint.keep`` its count across resumes, and the recipe's Composer
+    ``callbacks:``."""
     d = cfg.data
     callbacks = [NonFiniteLossGuard(cfg.train.max_nonfinite),
                  DynamicLoadingCallback(d.domains, rule=d.update, reference_losses=d.reference_losses, eta=d.eta,
                                         smoothing=d.smoothing, floor=d.floor, cap=d.cap, eval_label=EVAL_LABEL,
                                         folder=cfg.checkpoint.save_folder),
                  ResumeRNG()]
+    if cfg.fsdp.enabled and cfg.fsdp.version == 2:
+        callbacks.append(FSDPGradientMean())
     if clip_threshold(cfg) > 0:
         callbacks.append(ClipGradNorm(clip_threshold(cfg)))
     if cfg.pruning is not None:
@@ -194,11 +198,6 @@ def parallelism_config(cfg: RunConfig) -> dict | None:
     if not f.enabled:
         return None
     if f.version == 2:
-        world_size = dist.get_world_size()
-        if world_size > 1 and torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo":
-            log.warning("FSDP2 on gloo (CPU): torch's gloo reduce-scatter sums the ranks' gradients where NCCL "
-                        "averages them, so the gradients and train/grad_norm are %d times a GPU run's and the clipping "
-                        "threshold engages %d times sooner (Adam's steps hardly change)", world_size, world_size)
         return {"fsdp": FSDP2Config(activation_checkpointing=f.activation_checkpointing,
                                     state_dict_type=f.state_dict_type, mixed_precision=f.mixed_precision)}
     return {"fsdp": {"sharding_strategy": "FULL_SHARD", "state_dict_type": "full", "mixed_precision":
