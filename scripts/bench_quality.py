@@ -74,6 +74,7 @@ import json
 import logging
 import math
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -100,7 +101,6 @@ from llmshear.models.importance import importance_masks, random_masks
 from llmshear.models.l0 import TargetShape
 from llmshear.models.llama import LlamaConfig
 from llmshear.resources import forward_flops_per_token, train_flops_per_token
-from llmshear.run import main as train_main
 from llmshear.tools.demo import make_demo_corpus
 from llmshear.tools.evaluation import evaluate_domains
 from llmshear.tools.export import export_checkpoint, load_pruning_checkpoint
@@ -501,12 +501,13 @@ def recipe_overrides(bench: Bench, run: ArmRun, folder: Path, batches: int, stag
 
 
 def train(recipe: Path) -> None:
-    """``train.py RECIPE`` (:func:`llmshear.run.main`); a run folder without a checkpoint (an interrupted start)
-    is cleared first."""
+    """``python train.py RECIPE`` in a child process (a stage's memory is returned when it ends: in this process
+    every stage's Composer run kept some, 15 GB by the third arm); a run folder without a checkpoint (an
+    interrupted start) is cleared first."""
     folder = Path(OmegaConf.load(recipe).checkpoint.save_folder)
     if folder.exists() and not (folder / LATEST_CHECKPOINT).exists():
         shutil.rmtree(folder)
-    status = train_main([str(recipe)])
+    status = subprocess.run([sys.executable, str(REPO / "train.py"), str(recipe)], cwd=REPO).returncode
     if status != 0:
         raise RuntimeError(f"train.py {recipe} exited with status {status}")
 
