@@ -66,7 +66,7 @@ def build_l0(cfg: RunConfig, source) -> L0Module | None:
                         harden_by=p.harden_by,
                         constraint=p.constraint, eval_masks=p.eval_masks, init_log_alpha=p.init_log_alpha,
                         log_alpha_limit=p.log_alpha_limit, temperature=p.temperature,
-                        final_temperature=p.final_temperature)
+                        final_temperature=p.final_temperature, layer_final_temperature=p.layer_final_temperature)
 
 
 def build_composer_model(cfg: RunConfig, device: str | None = None) -> ComposerLlama:

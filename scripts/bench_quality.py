@@ -32,7 +32,9 @@ train on the same number of tokens (``--match tokens``), and are evaluated alike
     releases before usage-ranked hardening);
 16. ``decay-prune``: as 1 with the pruning run's learning rate decaying to a tenth after its warm-up
     (``scheduler.alpha_f`` 0.1, our default before the pruning recipes kept the rate constant: the continued
-    stage warms up again after the cut and anneals).
+    stage warms up again after the cut and anneals);
+17. ``layer-cool``: as 1 with the layer row's logit temperature falling to 0.01 at the freeze instead of 0.05
+    (``pruning.layer_final_temperature``), so that the layer gates decide before the masks freeze.
 
 ``ours``' schedule prunes for ``prune`` batches and continues for ``continue``; its training FLOPs with every pruning
 step at the source's shape (calibration forwards, pruning steps, continued steps at the target's shape, teachers'
@@ -202,6 +204,8 @@ ARMS = (
         {"pruning": {"harden_by": "logits"}}),
     Arm("decay-prune", "16. learned gates, the pruning run's learning rate decaying to a tenth (alpha_f 0.1)", "l0",
         {"scheduler": {"alpha_f": 0.1}}),
+    Arm("layer-cool", "17. learned gates, the layer row cooled to 0.01 at the freeze (pruning.layer_final_temperature)",
+        "l0", {"pruning": {"layer_final_temperature": 0.01}}),
 )
 ARM_BY_NAME = {arm.name: arm for arm in ARMS}
 

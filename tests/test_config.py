@@ -148,6 +148,7 @@ def test_tiny_recipe_is_valid(tmp_path, data):
     ("pruning.sparsity_warmup=1.5", "pruning.sparsity_warmup=1.5 must lie in [0, 1]"),
     ("pruning.harden_from=0.1", "pruning.harden_from=0.1 must lie in [pruning.sparsity_warmup=0.3, 1]"),
     ("pruning.final_temperature=0.5", "pruning.final_temperature=0.5 must lie in (0, pruning.temperature=0.1]"),
+    ("pruning.layer_final_temperature=0", "pruning.layer_final_temperature=0.0 must lie in (0, pruning.temperature=0.1]"),
     ("optimizer.gate_schedule=decay", "optimizer.gate_schedule: 'decay' is not one of"),
     ("optimizer.clip_norm=-1", "optimizer.clip_norm=-1.0 must not be negative"),
     ("optimizer.lr=.inf", "optimizer.lr: must be a finite number, got inf"),

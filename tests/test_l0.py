@@ -404,3 +404,29 @@ def test_exact_constraint_meets_the_scheduled_count_of_every_row_without_multipl
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fresh.log_alpha.values())
     with pytest.raises(ValueError, match="final_temperature"):
         L0Module(GQA, _target(HALF_GQA), temperature=0.1, final_temperature=0.2)
+
+
+def test_the_layer_row_cools_to_its_own_final_temperature_and_decides_where_the_others_do_not():
+    def near_threshold(l0: L0Module) -> None:  # every row: logits 0.02 apart around the kept count's boundary
+        with torch.no_grad():
+            for p in l0.log_alpha.values():
+                p.copy_(torch.linspace(0.0, 0.02 * (p.shape[-1] - 1), p.shape[-1]).expand(p.shape))
+
+    kwargs = {"lagrangian_warmup": 10, "harden_batch": 20, "temperature": 0.1, "final_temperature": 0.05}
+    plain, cooler = L0Module(GQA, _target(HALF_GQA), **kwargs), L0Module(GQA, _target(HALF_GQA), **kwargs,
+                                                                          layer_final_temperature=0.002)
+    for l0 in (plain, cooler):
+        near_threshold(l0)
+        l0.set_step(15)
+        assert l0.temperature("layer") == pytest.approx(0.075 if l0 is plain else 0.1 + (0.002 - 0.1) / 2)
+        assert l0.temperature("hidden") == pytest.approx(0.075)
+        l0.set_step(20)
+        l0.update_shifts()
+        counts = l0.probabilities()["layer"].sum(-1)  # the shift meets the count at either temperature
+        torch.testing.assert_close(counts, torch.full_like(counts, 2.0), atol=1e-3, rtol=0)
+    assert plain.temperature("layer") == pytest.approx(0.05) and cooler.temperature("layer") == pytest.approx(0.002)
+    reports = [l0.cut_report() for l0 in (plain, cooler)]
+    assert reports[0]["layer"]["decided"] < 0.95 <= reports[1]["layer"]["decided"]
+    assert reports[0]["hidden"] == reports[1]["hidden"]  # the other structures are untouched
+    with pytest.raises(ValueError, match="layer_final_temperature"):
+        L0Module(GQA, _target(HALF_GQA), temperature=0.1, layer_final_temperature=0.2)

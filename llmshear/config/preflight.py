@@ -77,6 +77,10 @@ def check_numbers(cfg: RunConfig) -> list[str]:
                       "must lie in [0, 1] (a fraction of train.max_batches)"))
         rules.append(("pruning.final_temperature", p.final_temperature, 0 < p.final_temperature <= p.temperature,
                       f"must lie in (0, pruning.temperature={p.temperature}]"))
+        if p.layer_final_temperature is not None:
+            rules.append(("pruning.layer_final_temperature", p.layer_final_temperature,
+                          0 < p.layer_final_temperature <= p.temperature,
+                          f"must lie in (0, pruning.temperature={p.temperature}] (or null: pruning.final_temperature)"))
         rules.append(("pruning.harden_from", p.harden_from, p.sparsity_warmup <= p.harden_from <= 1,
                       f"must lie in [pruning.sparsity_warmup={p.sparsity_warmup}, 1] (a fraction of train.max_batches; "
                       "1: never harden)"))

@@ -41,6 +41,7 @@ class PruningSection:
     constraint: str = "exact"
     temperature: float = 0.1
     final_temperature: float = 0.05
+    layer_final_temperature: float | None = None
     sparsity_warmup: float = 0.4
     harden_from: float = 0.7
     harden_by: str = "usage"

@@ -294,6 +294,8 @@ class L0Module(nn.Module):
         constraint: ``exact``, ``row`` or ``overall`` (see the module docstring).
         temperature, final_temperature: ``exact`` only: the logit temperature ``τ`` until the end of the
             warm-up, then linearly down to ``final_temperature`` at ``harden_batch`` (or the warm-up's end).
+        layer_final_temperature: ``exact`` only: the layer row's ``final_temperature`` (``None``: the same as
+            the others'). Lower, the few layer gates near the row's threshold decide before the masks freeze.
         eval_masks: what evaluation measures before hardening: ``current`` (:func:`expected_gates`) or
             ``target`` (the deterministic target-shape masks).
         init_log_alpha: initial gate logit; 4.6 makes every gate start open (``P(z != 0) ≈ 0.998``).
@@ -307,20 +309,22 @@ class L0Module(nn.Module):
                  lagrangian_warmup: int = 0, harden_batch: int | None = None, harden_by: str = "usage",
                  constraint: str = "exact", eval_masks: str = "current", init_log_alpha: float = 4.6,
                  log_alpha_limit: float = 10.0, init_noise: float = 0.01, temperature: float = 0.1,
-                 final_temperature: float = 0.05):
+                 final_temperature: float = 0.05, layer_final_temperature: float | None = None):
         super().__init__()
         if constraint not in CONSTRAINTS or eval_masks not in EVAL_MASKS or harden_by not in HARDEN_BY:
             raise ValueError(f"constraint {constraint!r} / eval_masks {eval_masks!r} / harden_by {harden_by!r}: "
                              f"expected one of {CONSTRAINTS} / {EVAL_MASKS} / {HARDEN_BY}")
-        if not 0 < final_temperature <= temperature:
-            raise ValueError(f"temperatures must satisfy 0 < final_temperature <= temperature, got {temperature}, "
-                             f"{final_temperature}")
+        layer_final_temperature = final_temperature if layer_final_temperature is None else layer_final_temperature
+        if not (0 < final_temperature <= temperature and 0 < layer_final_temperature <= temperature):
+            raise ValueError(f"temperatures must satisfy 0 < final_temperature, layer_final_temperature <= "
+                             f"temperature, got {temperature}, {final_temperature}, {layer_final_temperature}")
         self.source, self.target, self.structures = source, target, list(structures)
         self.options = {"lagrangian_warmup": int(lagrangian_warmup), "harden_batch": harden_batch,
                         "harden_by": harden_by, "constraint": constraint, "eval_masks": eval_masks,
                         "init_log_alpha": float(init_log_alpha),
                         "log_alpha_limit": float(log_alpha_limit), "init_noise": float(init_noise),
-                        "temperature": float(temperature), "final_temperature": float(final_temperature)}
+                        "temperature": float(temperature), "final_temperature": float(final_temperature),
+                        "layer_final_temperature": float(layer_final_temperature)}
         self.specs = mask_specs(source, target, self.structures)
         self.log_alpha = nn.ParameterDict({s.name: nn.Parameter(torch.empty(s.shape)) for s in self.specs})
         rows = {s.name: (s.shape[:-1] or (1,)) if constraint == "row" else (1,) for s in self.specs}
@@ -358,15 +362,17 @@ class L0Module(nn.Module):
         """The logits the gates of ``name`` read: ``(log α - c) / τ`` for ``exact``, else ``log α``."""
         if self.options["constraint"] != "exact":
             return self.log_alpha[name]
-        return (self.log_alpha[name] - getattr(self, f"shift_{name}")) / self.temperature()
+        return (self.log_alpha[name] - getattr(self, f"shift_{name}")) / self.temperature(name)
 
-    def temperature(self) -> float:
-        """``exact``: the current logit temperature (constant, then linear down to the final one)."""
+    def temperature(self, name: str = "") -> float:
+        """``exact``: the current logit temperature of structure ``name`` (constant, then linear down to the final
+        one: ``layer_final_temperature`` for ``layer``, ``final_temperature`` for the others)."""
         o = self.options
         start = o["lagrangian_warmup"]
         end = o["harden_batch"] if o["harden_batch"] is not None else start
         progress = 1.0 if end <= start else min(1.0, max(0.0, (int(self.step.item()) - start) / (end - start)))
-        return o["temperature"] + (o["final_temperature"] - o["temperature"]) * progress
+        final = o["layer_final_temperature"] if name == "layer" else o["final_temperature"]
+        return o["temperature"] + (final - o["temperature"]) * progress
 
     @torch.no_grad()
     def update_shifts(self, iterations: int = 50) -> None:
@@ -377,8 +383,9 @@ class L0Module(nn.Module):
         """
         if self.options["constraint"] != "exact":
             return
-        tau, ramp = self.temperature(), self.ramp()
+        ramp = self.ramp()
         for spec in self.specs:
+            tau = self.temperature(spec.name)
             logits = self.log_alpha[spec.name].detach().float()
             wanted = spec.units - (spec.units - spec.keep) * ramp
             low = logits.amin(-1, keepdim=True) - 20 * tau - 20
