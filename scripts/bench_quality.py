@@ -94,7 +94,7 @@ from llmshear.datasets.mds import SUMMARY, TOKENS, MDSDomain, open_domains, prep
 from llmshear.datasets.proportions import PROPORTIONS_FILE
 from llmshear.datasets.reference import eval_domains
 from llmshear.datasets.vocab import check_vocab
-from llmshear.files import replace_json
+from llmshear.files import Lock, LockedError, replace_json
 from llmshear.loggers import METRICS_FILE, read_metrics
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.cut import cut_model, prune_summary
@@ -135,6 +135,7 @@ EVAL_BATCH_SIZE = 8
 EVAL_SEQS, TEST_SEQS = 8, 32  # held-out sequences per domain: in-training evaluation / final evaluation
 CORPUS_CHARS, DATA_SEQ_LEN, DATA_EVAL_SEQS = 600_000, 256, EVAL_SEQS + TEST_SEQS
 RESULT, SETTINGS = "result.json", "settings.json"
+LOCK = ".bench.lock"  # OUT is one bench's at a time
 START, CUT_REPORT = "start.json", "cut_report.json"
 
 
@@ -890,12 +891,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args, bench, runs = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    bench.out.mkdir(parents=True, exist_ok=True)
-    (bench.out / SETTINGS).write_text(json.dumps(bench.settings(), indent=2) + "\n")
-    setup_data(bench, args.data is None)
-    reference = {**source_row(bench), "label": f"{bench.source} (source, uncut)"}
-    add_gaps(reference, reference)
-    results = [run_arm(bench, run, reference, args.keep_checkpoints) for run in runs]
+    lock = Lock(bench.out / LOCK)
+    try:
+        lock.acquire()
+    except LockedError as err:
+        build_parser().error(f"--out {bench.out} is in use by another bench_quality.py ({err}): two benches in one "
+                             f"folder would clear each other's starting runs; wait for it, or give another --out")
+    try:
+        (bench.out / SETTINGS).write_text(json.dumps(bench.settings(), indent=2) + "\n")
+        setup_data(bench, args.data is None)
+        reference = {**source_row(bench), "label": f"{bench.source} (source, uncut)"}
+        add_gaps(reference, reference)
+        results = [run_arm(bench, run, reference, args.keep_checkpoints) for run in runs]
+    finally:
+        lock.release()
     (bench.out / "results.md").write_text(markdown(bench, reference, results))
     replace_json(bench.out / "results.json", {"reference": reference, "arms": results}, indent=2)
     line = summary_line(bench, reference, results, time.perf_counter() - started)

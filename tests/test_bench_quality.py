@@ -4,6 +4,7 @@ models' evaluation, the cut report, the JSON line and tables; bad arguments refu
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from recipe_fixtures import DOMAINS, write_mds
 from script_modules import script
 
 from llmshear.datasets.mds import MDSDomain
+from llmshear.files import Lock
 from llmshear.loggers import read_metrics
 from llmshear.models.hf import load_config
 from llmshear.models.l0 import TargetShape
@@ -175,6 +177,18 @@ def test_bad_arguments_fail_before_any_work(tmp_path, data, capsys, extra, messa
         bench.main(_argv(out, data, *extra))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_second_bench_on_the_same_out_is_refused_naming_the_first(tmp_path, data, capsys):
+    out = tmp_path / "bench"
+    first = Lock(out / bench.LOCK)  # a live holder (this process) of the folder
+    first.acquire()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(_argv(out, data, "--arms", "importance"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is in use by another bench_quality.py" in err and f"pid {os.getpid()}" in err
+    assert sorted(p.name for p in out.iterdir()) == [bench.LOCK] and first.read() == first.holder
+    first.release()
 
 
 def test_missing_data_fails_before_any_work(tmp_path, capsys):

@@ -148,7 +148,8 @@ def test_tiny_recipe_is_valid(tmp_path, data):
     ("pruning.sparsity_warmup=1.5", "pruning.sparsity_warmup=1.5 must lie in [0, 1]"),
     ("pruning.harden_from=0.1", "pruning.harden_from=0.1 must lie in [pruning.sparsity_warmup=0.3, 1]"),
     ("pruning.final_temperature=0.5", "pruning.final_temperature=0.5 must lie in (0, pruning.temperature=0.1]"),
-    ("pruning.layer_final_temperature=0", "pruning.layer_final_temperature=0.0 must lie in (0, pruning.temperature=0.1]"),
+    ("pruning.layer_final_temperature=0",
+     "pruning.layer_final_temperature=0.0 must lie in (0, pruning.temperature=0.1]"),
     ("optimizer.gate_schedule=decay", "optimizer.gate_schedule: 'decay' is not one of"),
     ("optimizer.clip_norm=-1", "optimizer.clip_norm=-1.0 must not be negative"),
     ("optimizer.lr=.inf", "optimizer.lr: must be a finite number, got inf"),
@@ -308,6 +309,17 @@ def test_save_folder_at_or_under_a_regular_file(tmp_path, data, depth):
     problems = problems_of(tiny_recipe(tmp_path, data), [f"checkpoint.save_folder={folder}"])
     assert problems == [f"checkpoint.save_folder={str(folder)!r}: {blocker} is a file, not a directory"]
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("inside", [".", "eval", "train/alpha"])
+def test_a_run_folder_inside_the_data_root_is_refused(tmp_path, data, inside):
+    folder = (data / inside).resolve()
+    problems = problems_of(tiny_recipe(tmp_path, data), [f"checkpoint.save_folder={data / inside}"])
+    assert problems == [f"checkpoint.save_folder={str(data / inside)!r} lies inside data.path={str(data)!r}: the run "
+                        "would write its checkpoints, masks/ and metrics among the data (and lose them to a "
+                        "re-prepared data root); give the run a folder of its own"]
+    assert not (folder / "masks").exists()
+    load(tiny_recipe(tmp_path, data), [f"checkpoint.save_folder={data.parent / (data.name + '-run')}"])  # a sibling
 
 
 def test_bad_input_on_the_command_line_exits_2_without_traceback(repo_root, tmp_path, data):

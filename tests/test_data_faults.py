@@ -23,6 +23,7 @@ from script_modules import script
 from llmshear import run as train
 from llmshear.config import ConfigError, load
 from llmshear.datasets.dynamic import build_train_dataloader, part_bounds
+from llmshear.datasets.jsonl import BadLines, read_documents
 from llmshear.datasets.mds import MDSDomain, ShardError, prepare
 from llmshear.models.hf import config_to_hf, load_config
 
@@ -419,3 +420,17 @@ def test_a_domain_that_is_a_path_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as err:
         load(tiny_recipe(tmp_path, data), ["data.domains=[alpha,beta,../eval/gamma]"])
     assert any("data.domains: '../eval/gamma' is not a plain name" in p for p in err.value.problems)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_a_byte_order_mark_does_not_cost_the_first_document(tmp_path, suffix):
+    """Editors on Windows save UTF-8 with a byte-order mark, which json.loads refuses: the first line was a bad line."""
+    content = ("\ufeff" + "\n".join(json.dumps({"text": t}) for t in ["first", "second"]) + "\n").encode("utf-8")
+    path = tmp_path / f"docs{suffix}"
+    path.write_bytes(gzip.compress(content) if suffix.endswith(".gz") else content)
+    bad = BadLines()
+    assert list(read_documents(path, bad)) == ["first", "second"] and bad.count == 0
+    middle = tmp_path / "middle.jsonl"  # a mark before a later line is no first line's: that line stays bad
+    middle.write_bytes(content.replace(b"\n", b"\n\xef\xbb\xbf", 1))
+    bad = BadLines()
+    assert list(read_documents(middle, bad)) == ["first"] and bad.count == 1 and "BOM" in bad.examples[0]

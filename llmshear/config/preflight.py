@@ -310,9 +310,15 @@ def check_runtime(cfg: RunConfig, cuda: bool) -> list[str]:
 
 def check_local_paths(cfg: RunConfig) -> list[str]:
     """Object-store URIs (``s3://``, ``gs://``, …) are refused: the run folder and checkpoints are local files;
-    ``checkpoint.remote`` mirrors the folder to an object store."""
+    ``checkpoint.remote`` mirrors the folder to an object store. A run folder inside the data root is refused: its
+    ``masks/`` would sit among a split's domains and ``prepare_data.py --overwrite`` of the data would delete it."""
     c = cfg.checkpoint
     problems = []
+    folder, data = Path(c.save_folder).resolve(), Path(cfg.data.path).resolve()
+    if folder == data or data in folder.parents:
+        problems.append(f"checkpoint.save_folder={c.save_folder!r} lies inside data.path={cfg.data.path!r}: the run "
+                        f"would write its checkpoints, masks/ and metrics among the data (and lose them to a "
+                        f"re-prepared data root); give the run a folder of its own")
     if "://" in c.save_folder:
         problems.append(f"checkpoint.save_folder={c.save_folder!r}: must be a local (or mounted) path: checkpoints, "
                         f"metrics.jsonl, masks/ and proportions.json are written and read as local files, and this "

@@ -22,6 +22,7 @@ from llmshear.files import PLAIN_NAME
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 MAX_EXAMPLES = 3
 _CHUNK = 1 << 20
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, which editors on Windows put before the first line
 
 
 class BadLineError(ValueError):
@@ -193,7 +194,7 @@ def read_records(path: Path, bad: BadLines, strict: bool = False) -> Iterator[tu
     try:
         with open_binary(path) as stream:
             for number, raw in enumerate(stream, 1):
-                obj, reason = parse_record(raw)
+                obj, reason = parse_record(raw.removeprefix(BOM) if number == 1 else raw)
                 if obj is not None:
                     yield number, obj
                 elif reason is not None:
