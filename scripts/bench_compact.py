@@ -15,7 +15,7 @@ For each, a training step (forward, cross-entropy, backward, AdamW step) of the 
 (``pruning.compact: false``) and of the compact one, interleaved, after a warm-up step each; and the training step
 of the cut model (the target shape without masks), the floor a compact step approaches. Reported: median seconds,
 ``dense_over_compact`` (the speed-up), the FLOPs the compact step computed over the dense step's
-(:func:`~llmshear.resources.active_forward_flops_per_token`), and ``compact_over_cut`` at the target. The JSON line
+(:func:`~llmshear.costs.active_forward_flops_per_token`), and ``compact_over_cut`` at the target. The JSON line
 records the load average: times inflate on a shared machine, ratios much less.
 """
 
@@ -32,9 +32,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from llmshear.costs import active_forward_flops_per_token, forward_flops_per_token
 from llmshear.models.hf import build_model, load_model
 from llmshear.models.l0 import L0Module, TargetShape
-from llmshear.resources import active_forward_flops_per_token, forward_flops_per_token
 
 THREADS = 2
 SOURCE = "smollm2"

@@ -19,7 +19,7 @@ the resident set size (RSS, sampled every millisecond) during one step of one va
 that memory freed by another variant is not reused.
 With ``--device gpu`` every variant runs on the GPU under bf16 autocast, peak memory is
 ``torch.cuda.max_memory_allocated`` above what was allocated before the step (in this process), and the
-training variants also report tokens/s and MFU (FLOPs as :func:`llmshear.resources.train_flops_per_token`,
+training variants also report tokens/s and MFU (FLOPs as :func:`llmshear.costs.train_flops_per_token`,
 over ``--peak-tflops``). The ``1b`` case is a random model of Sheared-LLaMA-1.3B's shape (GPU only).
 HF uses its default attention (SDPA; for GQA on CPU it passes ``enable_gqa``, which takes PyTorch's math kernel,
 while ours repeats K/V heads and gets the faster fused kernel).
@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from llmshear.costs import train_flops_per_token
 from llmshear.models.hf import PRESETS, build_model, config_to_hf, load_config, load_model, save_pretrained
 from llmshear.models.l0 import mask_shapes
 from llmshear.models.llama import LlamaConfig
-from llmshear.resources import train_flops_per_token
 
 THREADS = 2
 DEVICE = {"cpu": "cpu", "gpu": "cuda"}

@@ -89,6 +89,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmshear.checkpoints import LATEST_CHECKPOINT, checkpoints_in
 from llmshear.config.schema import PruningSection
+from llmshear.costs import forward_flops_per_token, train_flops_per_token
 from llmshear.datasets.dynamic import calibration_batches, open_train_parts
 from llmshear.datasets.mds import SUMMARY, TOKENS, MDSDomain, open_domains, prepare
 from llmshear.datasets.proportions import PROPORTIONS_FILE
@@ -102,7 +103,6 @@ from llmshear.models.hf import load_config, load_model, save_pretrained
 from llmshear.models.importance import importance_masks, random_masks
 from llmshear.models.l0 import TargetShape
 from llmshear.models.llama import LlamaConfig
-from llmshear.resources import forward_flops_per_token, train_flops_per_token
 from llmshear.tools.demo import make_demo_corpus
 from llmshear.tools.evaluation import evaluate_domains
 from llmshear.tools.export import export_checkpoint, load_pruning_checkpoint
@@ -560,7 +560,7 @@ def arm_flops(bench: Bench, run: ArmRun, batches: dict, prune_flops: float | Non
     Calibration forwards of the source; the pruning steps: ``prune_flops`` when given (what a run measured,
     :func:`measured_prune_flops`), else every step at the source's shape (a dense masked step multiplies every
     weight of the source); continued steps at the target's shape; a distillation teacher's forward in every step
-    of a stage that distils (:func:`llmshear.resources.train_flops_per_token`). The evaluations are not counted:
+    of a stage that distils (:func:`llmshear.costs.train_flops_per_token`). The evaluations are not counted:
     every arm evaluates alike.
     """
     source, target = bench.shapes
@@ -829,7 +829,7 @@ def markdown(bench: Bench, reference: dict, results: list[dict]) -> str:
         f"{bench.batch_tokens:,} tokens and continues for {bench.continue_batches} (--prune-budget "
         f"{bench.prune_budget:g}); --match {bench.match}: every arm spends {spent} (batches: pruning + continued).",
         "Training FLOPs: calibration forwards of the source, pruning steps at the source's shape, continued steps at "
-        "the target's, a teacher's forward in every distilled step (llmshear.resources); evaluations not counted. "
+        "the target's, a teacher's forward in every distilled step (llmshear.costs); evaluations not counted. "
         f"distill distils from the source in both stages. importance runs {CALIBRATION_BATCHES} forward-only "
         "calibration batches of the source.",
         f"Perplexity on every sequence of {split} of each domain ({bench.test}); the in-training evaluations and "

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
+from llmshear.costs import StepShape, step_memory
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.composer_llama import ComposerLlama
 from llmshear.models.hf import load_config
 from llmshear.models.l0 import L0Module, TargetShape
 from llmshear.models.llama import LlamaConfig
 from llmshear.optim import build_optimizer
-from llmshear.resources import StepShape, step_memory
 
 STATUS = Path("/proc/self/status")
 

@@ -13,12 +13,12 @@ from omegaconf import OmegaConf
 from recipe_fixtures import DOMAINS, write_mds
 from script_modules import script
 
+from llmshear.costs import forward_flops_per_token, train_flops_per_token
 from llmshear.datasets.mds import MDSDomain
 from llmshear.files import Lock
 from llmshear.loggers import read_metrics
 from llmshear.models.hf import load_config
 from llmshear.models.l0 import TargetShape
-from llmshear.resources import forward_flops_per_token, train_flops_per_token
 
 TARGET = {"d_model": 96, "n_layers": 3, "n_heads": 6, "n_kv_heads": 2, "intermediate_size": 256}
 BUDGET, PRUNE_BUDGET = 0.05, 0.5  # 1 pruning batch, 2 continue batches

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from llmshear.callbacks.pruning import PruningCallback
+from llmshear.costs import active_forward_flops_per_token, forward_flops_per_token
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.composer_llama import ComposerLlama, model_flops
 from llmshear.models.l0 import L0Module, TargetShape
-from llmshear.resources import active_forward_flops_per_token, forward_flops_per_token
 
 MODELS = ("tiny-llama2", "tiny-gqa", "tiny-qwen2", "tiny-smollm2")
 T = 16

@@ -17,7 +17,7 @@ LIBRARY = Path(__file__).resolve().parents[1] / "llmshear"
 LAYERS = (
     ("leaves", ("llmshear", "llmshear.batch", "llmshear.checkpoints", "llmshear.choices", "llmshear.composer_parts",
                 "llmshear.durations", "llmshear.files", "llmshear.loggers", "llmshear.progress", "llmshear.ranks",
-                "llmshear.resources", "llmshear.slurm", "llmshear.sources", "llmshear.datasets.proportions",
+                "llmshear.costs", "llmshear.slurm", "llmshear.sources", "llmshear.datasets.proportions",
                 "llmshear.datasets.vocab")),
     ("config", ("llmshear.config", "llmshear.config.foreign", "llmshear.config.types", "llmshear.config.schema",
                 "llmshear.config.loading")),

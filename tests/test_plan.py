@@ -15,9 +15,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from llmshear.config import ConfigError, load
+from llmshear.costs import non_embedding_params, total_params, train_flops_per_token
 from llmshear.models.build import PRESETS, build_model
 from llmshear.models.hf import load_config
-from llmshear.resources import non_embedding_params, total_params, train_flops_per_token
 from llmshear.tools.plan import GPUS, RESERVED, Machine, cut_source, load_recipe, plan, warnings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ from composer.models import ComposerModel
 from torch import nn
 
 from llmshear.batch import IGNORE_INDEX
+from llmshear.costs import active_forward_flops_per_token, forward_flops_per_token, train_flops_per_token
 from llmshear.metrics import DomainMetric, build_domain_metrics
 from llmshear.models.llama import SHAPE_KEYS, DecoderLayer, LlamaConfig, LlamaLM
-from llmshear.resources import active_forward_flops_per_token, forward_flops_per_token, train_flops_per_token
 
 
 def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,7 +21,7 @@ def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
 
 def model_flops(cfg: LlamaConfig, batch: int, seq_len: int, backward: bool = True) -> int:
     """FLOPs of a forward (and backward) pass over ``batch`` sequences of ``seq_len`` tokens of a ``cfg``-shaped
-    model, as :mod:`llmshear.resources` counts them (one definition for the speed monitor, the benchmarks and the
+    model, as :mod:`llmshear.costs` counts them (one definition for the speed monitor, the benchmarks and the
     planner):
 
         ``6·N·B·T + 12·L·H·d_head·T²·B``      (B sequences of T tokens, L layers, H query heads)

@@ -2,7 +2,7 @@
 
 The recipe is read as ``train.py`` reads it (:func:`llmshear.config.load`, same overrides and checks) except
 for the checks of files that do not exist yet (data, checkpoints, ``*_from`` files); only the source's (and
-the teacher's) ``config.json`` is read. :mod:`llmshear.resources` holds the arithmetic.
+the teacher's) ``config.json`` is read. :mod:`llmshear.costs` holds the arithmetic.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from llmshear.config import RunConfig, load
+from llmshear.costs import FP32, StepShape, non_embedding_params, step_memory, total_params, train_flops_per_token
 from llmshear.datasets.mds import token_dtype
 from llmshear.models.hf import config_to_hf, load_config
 from llmshear.models.l0 import L0Module, TargetShape
 from llmshear.models.llama import DTYPES, LlamaConfig
-from llmshear.resources import FP32, StepShape, non_embedding_params, step_memory, total_params, train_flops_per_token
 
 GIB = 2**30
 # GPU memory as the driver reports it, and dense bf16 peak FLOP/s (vendor data sheets, SXM parts).
