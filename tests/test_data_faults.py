@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -434,3 +435,25 @@ def test_a_byte_order_mark_does_not_cost_the_first_document(tmp_path, suffix):
     middle.write_bytes(content.replace(b"\n", b"\n\xef\xbb\xbf", 1))
     bad = BadLines()
     assert list(read_documents(middle, bad)) == ["first"] and bad.count == 1 and "BOM" in bad.examples[0]
+
+
+def test_a_shard_replaced_after_the_domain_opened_is_refused_not_read(tmp_path):
+    """A data root re-prepared while a run reads it: shards of the same size hold other samples. A shard the run
+    has not read yet is refused by name; one already mapped keeps its samples; a touched shard is still read."""
+    rows = np.repeat(np.arange(64)[:, None], 8, axis=1)
+    write_shards(tmp_path / "alpha", rows, size_limit=1 << 8)
+    domain = MDSDomain(tmp_path / "alpha")
+    assert len(domain.shards) >= 3
+    first, last = domain[0].tolist(), len(domain) - 1
+    again = tmp_path / "again"
+    write_shards(again, rows[::-1].copy(), size_limit=1 << 8)  # same sizes, other samples: as a re-preparation
+    moved = tmp_path / "alpha.old"
+    (tmp_path / "alpha").rename(moved)
+    again.rename(tmp_path / "alpha")
+    with pytest.raises(ShardError, match=r"shard .*alpha/shard\.\d+\.mds was replaced after this run opened"):
+        domain[last]
+    assert domain[0].tolist() == first  # mapped before the replacement: the file the run opened
+    fresh = MDSDomain(tmp_path / "alpha")
+    shard = tmp_path / "alpha" / fresh.shards[-1].raw_data.basename
+    os.utime(shard, (1, 1))
+    assert fresh[last].tolist() == rows[0].tolist()

@@ -254,14 +254,21 @@ class ShardError(ValueError):
     the domain, the shard file and, for a read, the sample."""
 
 
+def file_identity(stat: os.stat_result) -> tuple[int, int]:
+    """A file's device and inode: a file put in its place (prepare_data builds beside and renames) differs, the
+    same file touched (a scratch-purge guard) does not."""
+    return stat.st_dev, stat.st_ino
+
+
 class MDSDomain:
     """Random access to the token sequences of one MDS directory written by :func:`prepare`.
 
     The index is parsed by streaming's own shard readers (which also decode samples); the shard files are
     memory-mapped on first use, so reading a sample is two slices of the page cache, in any order, with no
     shared memory, no file handle per read and no worker process. Opening checks every shard against the
-    index (its size, its sample count and first and last offsets: a few bytes per shard), and every read
-    checks its sample's offsets and that no token id exceeds the largest one ``summary.json`` records for the
+    index (its size, its sample count and first and last offsets: a few bytes per shard; its identity is kept,
+    and a shard file replaced before its first read is refused), and every read checks its sample's offsets
+    and that no token id exceeds the largest one ``summary.json`` records for the
     domain (without one, the largest the model's vocabulary holds, when ``vocab_size`` is given), so a
     damaged shard is named instead of failing deep inside a batch (or the embedding).
 
@@ -287,8 +294,7 @@ class MDSDomain:
             self.shards = [reader_from_json(str(self.directory), "", obj) for obj in shards]
         except (ValueError, KeyError, TypeError, AssertionError) as err:
             raise ValueError(f"{index} is not an MDS index: {err!r}") from err
-        for shard in self.shards:
-            self._check_shard(shard)
+        self.identities = [self._check_shard(shard) for shard in self.shards]
         self.starts = np.cumsum([0] + [shard.samples for shard in self.shards]).tolist()
         self.max_token_id = recorded_max_token_id(self.directory)
         self.bound = "that prepare_data wrote for this domain (summary.json)"
@@ -301,7 +307,9 @@ class MDSDomain:
     def _where(self, shard) -> str:
         return f"domain {self.directory.name!r}: shard {self.directory / shard.raw_data.basename}"
 
-    def _check_shard(self, shard) -> None:
+    def _check_shard(self, shard) -> tuple[int, int]:
+        """Check ``shard`` against the index; its file's identity (device and inode), which a later
+        read compares so that a file replaced since (a re-prepared data root) is not read as this one."""
         if getattr(shard, "column_names", None) is None or TOKENS not in shard.column_names:
             raise ValueError(f"{self.directory}: shards have no {TOKENS!r} column (not written by prepare_data)")
         shard.validate(allow_unsafe_types=False)
@@ -323,6 +331,7 @@ class MDSDomain:
             raise ShardError(f"{self._where(shard)}: its header (sample count {head[:1]}, offsets {head[1:]}..{last}) "
                              f"contradicts index.json ({shard.samples} samples, {size} bytes): the file is damaged; "
                              "re-run scripts/prepare_data.py")
+        return file_identity(path.stat())
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -360,11 +369,15 @@ class MDSDomain:
         if shard not in self._maps:
             reader = self.shards[shard]
             with open(self.directory / reader.raw_data.basename, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size != reader.raw_data.bytes:
-                    raise ShardError(f"{self._where(reader)} has {size} bytes, its index.json says "
+                stat = os.fstat(handle.fileno())
+                if stat.st_size != reader.raw_data.bytes:
+                    raise ShardError(f"{self._where(reader)} has {stat.st_size} bytes, its index.json says "
                                      f"{reader.raw_data.bytes} (changed since it was checked); re-run "
                                      "scripts/prepare_data.py")
+                if file_identity(stat) != self.identities[shard]:
+                    raise ShardError(f"{self._where(reader)} was replaced after this run opened the domain (a "
+                                     f"re-prepared data root?): its samples may not be the ones the run planned "
+                                     "for; let the run finish before replacing its data, or restart it")
                 self._maps[shard] = np.frombuffer(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
         return self._maps[shard]
 
