@@ -93,7 +93,7 @@ from llmshear.costs import forward_flops_per_token, train_flops_per_token
 from llmshear.datasets.dynamic import calibration_batches, open_train_parts
 from llmshear.datasets.mds import SUMMARY, TOKENS, MDSDomain, open_domains, prepare
 from llmshear.datasets.proportions import PROPORTIONS_FILE
-from llmshear.datasets.reference import eval_domains
+from llmshear.datasets.reference import eval_domains, split_fingerprints
 from llmshear.datasets.vocab import check_vocab
 from llmshear.files import Lock, LockedError, replace_json
 from llmshear.loggers import METRICS_FILE, read_metrics
@@ -442,6 +442,7 @@ def source_row(bench: Bench) -> dict:
         replace_json(bench.reference, {
             "domains": bench.domains, "reference_losses": [eval_row["domains"][d]["loss"] for d in bench.domains],
             "source": bench.source, "split": str(bench.data / "eval"),
+            "eval_fingerprints": split_fingerprints(bench.data / "eval", bench.domains),
             "row": {**row, "params": model.num_params()}, "row_split": str(bench.test)}, indent=2)
     return json.loads(bench.reference.read_text())["row"]
 

@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 
-from llmshear.datasets.reference import eval_domains, scaling_reference, yaml_list
+from llmshear.datasets.reference import eval_domains, scaling_reference, split_fingerprints, yaml_list
 from llmshear.datasets.vocab import check_vocab
 from llmshear.models.llama import DTYPES
 from llmshear.tools.evaluation import check_device, mean_domain_losses
@@ -53,7 +53,8 @@ def from_source(args: argparse.Namespace) -> tuple[dict, str]:
     model = load_model(args.source, dtype=DTYPES[args.dtype], device=args.device)
     losses = mean_domain_losses(model, args.data, domains, args.batch_size, args.max_seqs, args.device, progress=True)
     result = {"domains": losses["domains"], "reference_losses": losses["losses"], "tokens": losses["tokens"],
-              "source": args.source, "params": sum(p.numel() for p in model.parameters())}
+              "source": args.source, "params": sum(p.numel() for p in model.parameters()),
+              "split": str(args.data), "eval_fingerprints": split_fingerprints(args.data, domains)}
     return result, f"mean next-token loss of {args.source} on {args.data} (source reference)"
 
 

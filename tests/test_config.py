@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -25,6 +26,7 @@ from llmshear.config.loading import resolve_files
 from llmshear.config.preflight import check_proportions
 from llmshear.config.schema import parse
 from llmshear.config.types import load_raw
+from llmshear.datasets.reference import split_fingerprints
 
 REDPAJAMA = ["cc", "github", "book", "stackexchange", "wiki", "arxiv", "c4-rp"]
 PAPER_TARGETS = {
@@ -282,6 +284,26 @@ def test_reference_losses_from_the_reference_loss_script(tmp_path, data):
     problems = problems_of(tiny_recipe(tmp_path, data), ["data.reference_losses=null",
                                                           f"data.reference_losses_from={path}"])
     assert any(p.startswith("data.reference_losses_from:") and "has domains ['alpha']" in p for p in problems)
+
+
+def test_reference_losses_measured_on_other_data_are_refused_wherever_the_split_was_copied(tmp_path, data):
+    path = tmp_path / "reference.json"
+    recorded = {"domains": DOMAINS, "reference_losses": [1.0, 2.0, 3.0],
+                "eval_fingerprints": split_fingerprints(data / "eval", DOMAINS)}
+    path.write_text(json.dumps(recorded))
+    copied = tmp_path / "scratch" / "data"  # the same data staged elsewhere (a job's local scratch): accepted
+    shutil.copytree(data, copied)
+    overrides = ["data.reference_losses=null", f"data.reference_losses_from={path}"]
+    assert load(tiny_recipe(tmp_path, copied), overrides).data.reference_losses == [1.0, 2.0, 3.0]
+    other = write_mds(tmp_path / "other", DOMAINS, 32, n_train=4, n_eval=2, seed=1)  # another preparation
+    problems = problems_of(tiny_recipe(tmp_path, other), overrides)
+    assert problems == [f"data.reference_losses_from={str(path)!r}: measured on another eval split than "
+                        f"{other / 'eval'} (domains {DOMAINS} hold other sequences: another preparation, tokenizer "
+                        f"or sequence length); measure the reference on this data (scripts/reference_loss.py "
+                        f"--source MODEL --data {other / 'eval'})"]
+    del recorded["eval_fingerprints"]  # a scaling-law fit records none: not checked
+    path.write_text(json.dumps(recorded))
+    assert load(tiny_recipe(tmp_path, other), overrides).data.reference_losses == [1.0, 2.0, 3.0]
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):

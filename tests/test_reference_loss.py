@@ -13,7 +13,7 @@ from data_fixtures import random_shards
 from script_modules import script
 
 from llmshear.datasets.mds import MDSDomain
-from llmshear.datasets.reference import eval_domains, read_sizes, scaling_reference
+from llmshear.datasets.reference import eval_domains, read_sizes, scaling_reference, split_fingerprints
 
 VOCAB = 64
 
@@ -65,6 +65,8 @@ def test_source_reference_matches_the_hf_model(hf_model, eval_dir, capsys):
     expected = [_expected(model, eval_dir / d) for d in result["domains"]]
     assert result["reference_losses"] == pytest.approx(expected, abs=1e-4)
     assert result["tokens"] == [5 * 11, 3 * 11, 4 * 11]
+    assert result["split"] == str(eval_dir)  # what preflight compares a run's eval split with
+    assert result["eval_fingerprints"] == split_fingerprints(eval_dir, result["domains"])
     block = yaml.safe_load("\n".join(out[:-1]))
     assert block["reference_losses"] == pytest.approx(expected, abs=1e-4)
 

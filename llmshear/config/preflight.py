@@ -7,6 +7,7 @@ directory, one listing of ``checkpoint.remote``), never weights or samples, so a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from llmshear.checkpoints import (
@@ -22,6 +23,7 @@ from llmshear.config.schema import RunConfig
 from llmshear.datasets.dynamic import open_train_parts
 from llmshear.datasets.mds import open_domains
 from llmshear.datasets.proportions import bounds_errors, proportion_errors, reference_loss_errors
+from llmshear.datasets.reference import split_fingerprints
 from llmshear.datasets.vocab import vocab_problems
 from llmshear.files import PLAIN_NAME
 from llmshear.models.hf import check_weights, load_config, require_weights
@@ -195,7 +197,30 @@ def check_data(cfg: RunConfig) -> list[str]:
                     open_domains([directory], d.seq_len)
             except (OSError, ValueError) as err:
                 problems.append(f"data.path: {err}")
-    return problems + check_vocabulary(cfg)
+    return problems + check_vocabulary(cfg) + (check_reference_split(cfg) if not problems else [])
+
+
+def check_reference_split(cfg: RunConfig) -> list[str]:
+    """``data.reference_losses_from`` measured on this run's eval split: a file that records the split's
+    fingerprints (``scripts/reference_loss.py --source``, ``bench_quality.py``) must match the data's, wherever
+    the split was copied; a file without them (a scaling-law fit) is not checked."""
+    d = cfg.data
+    if d.reference_losses_from is None:
+        return []
+    try:
+        recorded = json.loads(Path(d.reference_losses_from).read_text()).get("eval_fingerprints")
+    except (OSError, ValueError, AttributeError):
+        return []  # unreadable: reported where the losses are read
+    if not isinstance(recorded, dict):
+        return []
+    split = Path(d.path) / d.eval_split
+    here = split_fingerprints(split, [domain for domain in d.domains if domain in recorded])
+    differ = [domain for domain, value in here.items() if recorded[domain] != value]
+    if not differ:
+        return []
+    return [f"data.reference_losses_from={d.reference_losses_from!r}: measured on another eval split than {split} "
+            f"(domains {differ} hold other sequences: another preparation, tokenizer or sequence length); measure "
+            f"the reference on this data (scripts/reference_loss.py --source MODEL --data {split})"]
 
 
 def check_vocabulary(cfg: RunConfig) -> list[str]:

@@ -7,6 +7,7 @@ model's own eval loss, is :func:`llmshear.tools.evaluation.mean_domain_losses` o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -33,6 +34,22 @@ def eval_domains(data: str | Path) -> list[str]:
         if sorted(ordered) == present:
             return ordered
     return present
+
+
+def split_fingerprints(split: str | Path, domains: Sequence[str]) -> dict[str, str]:
+    """Per domain, a SHA-256 of its ``index.json`` and shard files in ``split``: the same samples give the same
+    value wherever the split was copied; another preparation (tokenizer, sequence length, documents) another."""
+    prints = {}
+    for domain in domains:
+        folder = Path(split) / domain
+        index = (folder / "index.json").read_bytes()
+        digest = hashlib.sha256(index)
+        for shard in json.loads(index)["shards"]:
+            with open(folder / shard["raw_data"]["basename"], "rb") as handle:
+                while block := handle.read(1 << 20):
+                    digest.update(block)
+        prints[domain] = digest.hexdigest()
+    return prints
 
 
 def fit_scaling_law(sizes: Sequence[float], losses: Sequence[float]) -> tuple[float, float, float]:
