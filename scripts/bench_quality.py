@@ -593,6 +593,17 @@ def measured_prune_flops(bench: Bench, run: ArmRun) -> float:
     return float(sum(flops.values()))
 
 
+def frozen_prune_flops(folder: Path) -> float | None:
+    """The mean training FLOPs per batch a pruning run logged once its masks were frozen (``l0/hardened``), which
+    compact steps bring to the cut model's; None without such batches (or without the run's log)."""
+    path = folder / "prune" / METRICS_FILE
+    if not path.is_file():
+        return None
+    flops = [line["l0/batch_flops"] for line in read_metrics(path)
+             if "l0/batch_flops" in line and line.get("l0/hardened") == 1.0]
+    return sum(flops) / len(flops) if flops else None
+
+
 def plan_batches(bench: Bench, run: ArmRun, prune_flops: float | None = None) -> dict:
     """Batches per stage of ``run``. ``--match tokens``: ``prune + continue`` batches in all (an arm continues for
     what its pruning run did not use); ``--match flops``: a continued stage that fills the budget, what ``ours``'
@@ -850,8 +861,9 @@ def markdown(bench: Bench, reference: dict, results: list[dict]) -> str:
     return "".join("\n".join(t) + "\n\n" for t in tables if t) + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
-def short(r: dict) -> dict:
-    """A row of the JSON line: perplexities, worst gap, size; seed, start perplexity, cut report and time."""
+def short(r: dict, frozen_flops: float | None = None) -> dict:
+    """A row of the JSON line: perplexities, worst gap, size; seed, start perplexity, cut report and time; a learned
+    arm's pruning FLOPs per batch once its masks froze (``frozen_flops``) and their ratio to a continued batch's."""
     row = {"ppl": {d: round(v["ppl"], 4) for d, v in r["domains"].items()}, "mean_ppl": round(r["mean_ppl"], 4),
            "worst_gap": round(r["worst_gap"]["gap"], 4), "worst_domain": r["worst_gap"]["domain"],
            "params": r["params"]}
@@ -862,6 +874,9 @@ def short(r: dict) -> dict:
     if "train_flops" in r:
         row.update(train_batches=r["train_batches"], train_flops=r["train_flops"],
                    flops_per_batch=r["flops_per_batch"])
+        if frozen_flops is not None:
+            row["prune_flops_frozen"] = frozen_flops
+            row["frozen_vs_continue"] = round(frozen_flops / r["flops_per_batch"]["continue"], 5)
     if "wall_s" in r:
         row["wall_s"] = round(r["wall_s"], 1)
     return row
@@ -872,7 +887,8 @@ def summary_line(bench: Bench, reference: dict, results: list[dict], wall: float
     return {"source": bench.source, "target": bench.target, "prune_batches": bench.prune_batches,
             "continue_batches": bench.continue_batches, "prune_budget": bench.prune_budget, "match": bench.match,
             "batch_tokens": bench.batch_tokens, "test": str(bench.test), "reference": short(reference),
-            "arms": {r["arm"]: short(r) for r in results}, "pairs": paired_differences(results),
+            "arms": {r["arm"]: short(r, frozen_prune_flops(bench.out / r["arm"])) for r in results},
+            "pairs": paired_differences(results),
             "wall_s": round(wall, 1), "results": str(bench.out / "results.md")}
 
 

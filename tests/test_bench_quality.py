@@ -92,6 +92,7 @@ def test_arms_at_two_seeds_spend_the_same_flops(tmp_path, data, capsys):
     assert len(logged) == batches[0] and flops["prune"] == pytest.approx(sum(logged))
     assert 0 < flops["prune"] <= batches[0] * per_batch["prune"]
     assert ours["train_batches"]["prune"] == batches[0] and ours["train_batches"]["continue"] >= batches[1]
+    assert "prune_flops_frozen" not in ours  # its one pruning batch ends before the masks freeze
     for key in ("ours", "importance", "importance@18"):  # 32 calibration sequences leave importance one batch
         arm = line["arms"][key]
         assert abs(arm["train_flops"] - budget) <= arm["flops_per_batch"]["continue"], key
@@ -260,6 +261,20 @@ def test_the_cluster_arm_takes_the_shipped_7b_pruning_keys():
         assert {s: {k: cfg[s][k] for k in keys} for s, keys in bench.CLUSTER_KEYS.items()} == shipped, recipe
     assert bench.ARM_BY_NAME["row"].prune_overrides["pruning"]["constraint"] == "row"
     assert bench.ARM_BY_NAME["fixed-ranking"].prune_overrides == {"optimizer": {"lag_lr": 0.0}}
+
+
+def test_the_json_line_reports_the_pruning_steps_cost_once_the_masks_froze(tmp_path):
+    (tmp_path / "prune").mkdir()
+    lines = [{"batch": 1, "l0/batch_flops": 9.0, "l0/hardened": 0.0}, {"batch": 2, "l0/batch_flops": 4.0,
+             "l0/hardened": 1.0}, {"batch": 2, "metrics/eval/x": 1.0}, {"batch": 3, "l0/batch_flops": 6.0,
+             "l0/hardened": 1.0}]
+    (tmp_path / "prune" / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert bench.frozen_prune_flops(tmp_path) == 5.0
+    assert bench.frozen_prune_flops(tmp_path / "nowhere") is None
+    row = {"domains": {"a": {"ppl": 2.0}}, "mean_ppl": 2.0, "worst_gap": {"gap": 0.1, "domain": "a"}, "params": 1,
+           "train_batches": {"prune": 3, "continue": 1}, "train_flops": 24.0,
+           "flops_per_batch": {"prune": 9.0, "continue": 4.0}}
+    assert bench.short(row, 5.0)["frozen_vs_continue"] == 1.25 and "prune_flops_frozen" not in bench.short(row)
 
 
 def test_paired_differences_are_the_mean_log_ratio_with_a_t_interval():
