@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from recipe_fixtures import DOMAINS, write_mds
 from script_modules import script
 
+from llmshear.config.schema import OptimizerSection, PruningSection
 from llmshear.costs import forward_flops_per_token, train_flops_per_token
 from llmshear.datasets.mds import MDSDomain
 from llmshear.files import Lock
@@ -259,6 +260,11 @@ def test_the_cluster_arm_takes_the_shipped_7b_pruning_keys():
     for recipe in ("prune_1.3b.yaml", "prune_2.7b.yaml"):  # both 7B recipes ship the keys the arm measures
         cfg = OmegaConf.load(bench.REPO / "yaml" / recipe)
         assert {s: {k: cfg[s][k] for k in keys} for s, keys in bench.CLUSTER_KEYS.items()} == shipped, recipe
+    # ... and they are ours' (the demo recipe's, or the defaults it leaves): every one of them measured
+    demo = OmegaConf.load(bench.PRUNE_RECIPE)
+    defaults = {"pruning": PruningSection(target={}), "optimizer": OptimizerSection()}
+    assert {s: {k: demo[s].get(k, getattr(defaults[s], k)) for k in keys}
+            for s, keys in bench.CLUSTER_KEYS.items()} == shipped
     assert bench.ARM_BY_NAME["row"].prune_overrides["pruning"]["constraint"] == "row"
     assert bench.ARM_BY_NAME["fixed-ranking"].prune_overrides == {"optimizer": {"lag_lr": 0.0}}
 

@@ -64,8 +64,9 @@ def test_paper_recipes_validate_and_build_on_meta(repo_root, paper_env, monkeypa
     assert model.model.lm_head.weight.is_meta
     size = name.split("_")[1]
     if name.startswith("prune"):
-        assert cfg.pruning.sparsity_warmup * cfg.train.max_batches == 640 and cfg.train.max_batches == 3200
-        assert model.l0.options["lagrangian_warmup"] == 640 and model.l0.options["harden_batch"] == 2240
+        # the bench's measured schedule (ramp to 0.4, freeze at 0.7), not the paper's 640-batch ramp
+        assert cfg.pruning.sparsity_warmup * cfg.train.max_batches == 1280 and cfg.train.max_batches == 3200
+        assert model.l0.options["lagrangian_warmup"] == 1280 and model.l0.options["harden_batch"] == 2240
         assert model.l0.target.d_model == PAPER_TARGETS[size]["d_model"]
     else:
         assert model.l0 is None and cfg.train.max_batches == 48000
