@@ -173,7 +173,8 @@ def check_proportions(cfg: RunConfig, resolved: frozenset[str] = frozenset()) ->
 def check_data(cfg: RunConfig) -> list[str]:
     """Every ``data.path/<split>/<domain>`` is non-empty MDS of ``data.seq_len`` sequences whose shards match their
     index; ``data.train_range`` selects samples of every domain; the eval split is not the train split; the
-    token ids fit the model's vocabulary (``summary.json``)."""
+    token ids fit the model's vocabulary (``summary.json``); the reference losses were measured on this eval split
+    (:func:`check_reference_split`)."""
     d = cfg.data
     root = Path(d.path)
     if not root.is_dir():
