@@ -90,8 +90,11 @@ def mirror(cfg: RunConfig) -> None:
     if c.remote is None:
         return
     upload = Mirror(c.save_folder, Remote(c.remote), dist.get_global_rank(), dist.get_world_size())
-    def move_marker() -> None:  # rank 0; the other ranks wait, so that no rank exits first (the launcher would
-        if dist.get_global_rank() == 0:  # stop the others)
+
+    def move_marker() -> None:
+        """Rank 0 moves the marker while the others wait in :func:`together`: a rank that exited first would
+        make the launcher stop the others."""
+        if dist.get_global_rank() == 0:
             upload.move_marker()
             upload.save()
 

@@ -584,23 +584,28 @@ def measured_prune_flops(bench: Bench, run: ArmRun) -> float:
     Raises:
         ValueError: the log lacks the count for some batch (a run from before it was logged).
     """
-    path = bench.out / run.key / "prune" / METRICS_FILE
-    flops = {int(line["batch"]): line["l0/batch_flops"] for line in read_metrics(path) if "l0/batch_flops" in line}
+    flops = logged_prune_flops(bench.out / run.key)
     batches = pruning_plan(bench, run)[0]
     if len(flops) != batches:
-        raise ValueError(f"{path}: l0/batch_flops logged for {len(flops)} of the run's {batches} batches; rerun "
-                         f"the arm (delete {bench.out / run.key})")
-    return float(sum(flops.values()))
+        raise ValueError(f"{bench.out / run.key / 'prune' / METRICS_FILE}: l0/batch_flops logged for {len(flops)} "
+                         f"of the run's {batches} batches; rerun the arm (delete {bench.out / run.key})")
+    return float(sum(count for count, _ in flops.values()))
+
+
+def logged_prune_flops(folder: Path) -> dict[int, tuple[float, bool]]:
+    """Per batch of the pruning run in ``folder``: the training FLOPs it logged (``l0/batch_flops``) and whether its
+    masks were frozen (``l0/hardened``); empty without the run's log."""
+    path = folder / "prune" / METRICS_FILE
+    if not path.is_file():
+        return {}
+    return {int(line["batch"]): (line["l0/batch_flops"], line.get("l0/hardened") == 1.0)
+            for line in read_metrics(path) if "l0/batch_flops" in line}
 
 
 def frozen_prune_flops(folder: Path) -> float | None:
-    """The mean training FLOPs per batch a pruning run logged once its masks were frozen (``l0/hardened``), which
-    compact steps bring to the cut model's; None without such batches (or without the run's log)."""
-    path = folder / "prune" / METRICS_FILE
-    if not path.is_file():
-        return None
-    flops = [line["l0/batch_flops"] for line in read_metrics(path)
-             if "l0/batch_flops" in line and line.get("l0/hardened") == 1.0]
+    """The mean training FLOPs per batch a pruning run logged once its masks were frozen, which compact steps bring
+    to the cut model's; None without such batches (or without the run's log)."""
+    flops = [count for count, frozen in logged_prune_flops(folder).values() if frozen]
     return sum(flops) / len(flops) if flops else None
 
 

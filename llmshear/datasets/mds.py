@@ -317,7 +317,8 @@ class MDSDomain:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing (compressed shards are not read; re-run "
                                     "scripts/prepare_data.py)")
-        size = path.stat().st_size
+        stat = path.stat()
+        size = stat.st_size
         if size != shard.raw_data.bytes:
             raise ShardError(f"{self._where(shard)} has {size} bytes, its index.json says {shard.raw_data.bytes} "
                              "(truncated or overwritten); re-run scripts/prepare_data.py")
@@ -331,7 +332,7 @@ class MDSDomain:
             raise ShardError(f"{self._where(shard)}: its header (sample count {head[:1]}, offsets {head[1:]}..{last}) "
                              f"contradicts index.json ({shard.samples} samples, {size} bytes): the file is damaged; "
                              "re-run scripts/prepare_data.py")
-        return file_identity(path.stat())
+        return file_identity(stat)
 
     def __len__(self) -> int:
         return self.starts[-1]
