@@ -69,6 +69,33 @@ def test_a_signal_stops_at_the_batch_end_with_a_checkpoint_and_spares_the_last_b
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+LATE_SIGNAL = """
+import os, signal, sys
+from types import SimpleNamespace
+from llmshear.callbacks.preemption import Preempted, PreemptionStop
+stop, state = PreemptionStop(max_batches=10), SimpleNamespace(timestamp=SimpleNamespace(batch=4))
+stop.fit_start(state, None)
+os.kill(os.getpid(), signal.SIGTERM)
+stop.batch_end(state, None)
+try:
+    stop.batch_checkpoint(state, None)
+except Preempted:
+    pass
+class Late:
+    def __del__(self, kill=os.kill, pid=os.getpid(), signum=signal.SIGTERM):  # run after the modules are gone
+        kill(pid, signum)
+late = Late()
+sys.exit(75)
+"""
+
+
+def test_a_second_sigterm_while_the_stopped_process_shuts_down_leaves_its_status_75():
+    """The launcher signals the ranks still alive once one has exited; one may be past its handlers' lifetime."""
+    child = subprocess.run([sys.executable, "-c", LATE_SIGNAL], env=ENV, cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+    assert child.returncode == PREEMPTED_STATUS, child.stderr[-2000:]
+
+
 def _batch_reached(log: Path) -> int:
     found = re.findall(r"\[batch=(\d+)/", log.read_text()) if log.exists() else []
     return int(found[-1]) if found else 0

@@ -39,9 +39,11 @@ class PreemptionStop(Callback):
     """Note SIGTERM / SIGUSR1 from ``fit_start`` on; stop every rank at the same batch with a checkpoint there.
 
     Add it to the Trainer's callbacks *after* Composer's checkpoint saver (and the remote mirror): its
-    ``batch_checkpoint`` raises :class:`Preempted` once the checkpoint of that batch is written. The handlers stay
-    installed until the process ends when the run is preempted (a second signal while it winds down is noted, not
-    fatal), and are restored at ``fit_end`` otherwise.
+    ``batch_checkpoint`` raises :class:`Preempted` once the checkpoint of that batch is written, and from then on
+    the stop signals are ignored until the process ends: Python puts its own handlers back to the default as it
+    shuts down, so a late SIGTERM (the ``composer`` launcher's to every rank still alive once one rank has exited
+    with 75) would otherwise kill a rank during its exit and turn the job's status 75 into -15. A run that is not
+    stopped gets the previous handlers back at ``fit_end``.
 
     Args:
         max_batches: the run's length; a signal during the last batch lets the run complete.
@@ -87,6 +89,8 @@ class PreemptionStop(Callback):
         batch = int(state.timestamp.batch)
         if self.stopping and batch < self.max_batches:
             dist.barrier()  # rank 0 links `latest` and mirrors after the saver's own barrier: no rank exits before
+            for signum in self._previous:
+                signal.signal(signum, signal.SIG_IGN)  # kept through the interpreter's shutdown, unlike a handler
             raise Preempted(batch, self.received)
 
     def fit_end(self, state: State, logger: Logger) -> None:
