@@ -179,7 +179,9 @@ def build_callbacks(cfg: RunConfig) -> list:
     if clip_threshold(cfg) > 0:
         callbacks.append(ClipGradNorm(clip_threshold(cfg)))
     if cfg.pruning is not None:
-        callbacks.append(PruningCallback(cfg.checkpoint.save_folder, target_label=TARGET_EVAL_LABEL))
+        p = cfg.pruning
+        callbacks.append(PruningCallback(cfg.checkpoint.save_folder, target_label=TARGET_EVAL_LABEL,
+                                         layer_candidates=p.layer_candidates if p.layer_choice == "loss" else 1))
     if cfg.checkpoint.keep > 0:
         callbacks.append(KeepAcrossResumes(cfg.checkpoint.save_folder))
     return callbacks + build_composer_callbacks(cfg)

@@ -34,7 +34,9 @@ train on the same number of tokens (``--match tokens``), and are evaluated alike
     (``scheduler.alpha_f`` 0.1, our default before the pruning recipes kept the rate constant: the continued
     stage warms up again after the cut and anneals);
 17. ``layer-cool``: as 1 with the layer row's logit temperature falling to 0.01 at the freeze instead of 0.05
-    (``pruning.layer_final_temperature``), so that the layer gates decide before the masks freeze.
+    (``pruning.layer_final_temperature``), so that the layer gates decide before the masks freeze;
+18. ``layer-loss``: as 1 with the layers whose gates are undecided at the freeze chosen by the lowest loss on the
+    freeze batch among at most 8 cuts (``pruning.layer_choice: loss``; its forwards count in the FLOPs).
 
 ``ours``' schedule prunes for ``prune`` batches and continues for ``continue``; its training FLOPs with every pruning
 step at the source's shape (calibration forwards, pruning steps, continued steps at the target's shape, teachers'
@@ -207,6 +209,8 @@ ARMS = (
         {"scheduler": {"alpha_f": 0.1}}),
     Arm("layer-cool", "17. learned gates, the layer row cooled to 0.01 at the freeze (pruning.layer_final_temperature)",
         "l0", {"pruning": {"layer_final_temperature": 0.01}}),
+    Arm("layer-loss", "18. learned gates, undecided layers chosen at the freeze by the loss (pruning.layer_choice)",
+        "l0", {"pruning": {"layer_choice": "loss"}}),
 )
 ARM_BY_NAME = {arm.name: arm for arm in ARMS}
 
@@ -602,6 +606,15 @@ def logged_prune_flops(folder: Path) -> dict[int, tuple[float, bool]]:
             for line in read_metrics(path) if "l0/batch_flops" in line}
 
 
+def logged_layer_choice(folder: Path) -> dict:
+    """``{"layer_choice": {"candidates", "rank", "gain"}}`` when the pruning run in ``folder`` compared layer cuts
+    at its freeze (``pruning.layer_choice: loss``; ``rank`` 0: the ranking's cut won), else empty."""
+    path = folder / "prune" / METRICS_FILE
+    lines = [line for line in read_metrics(path) if "l0/layer_choice/rank" in line] if path.is_file() else []
+    return {"layer_choice": {key: lines[-1][f"l0/layer_choice/{key}"] for key in ("candidates", "rank", "gain")}
+            } if lines else {}
+
+
 def frozen_prune_flops(folder: Path) -> float | None:
     """The mean training FLOPs per batch a pruning run logged once its masks were frozen, which compact steps bring
     to the cut model's; None without such batches (or without the run's log)."""
@@ -759,6 +772,7 @@ def run_arm(bench: Bench, run: ArmRun, reference: dict, keep_checkpoints: bool) 
     result["start"] = start_row(bench, start)
     if run.learned:
         result["cut_report"] = json.loads((folder / CUT_REPORT).read_text())
+        result.update(logged_layer_choice(folder))
     replace_json(folder / RESULT, result, indent=2)
     if not keep_checkpoints:
         delete_checkpoints(folder)
@@ -876,6 +890,8 @@ def short(r: dict, frozen_flops: float | None = None) -> dict:
         row.update(seed=r["seed"], start_mean_ppl=round(r["start"]["mean_ppl"], 4))
     if "cut_report" in r:
         row["cut_report"] = r["cut_report"]
+    if "layer_choice" in r:
+        row["layer_choice"] = r["layer_choice"]
     if "train_flops" in r:
         row.update(train_batches=r["train_batches"], train_flops=r["train_flops"],
                    flops_per_batch=r["flops_per_batch"])

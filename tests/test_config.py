@@ -153,6 +153,8 @@ def test_tiny_recipe_is_valid(tmp_path, data):
     ("pruning.final_temperature=0.5", "pruning.final_temperature=0.5 must lie in (0, pruning.temperature=0.1]"),
     ("pruning.layer_final_temperature=0",
      "pruning.layer_final_temperature=0.0 must lie in (0, pruning.temperature=0.1]"),
+    ("pruning.layer_choice=best", "pruning.layer_choice: 'best' is not one of ['ranking', 'loss']"),
+    ("pruning.layer_candidates=1", "pruning.layer_candidates=1 must be at least 2"),
     ("optimizer.gate_schedule=decay", "optimizer.gate_schedule: 'decay' is not one of"),
     ("optimizer.clip_norm=-1", "optimizer.clip_norm=-1.0 must not be negative"),
     ("optimizer.lr=.inf", "optimizer.lr: must be a finite number, got inf"),

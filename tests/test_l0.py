@@ -351,6 +351,27 @@ def test_hardening_keeps_the_units_used_since_the_ramp_or_the_last_logits(harden
     assert l0.usage_layer[2].item() < 3 + p_ahead[2].item()  # three batches near 0, one ahead
 
 
+def test_layer_candidates_fill_the_undecided_places_in_every_way_the_frozen_cut_first():
+    source = LlamaConfig(**{**GQA.to_dict(), "n_layers": 6})
+    l0 = L0Module(source, _target({"n_layers": 3}, source), ["layer"], constraint="row", harden_by="logits")
+    assert l0.layer_candidates(8) == []  # not frozen yet: nothing to choose
+    with torch.no_grad():  # P(z != 0): layer 0 decided open, 5 decided shut, 1-4 undecided (1 ahead, then 3, 2, 4)
+        l0.log_alpha["layer"].copy_(torch.tensor([8.0, 0.9, 0.5, 0.7, 0.3, -8.0]))
+    l0.harden()
+    kept = [mask.nonzero().flatten().tolist() for mask in l0.layer_candidates(8)]
+    assert kept == [[0, 1, 3], [0, 1, 2], [0, 1, 4], [0, 2, 3], [0, 3, 4], [0, 2, 4]]  # two places for four layers
+    assert [m.nonzero().flatten().tolist() for m in l0.layer_candidates(3)] == kept[:3]
+    l0.freeze_layers(l0.layer_candidates(8)[4])
+    assert l0.hard_masks()["layer"].nonzero().flatten().tolist() == [0, 3, 4]
+    with torch.no_grad():  # every gate decided: the frozen cut is the only one
+        l0.log_alpha["layer"].copy_(torch.tensor([8.0, 8.0, 8.0, -8.0, -8.0, -8.0]))
+    l0.harden()
+    assert [m.nonzero().flatten().tolist() for m in l0.layer_candidates(8)] == [[0, 1, 2]]
+    without = L0Module(source, _target({"d_model": 48}, source), ["hidden"], harden_batch=0)
+    without.harden()
+    assert without.layer_candidates(8) == []  # no layer gates
+
+
 def test_a_state_without_usage_loads_and_hardens_by_the_logits():
     l0 = L0Module(GQA, _target({"n_layers": 2}, GQA), ["layer"], lagrangian_warmup=2, harden_batch=6)
     _run_schedule(l0, {0: [3.0, 2.0, 1.0, 0.0], 5: [0.0, 0.1, 0.3, 0.2]}, batches=6)

@@ -104,6 +104,42 @@ def test_batch_start_hardens_at_its_batch():
     assert all(((m == 0) | (m == 1)).all() for m in masks.values())
 
 
+def test_the_freeze_keeps_the_undecided_layers_under_which_the_batch_has_the_lowest_loss():
+    state, recorder = make_state(warmup=2, harden_batch=3), Recorder()
+    callback, logger = PruningCallback(None, layer_candidates=8), Logger(state, [recorder])
+    l0, model = state.model.l0, state.model
+    ids = torch.randint(0, model.model.cfg.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    state.batch = {"input_ids": ids, "labels": ids.clone()}
+    state.device_train_microbatch_size = 2
+    with torch.no_grad():  # layer 0 decided open, 1-3 undecided for the two places left: three cuts
+        l0.log_alpha["layer"].copy_(torch.tensor([8.0, 0.5, 0.4, 0.3]))
+    at_batch(state, 3)
+    callback.batch_start(state, logger)
+    callback.batch_end(state, logger)
+    cfg = model.model.cfg  # three forwards of the four sequences join the step's FLOPs
+    assert recorder.metrics["l0/batch_flops"] == model_flops(cfg, 4, 16) + 3 * model_flops(cfg, 4, 16, backward=False)
+    chosen = l0.hard_masks()["layer"].clone()
+    l0.harden()  # the ranking's cut again, to list the candidates
+    candidates = l0.layer_candidates(8)
+    assert len(candidates) == 3
+    losses = []
+    for mask in candidates:
+        l0.freeze_layers(mask)
+        total, tokens = model.forward_loss(state.batch, 4)
+        losses.append(total / tokens)
+    assert len(set(losses)) == 3  # the comparison has something to tell
+    best = min(range(3), key=losses.__getitem__)
+    assert torch.equal(chosen, candidates[best])
+    assert recorder.metrics["l0/layer_choice/candidates"] == 3 and recorder.metrics["l0/layer_choice/rank"] == best
+    assert recorder.metrics["l0/layer_choice/gain"] == pytest.approx(losses[0] - losses[best], abs=1e-6)
+    l0.freeze_layers(chosen)
+    at_batch(state, 4)
+    callback.batch_start(state, logger)  # frozen: nothing is compared again, and this batch counts no forwards
+    assert torch.equal(l0.hard_masks()["layer"], chosen)
+    callback.batch_end(state, logger)
+    assert recorder.metrics["l0/batch_flops"] == model_flops(cfg, 4, 16)
+
+
 def test_evaluators_measure_the_current_model_or_the_target_cut(tmp_path):
     state = make_state()
     l0 = state.model.l0.eval()

@@ -35,10 +35,16 @@ def kill_after_first_checkpoint(process: subprocess.Popen, folder: Path, timeout
     assert process.wait() == -signal.SIGKILL
 
 
-@pytest.mark.parametrize("constraint", ["exact", "row"])  # row: Lagrange multipliers mid-ascent restored too
-def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, constraint):
+LAYER_LOSS = {"layer_choice": "loss", "temperature": 2.0, "final_temperature": 2.0}  # warm: every gate undecided
+
+
+@pytest.mark.parametrize("pruning", [{"constraint": "exact"},
+                                     {"constraint": "row"},  # Lagrange multipliers mid-ascent restored too
+                                     {"constraint": "exact", **LAYER_LOSS}],  # layer cuts compared after the resume
+                         ids=["exact", "row", "layer-loss"])
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, pruning):
     data = write_mds(tmp_path / "data", DOMAINS, 32, n_train=8)  # 8 per domain: domains start new passes
-    settings = {**SETTINGS, "pruning": {**SETTINGS["pruning"], "constraint": constraint}}
+    settings = {**SETTINGS, "pruning": {**SETTINGS["pruning"], **pruning}}
     straight = tiny_recipe(tmp_path, data, run="straight", **settings)
     killed = tiny_recipe(tmp_path, data, run="killed", **settings)
     reference = start(straight)
@@ -55,7 +61,10 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path, constraint):
         assert name in a["model"]
     assert a["model"]["l0.hardened"].item()  # hardened at batch 4, after the resume: the same masks either way
     assert a["model"]["l0.usage_batches"].item() == 3  # batches 1-3, across the kill at batch 2
-    if constraint == "row":
+    if pruning["constraint"] == "row":
         assert a["model"]["l0.lagrangian.lambda1.layer"].abs().sum() > 0
+    if "layer_choice" in pruning:
+        for run in ("straight", "killed"):
+            assert (tmp_path / f"{run}.log").read_text().count("batch 4: 4 layer cuts compared") == 1
     assert a["data"]["train"]["proportions"] != [0.5, 0.3, 0.2]  # re-weighting happened
     assert a["data"]["train"]["passes"] != [0, 0, 0]

@@ -63,7 +63,11 @@ class PruningCallback(Callback):
 
     * ``batch_start``: tells the L0 module the current batch, from which it computes the target sparsity
       (linear warm-up), clamps its gate logits and (``exact``) solves the row shifts; at the hardening batch,
-      freezes the masks as 0/1; before it, from the ramp's end, records the gates' usage.
+      freezes the masks as 0/1; before it, from the ramp's end, records the gates' usage. With
+      ``layer_candidates`` above 1, the layers whose gates are undecided at the freeze are chosen by the
+      lowest loss on this batch's tokens among at most that many cuts (:meth:`L0Module.layer_candidates`,
+      forwards only, the losses summed over the ranks so that all choose alike; logged as
+      ``l0/layer_choice/...``).
     * ``eval_start``: the evaluator labelled ``target_label`` measures the target-shape cut, every other one
       the run's ``pruning.eval_masks`` (by default the current model, which dynamic loading then reads).
     * ``batch_end``: re-solves the row shifts for the logits the step moved, then logs :meth:`L0Module.metrics`
@@ -78,11 +82,14 @@ class PruningCallback(Callback):
     Args:
         folder: the run's folder; ``None`` logs but saves no masks.
         target_label: the label of the evaluator that measures the target-shape cut (if the run has one).
+        layer_candidates: how many layer cuts the freeze may compare (``pruning.layer_candidates`` with
+            ``pruning.layer_choice: loss``); 1 keeps the frozen ranking's.
     """
 
-    def __init__(self, folder: str | Path | None, target_label: str = "eval_target"):
+    def __init__(self, folder: str | Path | None, target_label: str = "eval_target", layer_candidates: int = 1):
         self.folder = Path(folder) if folder is not None else None
         self.target_label = target_label
+        self.layer_candidates = layer_candidates
 
     def fit_start(self, state: State, logger: Logger) -> None:
         directory = self.folder / "masks" if self.folder is not None else None
@@ -98,11 +105,39 @@ class PruningCallback(Callback):
         l0 = unwrap_l0(state)
         unwrap_model(state).start_batch()
         l0.set_step(int(state.timestamp.batch))
+        candidates = []
         with full_parameters(l0):
             l0.update_shifts()
             if l0.harden_due():
                 l0.harden()
+                candidates = l0.layer_candidates(self.layer_candidates) if self.layer_candidates > 1 else []
             l0.record_usage()
+        if len(candidates) > 1:
+            self.choose_layers(state, logger, candidates)
+
+    def choose_layers(self, state: State, logger: Logger, candidates: list[torch.Tensor]) -> None:
+        """Freeze the layer mask of ``candidates`` under which this batch's tokens have the lowest loss."""
+        model, l0 = unwrap_model(state), unwrap_l0(state)
+        micro = state.device_train_microbatch_size
+        micro = micro if isinstance(micro, int) else len(state.batch["input_ids"])
+        sums = []
+        for mask in candidates:
+            l0.freeze_layers(mask)
+            sums.append(model.forward_loss(state.batch, micro))
+        totals = torch.tensor(sums, dtype=torch.float64)
+        if dist.get_world_size() > 1:
+            totals = state.device.tensor_to_device(totals)
+            dist.all_reduce(totals, reduce_operation="SUM")
+        losses = (totals[:, 0] / totals[:, 1].clamp_min(1)).cpu()
+        best = int(losses.argmin())
+        l0.freeze_layers(candidates[best])
+        batch = int(state.timestamp.batch)
+        kept = [mask.nonzero().flatten().tolist() for mask in (candidates[best], candidates[0])]
+        log.info("batch %d: %d layer cuts compared on this batch's tokens (loss %s); kept layers %s%s", batch,
+                 len(candidates), " / ".join(f"{x:.4f}" for x in losses.tolist()), kept[0],
+                 " (the ranking's)" if best == 0 else f", not the ranking's {kept[1]}")
+        logger.log_metrics({"l0/layer_choice/candidates": len(candidates), "l0/layer_choice/rank": best,
+                            "l0/layer_choice/gain": float(losses[0] - losses[best])})
 
     def eval_start(self, state: State, logger: Logger) -> None:
         unwrap_l0(state).use_eval_masks("target" if state.dataloader_label == self.target_label else None)

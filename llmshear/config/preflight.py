@@ -88,6 +88,8 @@ def check_numbers(cfg: RunConfig) -> list[str]:
                       "1: never harden)"))
         rules.append(("pruning.init_batches", cfg.pruning.init_batches, cfg.pruning.init_batches > 0,
                       "must be positive"))
+        rules.append(("pruning.layer_candidates", p.layer_candidates, p.layer_candidates >= 2,
+                      "must be at least 2 (the ranking's cut and one other)"))
     if cfg.distill is not None:
         rules.append(("distill.alpha", cfg.distill.alpha, 0 <= cfg.distill.alpha <= 1, "must lie in [0, 1]"))
         rules.append(("distill.temperature", cfg.distill.temperature, cfg.distill.temperature > 0,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llmshear.choices import CONSTRAINTS, DTYPE_NAMES, EVAL_MASKS, GATE_SCHEDULES, HARDEN_BY, STRUCTURES
+from llmshear.choices import CONSTRAINTS, DTYPE_NAMES, EVAL_MASKS, GATE_SCHEDULES, HARDEN_BY, LAYER_CHOICES, STRUCTURES
 from llmshear.config.types import build_section
 from llmshear.datasets.proportions import RULES
 
@@ -30,6 +30,9 @@ class PruningSection:
     ``sparsity_warmup`` and ``harden_from`` are fractions of ``train.max_batches``: the target sparsity ramps
     up over the first, and from the second on the masks are frozen as 0/1 (1.0: never, the paper's), keeping the
     units ranked first by ``harden_by``: ``usage`` (mean ``P(z != 0)`` since the ramp's end) or ``logits``.
+    ``layer_choice``: ``loss`` lets the layers whose gates are still undecided at the freeze be chosen by a
+    forward-only comparison of at most ``layer_candidates`` cuts on the freeze batch's tokens; ``ranking`` keeps
+    the layers ``harden_by`` ranks first.
     ``eval_masks``: what the evaluations during pruning (and so dynamic loading) measure, the ``current``
     model or the ``target`` cut; ``eval_target`` adds a second evaluation of the target cut, logged only.
     ``compact``: masked steps compute only the units whose gate is not exactly 0 (same loss and gradients, FLOPs
@@ -45,6 +48,8 @@ class PruningSection:
     sparsity_warmup: float = 0.4
     harden_from: float = 0.7
     harden_by: str = "usage"
+    layer_choice: str = "ranking"
+    layer_candidates: int = 8
     eval_masks: str = "current"
     eval_target: bool = True
     init_log_alpha: float = 4.6
@@ -204,6 +209,7 @@ CHOICES = {
     "pruning.constraint": CONSTRAINTS,
     "pruning.eval_masks": EVAL_MASKS,
     "pruning.harden_by": HARDEN_BY,
+    "pruning.layer_choice": LAYER_CHOICES,
     "optimizer.gate_schedule": GATE_SCHEDULES,
     "train.precision": ("fp32", "amp_bf16", "amp_fp16"),
     "train.device": ("cpu", "gpu", None),

@@ -112,6 +112,7 @@ class ComposerLlama(ComposerModel):
         self.source = source
         self.compact = compact
         self.batch_flops = 0.0  # compact pruning: FLOPs of the training forwards since start_batch()
+        self.side_flops = 0.0  # FLOPs of forwards outside the training step (forward_loss) since start_batch()
         self._flops_cache: dict[tuple[int, int], int] = {}
         self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX)}
         self.eval_metrics = {
@@ -134,22 +135,22 @@ class ComposerLlama(ComposerModel):
 
     def start_batch(self) -> None:
         """Start counting a new batch's FLOPs (the pruning callback calls it at every batch start)."""
-        self.batch_flops = 0.0
+        self.batch_flops = self.side_flops = 0.0
 
     def flops_per_batch(self, batch: dict) -> int:
         """Training FLOPs of ``batch`` on this rank (read by Composer's ``speed_monitor`` for FLOPs/s and MFU):
         the model's forward and backward (:func:`model_flops`: at the source shape while masked, at the cut shape
         after; a compact masked step counts what its forwards computed since :meth:`start_batch`), plus the
-        teacher's forward when distilling."""
+        teacher's forward when distilling, plus the forwards of :meth:`forward_loss` since :meth:`start_batch`."""
         if self.l0 is not None and self.compact:
-            return round(self.batch_flops)
+            return round(self.batch_flops + self.side_flops)
         shape = tuple(batch["input_ids"].shape)
         if shape not in self._flops_cache:
             flops = model_flops(self.model.cfg, *shape)
             if self.distill is not None:
                 flops += model_flops(self.distill.teacher.cfg, *shape, backward=False)
             self._flops_cache[shape] = flops
-        return self._flops_cache[shape]
+        return self._flops_cache[shape] + round(self.side_flops)
 
     def masks(self) -> dict[str, torch.Tensor] | None:
         """Sampled masks in training mode, deterministic ones in eval mode, ``None`` without pruning."""
@@ -166,6 +167,31 @@ class ComposerLlama(ComposerModel):
                 per_token += forward_flops_per_token(self.distill.teacher.cfg, t)
             self.batch_flops += per_token * b * t
         return logits
+
+    @torch.no_grad()
+    def forward_loss(self, batch: dict, micro_batch_size: int) -> tuple[float, int]:
+        """The summed next-token cross-entropy of ``batch`` under the current masks and the tokens it counts:
+        forwards only (no teacher), ``micro_batch_size`` sequences at a time, in eval mode; their FLOPs join
+        this batch's count (:meth:`flops_per_batch`)."""
+        training = self.training
+        self.eval()
+        total, tokens = 0.0, 0
+        try:
+            for start in range(0, len(batch["input_ids"]), micro_batch_size):
+                input_ids = batch["input_ids"][start:start + micro_batch_size]
+                logits, labels = shift_for_next_token(self.model(input_ids, self.masks(), compact=self.compact),
+                                                      batch["labels"][start:start + micro_batch_size])
+                total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                         reduction="sum").item()
+                tokens += int((labels != IGNORE_INDEX).sum())
+                b, t = input_ids.shape
+                if self.compact and self.l0 is not None:
+                    self.side_flops += active_forward_flops_per_token(self.model.cfg, self.model.active, t) * b * t
+                else:
+                    self.side_flops += model_flops(self.model.cfg, b, t, backward=False)
+        finally:
+            self.train(training)
+        return total, tokens
 
     def loss(self, outputs: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """Returns ``ce`` (LM loss), ``distill`` and ``lagrangian`` when enabled, and the ``total`` to minimise."""

@@ -33,6 +33,7 @@ exactly the sub-network the cut keeps, and the masked model at the end of prunin
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Iterable, Mapping
@@ -447,18 +448,57 @@ class L0Module(nn.Module):
             getattr(self, f"usage_{spec.name}").add_(prob_nonzero(self.gate_logits(spec.name).detach()).double())
         self.usage_batches.add_(1)
 
+    def harden_scores(self, name: str) -> torch.Tensor | None:
+        """What ranks the units of ``name`` when the masks freeze: their usage, or ``None`` for the logits (as
+        ``harden_by`` says; the logits too when no usage was recorded: a hardening before the ramp's end)."""
+        by_usage = self.options["harden_by"] == "usage" and int(self.usage_batches.item()) > 0
+        return getattr(self, f"usage_{name}") if by_usage else None
+
     @torch.no_grad()
     def harden(self) -> None:
-        """Freeze exactly ``keep`` units per row as 0/1 masks, ranked as ``harden_by`` says (by the logits when no
-        usage was recorded: a hardening before the ramp's end); training goes on with them."""
-        by_usage = self.options["harden_by"] == "usage" and int(self.usage_batches.item()) > 0
+        """Freeze exactly ``keep`` units per row as 0/1 masks, ranked as :meth:`harden_scores` says; training goes
+        on with them."""
         for spec in self.specs:
-            scores = getattr(self, f"usage_{spec.name}") if by_usage else None
-            mask = deterministic_gates(self.gate_logits(spec.name).detach(), spec.keep, scores)
+            mask = deterministic_gates(self.gate_logits(spec.name).detach(), spec.keep, self.harden_scores(spec.name))
             getattr(self, f"hard_{spec.name}").copy_((mask != 0).float())
         self.hardened.fill_(True)
         logger.info("batch %d: masks hardened to 0/1 (%s)", int(self.step.item()),
                     ", ".join(f"{k}: {v['undecided']:.1%} undecided" for k, v in self.cut_report().items()))
+
+    @torch.no_grad()
+    def layer_candidates(self, limit: int) -> list[torch.Tensor]:
+        """Once hardened: the 0/1 layer masks a comparison may choose among, the frozen one first.
+
+        The layers whose gate is decided open (``P(z != 0) >= DECIDED``) stay and those decided shut stay out;
+        the places left go to the undecided gates in every way, the ways the hardening's ranking prefers first,
+        ``limit`` masks at most. One mask (nothing undecided, or decided gates that alone fill or overfill the
+        target) leaves nothing to compare.
+        """
+        spec = next((s for s in self.specs if s.name == "layer"), None)
+        if spec is None or not self.is_hardened():
+            return []
+        frozen = self.hard_layer.clone()
+        p = prob_nonzero(self.gate_logits("layer").detach())
+        scores = self.harden_scores("layer")
+        rank = (scores if scores is not None else p).double()
+        undecided = [int(i) for i in rank.argsort(descending=True, stable=True) if 1 - DECIDED < p[i] < DECIDED]
+        places = spec.keep - int((p >= DECIDED).sum())
+        candidates = [frozen]
+        if not 0 < places < len(undecided):
+            return candidates
+        for chosen in itertools.combinations(undecided, places):
+            mask = (p >= DECIDED).float()
+            mask[list(chosen)] = 1.0
+            if not torch.equal(mask, frozen):
+                candidates.append(mask)
+            if len(candidates) == limit:
+                break
+        return candidates
+
+    @torch.no_grad()
+    def freeze_layers(self, mask: torch.Tensor) -> None:
+        """Replace the frozen layer mask by ``mask`` (one of :meth:`layer_candidates`)."""
+        self.hard_layer.copy_(mask)
 
     def ramp(self) -> float:
         """Fraction of the final sparsity the target asks for now: ``min(1, step / lagrangian_warmup)``."""
