@@ -17,20 +17,23 @@ from llmshear.tools.export import load_pruning_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = {"train": {"max_batches": 4, "eval_interval": 2}, "checkpoint": {"save_interval": 4}}
+LAYER_LOSS = {"layer_choice": "loss", "temperature": 2.0, "final_temperature": 2.0}  # warm: every gate undecided
 TARGET_D_MODEL = 64
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """One launch of 2 processes runs the DDP recipe, then the FSDP2 one (start-up dominates the time); both with
-    the default constraint (exact), hardened at batch 3 of 4, plus a DDP run with per-row multipliers and a DDP
-    run without pruning (``plain``), which one process then runs again (``single``)."""
+    the default constraint (exact), hardened at batch 3 of 4, plus a DDP run with per-row multipliers, an FSDP2 run
+    whose freeze compares layer cuts (``fsdp_layers``) and a DDP run without pruning (``plain``), which one
+    process then runs again (``single``)."""
     tmp = tmp_path_factory.mktemp("mp")
     data = write_mds(tmp / "data", DOMAINS, 32, n_train=16)
     row = {"constraint": "row"}
     recipes = [tiny_recipe(tmp, data, run="ddp", **SHORT),
                tiny_recipe(tmp, data, run="fsdp", fsdp={"enabled": True, "activation_checkpointing": True}, **SHORT),
                tiny_recipe(tmp, data, run="ddp_row", pruning=row, **SHORT),
+               tiny_recipe(tmp, data, run="fsdp_layers", fsdp={"enabled": True}, pruning=LAYER_LOSS, **SHORT),
                tiny_recipe(tmp, data, run="plain", prune=False, **SHORT)]
     launcher = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "composer"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
@@ -46,7 +49,7 @@ def probes(folder: Path) -> tuple[dict, dict]:
     return torch.load(folder / "probe-rank0.pt"), torch.load(folder / "probe-rank1.pt")
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp", "ddp_row"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp", "ddp_row", "fsdp_layers"])
 def test_ranks_agree_on_gates_multipliers_and_proportions(runs, kind):
     rank0, rank1 = probes(runs / kind)
     assert rank0["world_size"] == rank1["world_size"] == 2
@@ -60,6 +63,9 @@ def test_ranks_agree_on_gates_multipliers_and_proportions(runs, kind):
         assert rank0["l0"]["lagrangian.lambda1.layer"].item() != 0.0
     else:
         assert not any(name.startswith("lagrangian.") for name in rank0["l0"])
+    if kind == "fsdp_layers":  # each rank saw its own half of the batch: the summed losses chose for both
+        choices = [row for row in read_metrics(runs / kind / "metrics.jsonl") if "l0/layer_choice/rank" in row]
+        assert [row["l0/layer_choice/candidates"] for row in choices] == [4]
 
 
 def test_ddp_and_fsdp_wrap_as_configured_and_train_alike(runs):
