@@ -155,6 +155,8 @@ def test_tiny_recipe_is_valid(tmp_path, data):
      "pruning.layer_final_temperature=0.0 must lie in (0, pruning.temperature=0.1]"),
     ("pruning.layer_choice=best", "pruning.layer_choice: 'best' is not one of ['ranking', 'loss']"),
     ("pruning.layer_candidates=1", "pruning.layer_candidates=1 must be at least 2"),
+    ("pruning.layer_choice=loss pruning.harden_from=1.0",
+     "pruning.layer_choice='loss' compares layer cuts where the masks freeze, and pruning.harden_from=1.0 never"),
     ("optimizer.gate_schedule=decay", "optimizer.gate_schedule: 'decay' is not one of"),
     ("optimizer.clip_norm=-1", "optimizer.clip_norm=-1.0 must not be negative"),
     ("optimizer.lr=.inf", "optimizer.lr: must be a finite number, got inf"),
@@ -170,7 +172,7 @@ def test_tiny_recipe_is_valid(tmp_path, data):
     ("seed=4294967296", "seed=4294967296 must lie in [0, 2**32)"),
 ])
 def test_bad_value_names_its_key(tmp_path, data, override, key):
-    problems = problems_of(tiny_recipe(tmp_path, data), [override], cuda=False)
+    problems = problems_of(tiny_recipe(tmp_path, data), override.split(), cuda=False)
     assert any(key in p for p in problems), problems
 
 

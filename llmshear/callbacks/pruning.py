@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from composer.core import Callback, State
+from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
@@ -121,9 +122,10 @@ class PruningCallback(Callback):
         micro = state.device_train_microbatch_size
         micro = micro if isinstance(micro, int) else len(state.batch["input_ids"])
         sums = []
-        for mask in candidates:
-            l0.freeze_layers(mask)
-            sums.append(model.forward_loss(state.batch, micro))
+        with get_precision_context(state.precision, state.precision_config):  # as the training forwards run
+            for mask in candidates:
+                l0.freeze_layers(mask)
+                sums.append(model.forward_loss(state.batch, micro))
         totals = torch.tensor(sums, dtype=torch.float64)
         if dist.get_world_size() > 1:
             totals = state.device.tensor_to_device(totals)

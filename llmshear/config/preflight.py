@@ -90,6 +90,9 @@ def check_numbers(cfg: RunConfig) -> list[str]:
                       "must be positive"))
         rules.append(("pruning.layer_candidates", p.layer_candidates, p.layer_candidates >= 2,
                       "must be at least 2 (the ranking's cut and one other)"))
+        rules.append(("pruning.layer_choice", p.layer_choice, p.layer_choice != "loss" or p.harden_from < 1,
+                      f"compares layer cuts where the masks freeze, and pruning.harden_from={p.harden_from} never "
+                      "freezes them (set it below 1, or layer_choice: ranking)"))
     if cfg.distill is not None:
         rules.append(("distill.alpha", cfg.distill.alpha, 0 <= cfg.distill.alpha <= 1, "must lie in [0, 1]"))
         rules.append(("distill.temperature", cfg.distill.temperature, cfg.distill.temperature > 0,
