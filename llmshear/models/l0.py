@@ -482,12 +482,13 @@ class L0Module(nn.Module):
         scores = self.harden_scores("layer")
         rank = (scores if scores is not None else p).double()
         undecided = [int(i) for i in rank.argsort(descending=True, stable=True) if 1 - DECIDED < p[i] < DECIDED]
-        places = spec.keep - int((p >= DECIDED).sum())
+        decided_open = (p >= DECIDED).float()
+        places = spec.keep - int(decided_open.sum())
         candidates = [frozen]
         if not 0 < places < len(undecided):
             return candidates
         for chosen in itertools.combinations(undecided, places):
-            mask = (p >= DECIDED).float()
+            mask = decided_open.clone()
             mask[list(chosen)] = 1.0
             if not torch.equal(mask, frozen):
                 candidates.append(mask)
