@@ -596,21 +596,23 @@ def measured_prune_flops(bench: Bench, run: ArmRun) -> float:
     return float(sum(count for count, _ in flops.values()))
 
 
+def prune_metrics(folder: Path) -> list[dict]:
+    """The lines the pruning run in ``folder`` logged (``prune/metrics.jsonl``); empty without the log."""
+    path = folder / "prune" / METRICS_FILE
+    return read_metrics(path) if path.is_file() else []
+
+
 def logged_prune_flops(folder: Path) -> dict[int, tuple[float, bool]]:
     """Per batch of the pruning run in ``folder``: the training FLOPs it logged (``l0/batch_flops``) and whether its
     masks were frozen (``l0/hardened``); empty without the run's log."""
-    path = folder / "prune" / METRICS_FILE
-    if not path.is_file():
-        return {}
     return {int(line["batch"]): (line["l0/batch_flops"], line.get("l0/hardened") == 1.0)
-            for line in read_metrics(path) if "l0/batch_flops" in line}
+            for line in prune_metrics(folder) if "l0/batch_flops" in line}
 
 
 def logged_layer_choice(folder: Path) -> dict:
     """``{"layer_choice": {"candidates", "rank", "gain"}}`` when the pruning run in ``folder`` compared layer cuts
     at its freeze (``pruning.layer_choice: loss``; ``rank`` 0: the ranking's cut won), else empty."""
-    path = folder / "prune" / METRICS_FILE
-    lines = [line for line in read_metrics(path) if "l0/layer_choice/rank" in line] if path.is_file() else []
+    lines = [line for line in prune_metrics(folder) if "l0/layer_choice/rank" in line]
     return {"layer_choice": {key: lines[-1][f"l0/layer_choice/{key}"] for key in ("candidates", "rank", "gain")}
             } if lines else {}
 
