@@ -6,7 +6,7 @@
 #
 # corpus -> MDS (SmolLM2 tokenizer) -> source reference losses -> prune -> cut -> continue -> HF export ->
 # per-domain perplexity of source / cut / continued -> plots -> downstream accuracy of source / cut / continued
-# (lm-eval, our offline task demo_continuation). About 15 minutes on 2 idle CPU cores. A step whose
+# (lm-eval, our offline task demo_continuation). About 17 minutes on 2 idle CPU cores. A step whose
 # output already exists is skipped, so running it again after an interruption picks up where it stopped (the
 # training stages resume from their last checkpoint). The same train.py commands with the recipes of yaml/ run
 # the full-size pipeline on a GPU cluster.
