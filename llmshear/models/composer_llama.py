@@ -181,8 +181,7 @@ class ComposerLlama(ComposerModel):
                 input_ids = batch["input_ids"][start:start + micro_batch_size]
                 logits, labels = shift_for_next_token(self.model(input_ids, self.masks(), compact=self.compact),
                                                       batch["labels"][start:start + micro_batch_size])
-                total += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                         reduction="sum").item()
+                total += next_token_cross_entropy(logits, labels, reduction="sum").item()
                 tokens += int((labels != IGNORE_INDEX).sum())
                 b, t = input_ids.shape
                 if self.compact and self.l0 is not None:
@@ -196,7 +195,7 @@ class ComposerLlama(ComposerModel):
     def loss(self, outputs: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """Returns ``ce`` (LM loss), ``distill`` and ``lagrangian`` when enabled, and the ``total`` to minimise."""
         logits, labels = shift_for_next_token(outputs, batch["labels"])
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        ce = next_token_cross_entropy(logits, labels)
         losses = {"ce": ce}
         total = ce
         if self.distill is not None:
@@ -220,6 +219,13 @@ class ComposerLlama(ComposerModel):
             metric.update(logits, labels, batch["domain"])
         else:
             metric.update(logits, labels)
+
+
+def next_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of shifted ``logits`` ``(B, T-1, V)`` against ``labels`` ``(B, T-1)`` in float32, the ignored
+    positions left out; ``reduction`` as :func:`torch.nn.functional.cross_entropy`'s."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
 
 
 def is_decoder_layer(module: nn.Module) -> bool:
