@@ -617,6 +617,20 @@ def logged_layer_choice(folder: Path) -> dict:
             } if lines else {}
 
 
+def logged_freeze_report(folder: Path) -> dict:
+    """``{"freeze_report": {structure: {"decided", "undecided"}}}``: the gates' state where the pruning run in
+    ``folder`` froze its masks (``l0/freeze/...``, logged by the pruning callback); empty without it."""
+    lines = [line for line in prune_metrics(folder) if any(key.startswith("l0/freeze/") for key in line)]
+    if not lines:
+        return {}
+    report: dict[str, dict] = {}
+    for key, value in lines[-1].items():
+        if key.startswith("l0/freeze/"):
+            structure, name = key.removeprefix("l0/freeze/").split("/")
+            report.setdefault(structure, {})[name] = value
+    return {"freeze_report": report}
+
+
 def frozen_prune_flops(folder: Path) -> float | None:
     """The mean training FLOPs per batch a pruning run logged once its masks were frozen, which compact steps bring
     to the cut model's; None without such batches (or without the run's log)."""
@@ -775,6 +789,7 @@ def run_arm(bench: Bench, run: ArmRun, reference: dict, keep_checkpoints: bool) 
     if run.learned:
         result["cut_report"] = json.loads((folder / CUT_REPORT).read_text())
         result.update(logged_layer_choice(folder))
+        result.update(logged_freeze_report(folder))
     replace_json(folder / RESULT, result, indent=2)
     if not keep_checkpoints:
         delete_checkpoints(folder)
@@ -844,10 +859,12 @@ def pairs_table(pairs: list[dict]) -> list[str]:
 
 def cut_table(results: list[dict]) -> list[str]:
     """One row per structure of every learned arm's cut report (empty when no arm has one)."""
-    reports = [(r["arm"], name, s) for r in results for name, s in r.get("cut_report", {}).items()]
+    reports = [(r["arm"], name, s, r.get("freeze_report", {}).get(name, {}).get("decided")) for r in results
+               for name, s in r.get("cut_report", {}).items()]
     rows = [f"| {arm} | {name} | {s['expected_keep']:.1f} | {s['target_keep']} | {100 * s['size_error']:.1f} | "
-            f"{100 * s['decided']:.1f} |" for arm, name, s in reports]
-    head = ["arm", "structure", "expected keep", "target", "size error %", "decided %"]
+            f"{100 * s['decided']:.1f} | {'' if frozen is None else f'{100 * frozen:.1f}'} |"
+            for arm, name, s, frozen in reports]
+    head = ["arm", "structure", "expected keep", "target", "size error %", "decided %", "decided at the freeze %"]
     return ["| " + " | ".join(head) + " |", "|---|---" + "|---:" * (len(head) - 2) + "|", *rows] if rows else []
 
 
@@ -877,7 +894,9 @@ def markdown(bench: Bench, reference: dict, results: list[dict]) -> str:
                      "first is better; an interval that excludes zero settles the sign.")
     if cuts:
         notes.append("Cut report: per structure of a pruning run's final gates, the expected number "
-                     "kept, the target, the expected size's error, and the share of gates already decided.")
+                     "kept, the target, the expected size's error, and the share of the kept units whose gate is "
+                     "decided (P(gate != 0) >= 0.95), at the run's end and where the masks froze (the logits "
+                     "drift a little after the freeze; nothing reads them then).")
     tables = [results_table(bench, reference, results), pairs, cuts]
     return "".join("\n".join(t) + "\n\n" for t in tables if t) + "\n".join(f"- {n}" for n in notes) + "\n"
 
@@ -892,8 +911,9 @@ def short(r: dict, frozen_flops: float | None = None) -> dict:
         row.update(seed=r["seed"], start_mean_ppl=round(r["start"]["mean_ppl"], 4))
     if "cut_report" in r:
         row["cut_report"] = r["cut_report"]
-    if "layer_choice" in r:
-        row["layer_choice"] = r["layer_choice"]
+    for key in ("layer_choice", "freeze_report"):
+        if key in r:
+            row[key] = r[key]
     if "train_flops" in r:
         row.update(train_batches=r["train_batches"], train_flops=r["train_flops"],
                    flops_per_batch=r["flops_per_batch"])

@@ -269,18 +269,28 @@ def test_the_cluster_arm_takes_the_shipped_7b_pruning_keys():
     assert bench.ARM_BY_NAME["fixed-ranking"].prune_overrides == {"optimizer": {"lag_lr": 0.0}}
 
 
-def test_the_json_line_reports_the_pruning_steps_cost_once_the_masks_froze(tmp_path):
+def test_the_json_line_reports_the_pruning_steps_cost_and_the_gates_where_the_masks_froze(tmp_path):
     (tmp_path / "prune").mkdir()
-    lines = [{"batch": 1, "l0/batch_flops": 9.0, "l0/hardened": 0.0}, {"batch": 2, "l0/batch_flops": 4.0,
-             "l0/hardened": 1.0}, {"batch": 2, "metrics/eval/x": 1.0}, {"batch": 3, "l0/batch_flops": 6.0,
-             "l0/hardened": 1.0}]
+    lines = [{"batch": 1, "l0/batch_flops": 9.0, "l0/hardened": 0.0},
+             {"batch": 2, "l0/freeze/layer/decided": 0.95, "l0/freeze/layer/undecided": 0.0},
+             {"batch": 2, "l0/batch_flops": 4.0, "l0/hardened": 1.0}, {"batch": 2, "metrics/eval/x": 1.0},
+             {"batch": 3, "l0/batch_flops": 6.0, "l0/hardened": 1.0}]
     (tmp_path / "prune" / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert bench.frozen_prune_flops(tmp_path) == 5.0
     assert bench.frozen_prune_flops(tmp_path / "nowhere") is None
+    frozen = bench.logged_freeze_report(tmp_path)
+    assert frozen == {"freeze_report": {"layer": {"decided": 0.95, "undecided": 0.0}}}
+    assert bench.logged_freeze_report(tmp_path / "nowhere") == {}
     row = {"domains": {"a": {"ppl": 2.0}}, "mean_ppl": 2.0, "worst_gap": {"gap": 0.1, "domain": "a"}, "params": 1,
            "train_batches": {"prune": 3, "continue": 1}, "train_flops": 24.0,
            "flops_per_batch": {"prune": 9.0, "continue": 4.0}}
     assert bench.short(row, 5.0)["frozen_vs_continue"] == 1.25 and "prune_flops_frozen" not in bench.short(row)
+    assert "freeze_report" not in bench.short(row)
+    report = {"layer": {"expected_keep": 2.0, "target_keep": 2, "size_error": 0.0, "decided": 0.5}}
+    assert bench.short({**row, **frozen})["freeze_report"] == frozen["freeze_report"]
+    table = bench.cut_table([{**row, "arm": "ours", "cut_report": report, **frozen},
+                             {**row, "arm": "old", "cut_report": report}])
+    assert table[2] == "| ours | layer | 2.0 | 2 | 0.0 | 50.0 | 95.0 |" and table[3].endswith("| 50.0 |  |")
 
 
 def test_paired_differences_are_the_mean_log_ratio_with_a_t_interval():

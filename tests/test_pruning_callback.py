@@ -89,17 +89,24 @@ def test_eval_end_saves_masks_and_shape_without_overwriting(tmp_path):
     assert (tmp_path / "masks" / "ba7-1.json").is_file()
 
 
-def test_batch_start_hardens_at_its_batch():
-    state = make_state(warmup=2, harden_batch=3)
-    callback, logger = PruningCallback(None), Logger(state, [])
+def test_batch_start_hardens_at_its_batch_and_logs_the_gates_there():
+    state, recorder = make_state(warmup=2, harden_batch=3), Recorder()
+    callback, logger = PruningCallback(None), Logger(state, [recorder])
     for batch in range(3):
         at_batch(state, batch)
         callback.batch_start(state, logger)
         assert not state.model.l0.is_hardened()
     assert state.model.l0.usage_batches.item() == 1  # batch 2: the ramp reached the target, not yet frozen
+    assert not any(key.startswith("l0/freeze/") for key in recorder.metrics)
+    with torch.no_grad():  # layers 0 and 1 decided open, 2 and 3 undecided
+        state.model.l0.log_alpha["layer"].copy_(torch.tensor([8.0, 8.0, 0.1, 0.0]))
     at_batch(state, 3)
     callback.batch_start(state, logger)
     assert state.model.l0.is_hardened() and state.model.l0.usage_batches.item() == 1
+    report = state.model.l0.cut_report()
+    assert {key: value for key, value in recorder.metrics.items() if key.startswith("l0/freeze/")} == {
+        f"l0/freeze/{name}/{key}": report[name][key] for name in report for key in ("decided", "undecided")}
+    assert recorder.metrics["l0/freeze/layer/undecided"] == 0.5  # two of the four gates
     masks = state.model.l0.train()()
     assert all(((m == 0) | (m == 1)).all() for m in masks.values())
 

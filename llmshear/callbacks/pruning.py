@@ -23,6 +23,7 @@ from llmshear.run_folder import set_aside
 log = logging.getLogger(__name__)
 
 SUPERSEDED_DIR = "superseded"
+FREEZE_KEYS = ("decided", "undecided")  # of the cut report, logged where the masks freeze (l0/freeze/<structure>/)
 
 
 def unwrap_model(state: State) -> nn.Module:
@@ -68,7 +69,10 @@ class PruningCallback(Callback):
       ``layer_candidates`` above 1, the layers whose gates are undecided at the freeze are chosen by the
       lowest loss on this batch's tokens among at most that many cuts (:meth:`L0Module.layer_candidates`,
       forwards only, the losses summed over the ranks so that all choose alike; logged as
-      ``l0/layer_choice/...``).
+      ``l0/layer_choice/...``). Where the masks freeze, the kept units' share of decided gates and the share
+      of undecided gates (:meth:`L0Module.cut_report`, after the layer choice) are logged as
+      ``l0/freeze/<structure>/decided`` and ``.../undecided``: the gate logits still drift for a few batches after
+      the freeze (Adam's momentum; nothing reads them then), so a report taken at the run's end can differ.
     * ``eval_start``: the evaluator labelled ``target_label`` measures the target-shape cut, every other one
       the run's ``pruning.eval_masks`` (by default the current model, which dynamic loading then reads).
     * ``batch_end``: re-solves the row shifts for the logits the step moved, then logs :meth:`L0Module.metrics`
@@ -106,15 +110,21 @@ class PruningCallback(Callback):
         l0 = unwrap_l0(state)
         unwrap_model(state).start_batch()
         l0.set_step(int(state.timestamp.batch))
-        candidates = []
+        candidates, freezing = [], False
         with full_parameters(l0):
             l0.update_shifts()
             if l0.harden_due():
+                freezing = True
                 l0.harden()
                 candidates = l0.layer_candidates(self.layer_candidates) if self.layer_candidates > 1 else []
             l0.record_usage()
         if len(candidates) > 1:
             self.choose_layers(state, logger, candidates)
+        if freezing:
+            with full_parameters(l0):
+                report = l0.cut_report()
+            logger.log_metrics({f"l0/freeze/{name}/{key}": s[key] for name, s in report.items()
+                                for key in FREEZE_KEYS})
 
     def choose_layers(self, state: State, logger: Logger, candidates: list[torch.Tensor]) -> None:
         """Freeze the layer mask of ``candidates`` under which this batch's tokens have the lowest loss."""
