@@ -33,8 +33,8 @@ train on the same number of tokens (``--match tokens``), and are evaluated alike
 16. ``decay-prune``: as 1 with the pruning run's learning rate decaying to a tenth after its warm-up
     (``scheduler.alpha_f`` 0.1, our default before the pruning recipes kept the rate constant: the continued
     stage warms up again after the cut and anneals);
-17. ``layer-cool``: as 1 with the layer row's logit temperature falling to 0.01 at the freeze instead of 0.05
-    (``pruning.layer_final_temperature``), so that the layer gates decide before the masks freeze;
+17. ``layer-warm``: as 1 with the layer row's logit temperature falling to the other rows' 0.05 at the freeze
+    instead of 0.01 (``pruning.layer_final_temperature``; our default before the layer row cooled further);
 18. ``layer-loss``: as 1 with the layers whose gates are undecided at the freeze chosen by the lowest loss on the
     freeze batch among at most 8 cuts (``pruning.layer_choice: loss``; its forwards count in the FLOPs).
 
@@ -207,8 +207,8 @@ ARMS = (
         {"pruning": {"harden_by": "logits"}}),
     Arm("decay-prune", "16. learned gates, the pruning run's learning rate decaying to a tenth (alpha_f 0.1)", "l0",
         {"scheduler": {"alpha_f": 0.1}}),
-    Arm("layer-cool", "17. learned gates, the layer row cooled to 0.01 at the freeze (pruning.layer_final_temperature)",
-        "l0", {"pruning": {"layer_final_temperature": 0.01}}),
+    Arm("layer-warm", "17. learned gates, the layer row at the others' final temperature 0.05 (the default before)",
+        "l0", {"pruning": {"layer_final_temperature": 0.05}}),
     Arm("layer-loss", "18. learned gates, undecided layers chosen at the freeze by the loss (pruning.layer_choice)",
         "l0", {"pruning": {"layer_choice": "loss"}}),
 )
