@@ -17,7 +17,8 @@ from llmshear.tools.export import load_pruning_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = {"train": {"max_batches": 4, "eval_interval": 2}, "checkpoint": {"save_interval": 4}}
-LAYER_LOSS = {"layer_choice": "loss", "temperature": 2.0, "final_temperature": 2.0}  # warm: every gate undecided
+LAYER_LOSS = {"layer_choice": "loss", "temperature": 2.0, "final_temperature": 2.0,
+              "layer_final_temperature": 2.0}  # warm: every gate undecided
 TARGET_D_MODEL = 64
 
 

@@ -35,7 +35,8 @@ def kill_after_first_checkpoint(process: subprocess.Popen, folder: Path, timeout
     assert process.wait() == -signal.SIGKILL
 
 
-LAYER_LOSS = {"layer_choice": "loss", "temperature": 2.0, "final_temperature": 2.0}  # warm: every gate undecided
+LAYER_LOSS = {"layer_choice": "loss", "temperature": 2.0, "final_temperature": 2.0,
+              "layer_final_temperature": 2.0}  # warm: every gate undecided
 
 
 @pytest.mark.parametrize("pruning", [{"constraint": "exact"},
