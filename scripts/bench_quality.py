@@ -1,7 +1,7 @@
 """A miniature Sheared-LLaMA experiment: ways to reach one target shape on one compute budget, compared.
 
     python scripts/bench_quality.py --out out/bench_quality [--data out/demo/data | --corpus DIR] [--match flops|tokens]
-        [--budget 1.0] [--prune-budget 1.0] [--arms ours,importance,short,ours@18,importance@18]
+        [--budget 1.0] [--prune-budget 1.0] [--arms ours,importance,short,ours@18,importance@18] [--prune-only]
 
 SmolLM2-135M (the embedded GGUF) is brought to the demo target (d_model 384, 20 layers, 6 heads / 2 KV heads,
 intermediate 1024) by each of these arms, which spend the same training FLOPs (``--match flops``, the default) or
@@ -68,6 +68,11 @@ same ``--out`` with other settings (source, target, data, batch counts) is refus
 is written, the Composer checkpoints of its runs are deleted (about 1 GB each with SmolLM2: a three-seed
 comparison kept 8 GB of them); its HF models, masks, metrics and proportions stay. ``--keep-checkpoints`` keeps
 them (to resume or re-export a run).
+
+``--prune-only`` runs the pruning stage of learned arms alone (default: every learned arm at seed 17): the pruning
+run, its cut, the cut model's test perplexities, the cut report and the gates' state where the masks froze
+(``OUT/<arm>/prune_result.json``, ``OUT/prune_results.md``, a JSON line with ``"stage": "prune"``). It costs about
+a third of a full arm; a later run without the option into the same ``--out`` continues those arms from their cut.
 """
 
 from __future__ import annotations
@@ -139,6 +144,7 @@ CORPUS_CHARS, DATA_SEQ_LEN, DATA_EVAL_SEQS = 600_000, 256, EVAL_SEQS + TEST_SEQS
 RESULT, SETTINGS = "result.json", "settings.json"
 LOCK = ".bench.lock"  # OUT is one bench's at a time
 START, CUT_REPORT = "start.json", "cut_report.json"
+PRUNE_RESULT, PRUNE_TABLE = "prune_result.json", "prune_results.md"  # --prune-only: per arm, and the tables
 
 
 @dataclass(frozen=True)
@@ -258,6 +264,21 @@ def parse_arms(text: str | None) -> list[ArmRun]:
     return runs
 
 
+def pruning_runs(runs: list[ArmRun], every: bool) -> list[ArmRun]:
+    """``--prune-only``'s runs: the learned ones of ``runs`` when ``every`` (no ``--arms``), else ``runs``.
+
+    Raises:
+        ValueError: an arm given by name that does not prune.
+    """
+    if every:
+        return [run for run in runs if run.learned]
+    for run in runs:
+        if not run.learned:
+            raise ValueError(f"--prune-only: arm {run.key} has no pruning stage (its start: {run.arm.start}); "
+                             f"drop it from --arms or run without --prune-only")
+    return runs
+
+
 @dataclass
 class Bench:
     """What every arm shares: where things are, the shapes, the data and the batch counts."""
@@ -326,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "get as many continued batches as fill ours' FLOPs) or tokens")
     parser.add_argument("--arms", help=f"comma-separated NAME or NAME@SEED (default: every arm at seed {SEED}); "
                                        f"names: {', '.join(ARM_BY_NAME)}")
+    parser.add_argument("--prune-only", action="store_true",
+                        help="run only the learned arms' pruning stages and cuts, and report their gates (default "
+                             "arms: every learned arm); a later run without it continues them")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep a finished arm's Composer checkpoints (default: deleted after result.json)")
     parser.add_argument("--source", default=SOURCE, help=argparse.SUPPRESS)  # tests: a tiny preset
@@ -350,6 +374,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Bench, list[
     test = data / "test" if args.data is None or (data / "test").is_dir() else data / "eval"
     try:
         runs = parse_arms(args.arms)
+        if args.prune_only:
+            runs = pruning_runs(runs, args.arms is None)
         source = load_config(args.source)
         target = TargetShape.from_dict(args.target, source).to_config(source)
         domains, seq_len = check_data(data, source.vocab_size, test, args.source) if args.data else (None, None)
@@ -796,6 +822,31 @@ def run_arm(bench: Bench, run: ArmRun, reference: dict, keep_checkpoints: bool) 
     return result
 
 
+def run_pruning_stage(bench: Bench, run: ArmRun, keep_checkpoints: bool) -> dict:
+    """``--prune-only``: a learned arm's pruning run and cut (what a full run of the arm skips later), the cut
+    model's test perplexities, the cut and freeze reports and the pruning FLOPs; ``OUT/<key>/prune_result.json``.
+    The pruning run's checkpoints are deleted afterwards unless ``keep_checkpoints``."""
+    folder = bench.out / run.key
+    if (folder / PRUNE_RESULT).is_file():
+        log.info("arm %s: pruning stage finished earlier, skipped", run.key)
+        return json.loads((folder / PRUNE_RESULT).read_text())
+    log.info("arm %s, pruning stage only: %s", run.key, run.label)
+    stages = Stages(folder)
+    pruned = prune_stages(bench, run, stages)
+    result = {"arm": run.key, "label": run.label, "seed": run.seed, "prune_batches": pruning_plan(bench, run)[0],
+              "prune_flops": measured_prune_flops(bench, run), "start": start_row(bench, pruned),
+              "cut_report": json.loads((folder / CUT_REPORT).read_text()), **logged_layer_choice(folder),
+              **logged_freeze_report(folder), "stages_s": dict(stages.seconds), "wall_s": sum(stages.seconds.values())}
+    frozen = frozen_prune_flops(folder)
+    if frozen is not None:
+        continued = arm_flops(bench, run, {"prune": 0, "continue": 0})["per_batch"]["continue"]
+        result.update(prune_flops_frozen=frozen, frozen_vs_continue=round(frozen / continued, 5))
+    replace_json(folder / PRUNE_RESULT, result, indent=2)
+    if not keep_checkpoints:
+        delete_checkpoints(folder)
+    return result
+
+
 def add_gaps(row: dict, reference: dict) -> None:
     """Per-domain loss gap to the source and the worst domain, into ``row``."""
     for domain, values in row["domains"].items():
@@ -901,6 +952,38 @@ def markdown(bench: Bench, reference: dict, results: list[dict]) -> str:
     return "".join("\n".join(t) + "\n\n" for t in tables if t) + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
+def prune_markdown(bench: Bench, results: list[dict]) -> str:
+    """``--prune-only``'s tables: per arm its cut model, pruning FLOPs and layer gates at the freeze; the cut
+    reports."""
+    head = ["arm", "cut ppl", "pruning batches", "pruning FLOPs", "frozen / continued batch FLOPs",
+            "layer gates decided at the freeze %", "wall"]
+    rows = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for r in results:
+        decided = r.get("freeze_report", {}).get("layer", {}).get("decided")
+        rows.append(f"| {r['label']} | {r['start']['mean_ppl']:.2f} | {r['prune_batches']} | {r['prune_flops']:.3g} "
+                    f"| {r['frozen_vs_continue'] if 'frozen_vs_continue' in r else '-'} | "
+                    f"{'-' if decided is None else f'{100 * decided:.1f}'} | {r['wall_s'] / 60:.1f} min |")
+    notes = [f"Source {bench.source} -> target {bench.target}: the pruning stages alone (--prune-only), ours' "
+             f"{bench.prune_batches} batches of {bench.batch_tokens:,} tokens scaled by each arm's share.",
+             f"cut ppl: the cut model on the test split ({bench.test}). Decided: the share of a structure's kept "
+             "units whose gate has P(gate != 0) >= 0.95, at the run's end and where the masks froze (-: no freeze)."]
+    tables = "".join("\n".join(t) + "\n\n" for t in (rows, cut_table(results)))
+    return tables + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
+def prune_line(bench: Bench, results: list[dict], wall: float) -> dict:
+    """``--prune-only``'s JSON line: per arm its cut model's perplexities, pruning FLOPs, cut and freeze
+    reports."""
+    keys = ("seed", "prune_batches", "prune_flops", "prune_flops_frozen", "frozen_vs_continue", "cut_report",
+            "layer_choice", "freeze_report")
+    arms = {r["arm"]: {"start_ppl": {d: round(v, 4) for d, v in r["start"]["ppl"].items()},
+                       "start_mean_ppl": round(r["start"]["mean_ppl"], 4), **{k: r[k] for k in keys if k in r},
+                       "wall_s": round(r["wall_s"], 1)} for r in results}
+    return {"stage": "prune", "source": bench.source, "target": bench.target, "prune_batches": bench.prune_batches,
+            "prune_budget": bench.prune_budget, "batch_tokens": bench.batch_tokens, "test": str(bench.test),
+            "arms": arms, "wall_s": round(wall, 1), "results": str(bench.out / PRUNE_TABLE)}
+
+
 def short(r: dict, frozen_flops: float | None = None) -> dict:
     """A row of the JSON line: perplexities, worst gap, size; seed, start perplexity, cut report and time; a learned
     arm's pruning FLOPs per batch once its masks froze (``frozen_flops``) and their ratio to a continued batch's."""
@@ -962,9 +1045,17 @@ def main(argv: list[str] | None = None) -> int:
         setup_data(bench, args.data is None)
         reference = {**source_row(bench), "label": f"{bench.source} (source, uncut)"}
         add_gaps(reference, reference)
-        results = [run_arm(bench, run, reference, args.keep_checkpoints) for run in runs]
+        if args.prune_only:
+            results = [run_pruning_stage(bench, run, args.keep_checkpoints) for run in runs]
+        else:
+            results = [run_arm(bench, run, reference, args.keep_checkpoints) for run in runs]
     finally:
         lock.release()
+    if args.prune_only:
+        (bench.out / PRUNE_TABLE).write_text(prune_markdown(bench, results))
+        log.info("table: %s", bench.out / PRUNE_TABLE)
+        print(json.dumps(prune_line(bench, results, time.perf_counter() - started)))
+        return 0
     (bench.out / "results.md").write_text(markdown(bench, reference, results))
     replace_json(bench.out / "results.json", {"reference": reference, "arms": results}, indent=2)
     line = summary_line(bench, reference, results, time.perf_counter() - started)

@@ -328,3 +328,43 @@ def test_ours_keeps_the_pruning_runs_rate_and_the_decay_arm_decays_it(tmp_path):
     for recipe in ("prune_1.3b.yaml", "prune_2.7b.yaml", "continue_1.3b.yaml", "continue_2.7b.yaml"):
         shipped = OmegaConf.load(bench.REPO / "yaml" / recipe).scheduler.alpha_f
         assert shipped == (1.0 if recipe.startswith("prune") else 0.1), recipe
+
+
+def test_prune_only_runs_the_pruning_stage_and_a_later_full_run_continues_from_its_cut(tmp_path, data, capsys):
+    out = tmp_path / "bench"
+    argv = _argv(out, data, "--budget", "0.2", "--prune-budget", "0.5", "--arms", "ours")  # 4 pruning batches
+    assert bench.main([*argv, "--prune-only"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["stage"] == "prune" and list(line["arms"]) == ["ours"] and line["prune_batches"] == 4
+    arm = line["arms"]["ours"]
+    logged = [m["l0/batch_flops"] for m in read_metrics(out / "ours" / "prune" / "metrics.jsonl")
+              if "l0/batch_flops" in m]
+    assert arm["prune_batches"] == len(logged) == 4 and arm["prune_flops"] == pytest.approx(sum(logged))
+    assert set(arm["freeze_report"]) >= {"layer", "hidden"} and set(arm["cut_report"]) >= {"layer", "hidden"}
+    assert 0 < arm["frozen_vs_continue"] <= 1.01  # the frozen masks' steps cost the cut model's, no more
+    assert set(arm["start_ppl"]) == set(DOMAINS) and arm["start_mean_ppl"] > 0 and arm["seed"] == 17
+    saved = json.loads((out / "ours" / bench.PRUNE_RESULT).read_text())
+    assert saved["start"]["model"] == str(out / "ours" / "pruned") and saved["cut_report"] == arm["cut_report"]
+    assert not (out / "ours" / "continue").exists() and not (out / "ours" / bench.RESULT).exists()
+    assert not list((out / "ours" / "prune").glob("*.pt"))  # checkpoints deleted, the cut model kept
+    table = (out / bench.PRUNE_TABLE).read_text()
+    decided = f"{100 * arm['freeze_report']['layer']['decided']:.1f}"
+    assert f"| 4 | {arm['prune_flops']:.3g} | {arm['frozen_vs_continue']} | {decided} |" in table
+    assert "| ours | layer |" in table
+
+    metrics = (out / "ours" / "prune" / "metrics.jsonl").stat().st_mtime_ns
+    assert bench.main(argv) == 0  # the full run: the pruning stage and the cut are not run again
+    full = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["arms"]["ours"]
+    assert (out / "ours" / "prune" / "metrics.jsonl").stat().st_mtime_ns == metrics
+    assert full["cut_report"] == arm["cut_report"] and full["freeze_report"] == arm["freeze_report"]
+    assert full["start_mean_ppl"] == arm["start_mean_ppl"] and full["train_batches"]["prune"] == 4
+
+
+def test_prune_only_takes_the_learned_arms_and_refuses_one_that_does_not_prune(tmp_path, data, capsys):
+    runs = bench.pruning_runs(bench.parse_arms(None), every=True)
+    assert [r.key for r in runs] == [a.name for a in bench.ARMS if a.start == "l0"] and "ours" in runs[0].key
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(_argv(tmp_path / "bench", data, "--prune-only", "--arms", "ours,importance@18"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--prune-only: arm importance@18 has no pruning stage" in err
+    assert not (tmp_path / "bench").exists()
