@@ -71,8 +71,8 @@ them (to resume or re-export a run).
 
 ``--prune-only`` runs the pruning stage of learned arms alone (default: every learned arm at seed 17): the pruning
 run, its cut, the cut model's test perplexities, the cut report and the gates' state where the masks froze
-(``OUT/<arm>/prune_result.json``, ``OUT/prune_results.md``, a JSON line with ``"stage": "prune"``). It costs about
-a third of a full arm; a later run without the option into the same ``--out`` continues those arms from their cut.
+(``OUT/<arm>/prune_result.json``, ``OUT/prune_results.md``, a JSON line with ``"stage": "prune"``). It takes about
+half a full arm's time; a later run without the option into the same ``--out`` continues those arms from their cut.
 """
 
 from __future__ import annotations
