@@ -657,6 +657,18 @@ def logged_freeze_report(folder: Path) -> dict:
     return {"freeze_report": report}
 
 
+def learned_reports(folder: Path) -> dict:
+    """A learned arm's reports on its pruning run in ``folder``: the cut report, and the layer choice and the
+    gates' state at the freeze where the run logged them."""
+    return {"cut_report": json.loads((folder / CUT_REPORT).read_text()), **logged_layer_choice(folder),
+            **logged_freeze_report(folder)}
+
+
+def frozen_cost(frozen: float, continued: float) -> dict:
+    """A pruning batch's FLOPs once the masks froze (``frozen``) and their ratio to a continued batch's."""
+    return {"prune_flops_frozen": frozen, "frozen_vs_continue": round(frozen / continued, 5)}
+
+
 def frozen_prune_flops(folder: Path) -> float | None:
     """The mean training FLOPs per batch a pruning run logged once its masks were frozen, which compact steps bring
     to the cut model's; None without such batches (or without the run's log)."""
@@ -813,9 +825,7 @@ def run_arm(bench: Bench, run: ArmRun, reference: dict, keep_checkpoints: bool) 
     result = evaluate_arm(bench, run, stages, batches, reference, prune_flops)
     result["start"] = start_row(bench, start)
     if run.learned:
-        result["cut_report"] = json.loads((folder / CUT_REPORT).read_text())
-        result.update(logged_layer_choice(folder))
-        result.update(logged_freeze_report(folder))
+        result.update(learned_reports(folder))
     replace_json(folder / RESULT, result, indent=2)
     if not keep_checkpoints:
         delete_checkpoints(folder)
@@ -835,12 +845,10 @@ def run_pruning_stage(bench: Bench, run: ArmRun, keep_checkpoints: bool) -> dict
     pruned = prune_stages(bench, run, stages)
     result = {"arm": run.key, "label": run.label, "seed": run.seed, "prune_batches": pruning_plan(bench, run)[0],
               "prune_flops": measured_prune_flops(bench, run), "start": start_row(bench, pruned),
-              "cut_report": json.loads((folder / CUT_REPORT).read_text()), **logged_layer_choice(folder),
-              **logged_freeze_report(folder), "stages_s": dict(stages.seconds), "wall_s": sum(stages.seconds.values())}
+              **learned_reports(folder), "stages_s": dict(stages.seconds), "wall_s": sum(stages.seconds.values())}
     frozen = frozen_prune_flops(folder)
     if frozen is not None:
-        continued = arm_flops(bench, run, {"prune": 0, "continue": 0})["per_batch"]["continue"]
-        result.update(prune_flops_frozen=frozen, frozen_vs_continue=round(frozen / continued, 5))
+        result.update(frozen_cost(frozen, arm_flops(bench, run, {"prune": 0, "continue": 0})["per_batch"]["continue"]))
     replace_json(folder / PRUNE_RESULT, result, indent=2)
     if not keep_checkpoints:
         delete_checkpoints(folder)
@@ -855,12 +863,23 @@ def add_gaps(row: dict, reference: dict) -> None:
     row["worst_gap"] = {"domain": worst, "gap": row["domains"][worst]["gap"]}
 
 
+def table_head(head: list[str], text_columns: int = 1) -> list[str]:
+    """A markdown table's head: the names, then the rule (the first ``text_columns`` left-aligned, the rest
+    right-aligned)."""
+    return ["| " + " | ".join(head) + " |", "|---" * text_columns + "|---:" * (len(head) - text_columns) + "|"]
+
+
+def document(tables: Iterable[list[str]], notes: list[str]) -> str:
+    """The non-empty ``tables``, then the notes as a list."""
+    return "".join("\n".join(t) + "\n\n" for t in tables if t) + "\n".join(f"- {n}" for n in notes) + "\n"
+
+
 def results_table(bench: Bench, reference: dict, results: list[dict]) -> list[str]:
     """One row per model: perplexity per domain, mean, the start model's mean, worst gap, size, batches per
     stage, tokens, training FLOPs, time."""
     head = ["arm", *bench.domains, "mean ppl", "cut ppl", "worst gap (domain)", "params", "batches",
             "train tokens", "train FLOPs", "wall"]
-    rows = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    rows = table_head(head)
     for r in [reference, *results]:
         ppl = [f"{r['domains'][d]['ppl']:.2f}" for d in bench.domains]
         trained = r is not reference
@@ -905,7 +924,7 @@ def pairs_table(pairs: list[dict]) -> list[str]:
     rows = [f"| {p['first']} vs {p['second']} | {len(p['seeds'])} | {p['mean']:+.4f} | "
             f"[{p['low']:+.4f}, {p['high']:+.4f}] | {p['ratio']:.3f} |" for p in pairs]
     head = ["arms (first vs second)", "seeds", "mean log-ppl difference", "95% interval", "ppl ratio"]
-    return ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|", *rows] if rows else []
+    return [*table_head(head), *rows] if rows else []
 
 
 def cut_table(results: list[dict]) -> list[str]:
@@ -916,7 +935,7 @@ def cut_table(results: list[dict]) -> list[str]:
             f"{100 * s['decided']:.1f} | {'' if frozen is None else f'{100 * frozen:.1f}'} |"
             for arm, name, s, frozen in reports]
     head = ["arm", "structure", "expected keep", "target", "size error %", "decided %", "decided at the freeze %"]
-    return ["| " + " | ".join(head) + " |", "|---|---" + "|---:" * (len(head) - 2) + "|", *rows] if rows else []
+    return [*table_head(head, 2), *rows] if rows else []
 
 
 def markdown(bench: Bench, reference: dict, results: list[dict]) -> str:
@@ -948,8 +967,7 @@ def markdown(bench: Bench, reference: dict, results: list[dict]) -> str:
                      "kept, the target, the expected size's error, and the share of the kept units whose gate is "
                      "decided (P(gate != 0) >= 0.95), at the run's end and where the masks froze (the logits "
                      "drift a little after the freeze; nothing reads them then).")
-    tables = [results_table(bench, reference, results), pairs, cuts]
-    return "".join("\n".join(t) + "\n\n" for t in tables if t) + "\n".join(f"- {n}" for n in notes) + "\n"
+    return document([results_table(bench, reference, results), pairs, cuts], notes)
 
 
 def prune_markdown(bench: Bench, results: list[dict]) -> str:
@@ -957,7 +975,7 @@ def prune_markdown(bench: Bench, results: list[dict]) -> str:
     reports."""
     head = ["arm", "cut ppl", "pruning batches", "pruning FLOPs", "frozen / continued batch FLOPs",
             "layer gates decided at the freeze %", "wall"]
-    rows = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    rows = table_head(head)
     for r in results:
         decided = r.get("freeze_report", {}).get("layer", {}).get("decided")
         rows.append(f"| {r['label']} | {r['start']['mean_ppl']:.2f} | {r['prune_batches']} | {r['prune_flops']:.3g} "
@@ -967,8 +985,7 @@ def prune_markdown(bench: Bench, results: list[dict]) -> str:
              f"{bench.prune_batches} batches of {bench.batch_tokens:,} tokens scaled by each arm's share.",
              f"cut ppl: the cut model on the test split ({bench.test}). Decided: the share of a structure's kept "
              "units whose gate has P(gate != 0) >= 0.95, at the run's end and where the masks froze (-: no freeze)."]
-    tables = "".join("\n".join(t) + "\n\n" for t in (rows, cut_table(results)))
-    return tables + "\n".join(f"- {n}" for n in notes) + "\n"
+    return document([rows, cut_table(results)], notes)
 
 
 def prune_line(bench: Bench, results: list[dict], wall: float) -> dict:
@@ -1001,8 +1018,7 @@ def short(r: dict, frozen_flops: float | None = None) -> dict:
         row.update(train_batches=r["train_batches"], train_flops=r["train_flops"],
                    flops_per_batch=r["flops_per_batch"])
         if frozen_flops is not None:
-            row["prune_flops_frozen"] = frozen_flops
-            row["frozen_vs_continue"] = round(frozen_flops / r["flops_per_batch"]["continue"], 5)
+            row.update(frozen_cost(frozen_flops, r["flops_per_batch"]["continue"]))
     if "wall_s" in r:
         row["wall_s"] = round(r["wall_s"], 1)
     return row
