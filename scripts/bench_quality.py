@@ -217,6 +217,8 @@ ARMS = (
         "l0", {"pruning": {"layer_final_temperature": 0.05}}),
     Arm("layer-loss", "18. learned gates, undecided layers chosen at the freeze by the loss (pruning.layer_choice)",
         "l0", {"pruning": {"layer_choice": "loss"}}),
+    Arm("layer-cool", "19. learned gates, the layer row cooled to 0.01 at the freeze (the default before)", "l0",
+        {"pruning": {"layer_final_temperature": 0.01}}),
 )
 ARM_BY_NAME = {arm.name: arm for arm in ARMS}
 

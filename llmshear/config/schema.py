@@ -44,7 +44,7 @@ class PruningSection:
     constraint: str = "exact"
     temperature: float = 0.1
     final_temperature: float = 0.05
-    layer_final_temperature: float | None = 0.01
+    layer_final_temperature: float | None = 0.002
     sparsity_warmup: float = 0.4
     harden_from: float = 0.7
     harden_by: str = "usage"
