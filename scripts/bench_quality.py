@@ -213,11 +213,12 @@ ARMS = (
         {"pruning": {"harden_by": "logits"}}),
     Arm("decay-prune", "16. learned gates, the pruning run's learning rate decaying to a tenth (alpha_f 0.1)", "l0",
         {"scheduler": {"alpha_f": 0.1}}),
-    Arm("layer-warm", "17. learned gates, the layer row at the others' final temperature 0.05 (the default before)",
-        "l0", {"pruning": {"layer_final_temperature": 0.05}}),
+    Arm("layer-warm",
+        "17. learned gates, the layer row at the others' final temperature 0.05 (the default until fa4d38b)", "l0",
+        {"pruning": {"layer_final_temperature": 0.05}}),
     Arm("layer-loss", "18. learned gates, undecided layers chosen at the freeze by the loss (pruning.layer_choice)",
         "l0", {"pruning": {"layer_choice": "loss"}}),
-    Arm("layer-cool", "19. learned gates, the layer row cooled to 0.01 at the freeze (the default before)", "l0",
+    Arm("layer-cool", "19. learned gates, the layer row cooled to 0.01 at the freeze (the default until a04660b)", "l0",
         {"pruning": {"layer_final_temperature": 0.01}}),
 )
 ARM_BY_NAME = {arm.name: arm for arm in ARMS}
