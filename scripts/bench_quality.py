@@ -220,6 +220,8 @@ ARMS = (
         "l0", {"pruning": {"layer_choice": "loss"}}),
     Arm("layer-cool", "19. learned gates, the layer row cooled to 0.01 at the freeze (the default until a04660b)", "l0",
         {"pruning": {"layer_final_temperature": 0.01}}),
+    Arm("clamp", "20. learned gates, logits clamped to the original code's ±4.6 (pruning.log_alpha_limit)", "l0",
+        {"pruning": {"log_alpha_limit": 4.6}}),
 )
 ARM_BY_NAME = {arm.name: arm for arm in ARMS}
 

@@ -267,6 +267,8 @@ def test_the_cluster_arm_takes_the_shipped_7b_pruning_keys():
             for s, keys in bench.CLUSTER_KEYS.items()} == shipped
     assert bench.ARM_BY_NAME["row"].prune_overrides["pruning"]["constraint"] == "row"
     assert bench.ARM_BY_NAME["fixed-ranking"].prune_overrides == {"optimizer": {"lag_lr": 0.0}}
+    assert bench.ARM_BY_NAME["clamp"].prune_overrides["pruning"]["log_alpha_limit"] != PruningSection(
+        target={}).log_alpha_limit  # the original code's clamp, against the shipped one
 
 
 def test_the_json_line_reports_the_pruning_steps_cost_and_the_gates_where_the_masks_froze(tmp_path):
