@@ -34,9 +34,12 @@ train on the same number of tokens (``--match tokens``), and are evaluated alike
     (``scheduler.alpha_f`` 0.1, our default before the pruning recipes kept the rate constant: the continued
     stage warms up again after the cut and anneals);
 17. ``layer-warm``: as 1 with the layer row's logit temperature falling to the other rows' 0.05 at the freeze
-    instead of 0.01 (``pruning.layer_final_temperature``; our default before the layer row cooled further);
+    instead of 0.002 (``pruning.layer_final_temperature``; our default until fa4d38b);
 18. ``layer-loss``: as 1 with the layers whose gates are undecided at the freeze chosen by the lowest loss on the
-    freeze batch among at most 8 cuts (``pruning.layer_choice: loss``; its forwards count in the FLOPs).
+    freeze batch among at most 8 cuts (``pruning.layer_choice: loss``; its forwards count in the FLOPs);
+19. ``layer-cool``: as 17 with 0.01 (our default from fa4d38b until a04660b);
+20. ``clamp``: as 1 with the gate logits clamped to ±4.6 as the original code does (``pruning.log_alpha_limit``,
+    ours 10).
 
 ``ours``' schedule prunes for ``prune`` batches and continues for ``continue``; its training FLOPs with every pruning
 step at the source's shape (calibration forwards, pruning steps, continued steps at the target's shape, teachers'
